@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lite_sft import data as data_module
+from lite_sft.config import BUILTIN_DATA, DataConfig
+from lite_sft.data import load_samples, prepare_data, split_validation
+from lite_sft.inspect_data import render_report
+from lite_sft.masking import IGNORE_INDEX, DataError, Sample
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
+PC = {"prompt": "what is two plus two", "completion": " four"}
+
+
+def jsonl(path: Path, *records) -> str:
+    """Write records (dicts, or raw strings for broken lines) one per line; return the path as a str."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+def test_jsonl_json_csv_parquet_give_the_same_samples(tmp_path):
+    records = [PC, {"prompt": "hello", "completion": " hi"}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    jsonl(tmp_path / "d.jsonl", *records)
+    for suffix, where in [("jsonl", "line 2"), ("json", "index 1"), ("csv", "row 2"), ("parquet", "row 2")]:
+        path = str(tmp_path / f"d.{suffix}")
+        fmt, samples = load_samples(path)
+        assert fmt == "prompt_completion"
+        assert [(s.prompt, s.completion) for s in samples] == [(r["prompt"], r["completion"]) for r in records]
+        assert samples[1].source == f"{path} {where}"
+
+
+def test_saved_dataset_folder_and_dataset_dict_split(tmp_path):
+    ds = datasets.Dataset.from_list([CHAT, CHAT])
+    ds.save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert load_samples(str(tmp_path / "flat"))[0] == "messages"
+    fmt, samples = load_samples(str(tmp_path / "dict"), split="test")
+    assert (fmt, len(samples), samples[0].source) == ("messages", 1, f"{tmp_path / 'dict'} split test row 1")
+    with pytest.raises(DataError, match="no split 'dev'; it has train, test"):
+        load_samples(str(tmp_path / "dict"), split="dev")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="empty_dir: a folder, but not one written by datasets' save_to_disk"):
+        load_samples(str(tmp_path / "empty_dir"))
+
+
+def test_hub_id_loads_through_load_dataset_and_failure_is_a_data_error(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([PC])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    fmt, samples = load_samples("org/name", split="validation")
+    assert calls == [("org/name", "validation")] and fmt == "prompt_completion"
+    assert samples[0].source == "org/name split validation row 1"
+
+    def offline(name, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"org/name: not a local file or folder.*split 'train'.*no network"):
+        load_samples("org/name")
+
+
+def test_builtin_resolves_to_packaged_files(tmp_path, monkeypatch, tokenizer):
+    # The packaged files are owned elsewhere; point importlib.resources at stand-ins.
+    jsonl(tmp_path / "skill_train.jsonl", CHAT, CHAT, CHAT)
+    jsonl(tmp_path / "skill_eval.jsonl", CHAT)
+    monkeypatch.setattr(data_module.resources, "files", lambda package: tmp_path)
+    assert len(load_samples(BUILTIN_DATA)[1]) == 3
+    assert len(load_samples(BUILTIN_DATA, role="validation")[1]) == 1
+    prepared = prepare_data(DataConfig(path=BUILTIN_DATA), tokenizer, seed=0)  # eval file, not a fraction
+    assert (prepared.train_stats.examples, prepared.validation_stats.examples) == (3, 1)
+    assert prepared.validation_examples[0].source == f"{tmp_path / 'skill_eval.jsonl'} line 1"
+
+
+def test_builtin_data_when_packaged():
+    if not (Path(data_module.__file__).parent / "assets" / "skill_train.jsonl").is_file():
+        pytest.skip("lite_sft/assets/skill_train.jsonl not there yet")
+    fmt, samples = load_samples(BUILTIN_DATA)
+    assert fmt == "messages" and samples
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+def test_alpaca_becomes_a_conversation(tmp_path):
+    path = jsonl(tmp_path / "a.jsonl", {"instruction": "add", "input": "2 2", "output": "4", "system": "be brief"},
+                 {"instruction": "say hi", "output": "hi", "input": ""})
+    fmt, samples = load_samples(path)
+    assert fmt == "alpaca"
+    assert samples[0].messages == [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "add\n\n2 2"},
+                                   {"role": "assistant", "content": "4"}]
+    assert samples[1].messages == [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]
+
+
+def test_sharegpt_and_messages_keep_extra_keys_out(tmp_path):
+    path = jsonl(tmp_path / "s.jsonl", {"id": 7, "conversations": [
+        {"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}, {"from": "human", "value": "c"},
+        {"from": "gpt", "value": "d"}]})
+    fmt, samples = load_samples(path)
+    assert fmt == "sharegpt"
+    assert [m["role"] for m in samples[0].messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_named_format_is_used_without_detection(tmp_path):
+    path = jsonl(tmp_path / "t.jsonl", {"text": "hello", "prompt": "ignored"})
+    assert load_samples(path, fmt="text")[0] == "text"
+
+
+# --- bad input: each names the file, the record and the field ------------------------------------
+
+@pytest.mark.parametrize("lines, fmt, message", [
+    ([PC, '{"prompt": "a", "completion": '], "auto", r"bad.jsonl line 2: not valid JSON \(Expecting value"),
+    ([PC, {"question": "a", "answer": "b"}], "auto",
+     r"bad.jsonl line 2: cannot tell the format from the fields \['answer', 'question'\]"),
+    ([PC, PC, CHAT], "auto",
+     r"bad.jsonl line 3: this record is messages but .*bad.jsonl line 1 is prompt_completion; .*"
+     r"mixes formats: prompt_completion \(2 records\), messages \(1 record\)"),
+    ([PC, {"prompt": "a"}], "prompt_completion", r"bad.jsonl line 2: missing field 'completion'"),
+    ([{"prompt": "a", "completion": 3}], "auto", r"bad.jsonl line 1: field 'completion' must be a string, got int"),
+    ([{"messages": [{"role": "user", "content": ["a"]}]}], "auto",
+     r"bad.jsonl line 1: field 'messages\[0\].content' must be a string, got list"),
+    ([CHAT, {"messages": [{"role": "bot", "content": "a"}]}], "auto",
+     r"bad.jsonl line 2: field 'messages\[0\].role': unknown role 'bot'; use one of system, user, assistant"),
+    ([{"conversations": [{"from": "human", "value": "a"}, {"from": "tool", "value": "b"}]}], "auto",
+     r"bad.jsonl line 1: field 'conversations\[1\].from': unknown role 'tool'"),
+    ([{"messages": [{"role": "user", "content": "a"}]}], "auto",
+     r"bad.jsonl line 1: field 'messages' has no assistant turn"),
+    ([{"messages": []}], "auto", r"bad.jsonl line 1: field 'messages' must be a non-empty list"),
+    ([PC, {"prompt": "a", "completion": ""}], "auto", r"bad.jsonl line 2: field 'completion' is empty"),
+    ([{"instruction": "a", "output": " "}], "auto", r"bad.jsonl line 1: field 'output' is empty"),
+    (["[1, 2]"], "auto", r"bad.jsonl line 1: expected an object with named fields, got list"),
+    ([], "auto", r"bad.jsonl: no records"),
+])
+def test_bad_jsonl_is_a_data_error_naming_line_and_field(tmp_path, lines, fmt, message):
+    path = jsonl(tmp_path / "bad.jsonl", *lines)
+    with pytest.raises(DataError, match=message):
+        load_samples(path, fmt=fmt)
+
+
+def test_bad_rows_in_json_csv_parquet_are_located(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([PC, {"prompt": "a", "completion": None}]))
+    with pytest.raises(DataError, match=r"bad.json index 1: missing field 'completion'"):
+        load_samples(str(tmp_path / "bad.json"))
+    (tmp_path / "bad.csv").write_text("prompt,completion\na,b\nc,\n")
+    with pytest.raises(DataError, match=r"bad.csv row 2: field 'completion' is empty"):
+        load_samples(str(tmp_path / "bad.csv"))
+    pq.write_table(pa.Table.from_pylist([PC, {"prompt": "a", "completion": None}]), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet row 2: missing field 'completion'"):
+        load_samples(str(tmp_path / "bad.parquet"))
+    (tmp_path / "lines.json").write_text(json.dumps(PC) + "\n" + json.dumps(PC) + "\n")
+    with pytest.raises(DataError, match=r"lines.json: not valid JSON .*rename it to .jsonl"):
+        load_samples(str(tmp_path / "lines.json"))
+
+
+def test_missing_file_and_unsupported_extension(tmp_path):
+    with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
+        load_samples(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "data.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"data.txt: unsupported file type '.txt'; use one of .jsonl, .json"):
+        load_samples(str(tmp_path / "data.txt"))
+
+
+# --- prepare_data ---------------------------------------------------------------------------------
+
+def many(n: int) -> list[dict]:
+    return [{"prompt": "what is two plus two", "completion": " four" * (i % 3 + 1)} for i in range(n)]
+
+
+def test_validation_split_from_fraction_is_seeded(tmp_path, tokenizer):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", *many(20)), validation_fraction=0.25, max_seq_len=32)
+    a, b = prepare_data(cfg, tokenizer, seed=1), prepare_data(cfg, tokenizer, seed=1)
+    assert (a.train_stats.examples, a.validation_stats.examples) == (15, 5)
+    assert [e.source for e in a.validation_examples] == [e.source for e in b.validation_examples]
+    other = prepare_data(cfg, tokenizer, seed=2)
+    assert [e.source for e in other.validation_examples] != [e.source for e in a.validation_examples]
+    assert a.format == "prompt_completion" and a.added_tokens is False
+    assert sum(row.num_examples for row in a.train) == 15 and all(row.packed for row in a.train)
+    assert all(len(row) <= 32 for row in a.train + a.validation)
+
+
+def test_validation_from_file_and_no_packing(tmp_path, tokenizer):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", *many(4)), validation_path=jsonl(tmp_path / "v.jsonl", CHAT),
+                     packing=False, max_seq_len=32)
+    prepared = prepare_data(cfg, tokenizer, seed=0)
+    assert (len(prepared.train), len(prepared.validation)) == (4, 1)
+    assert not prepared.train[0].packed and prepared.train[0].num_examples == 1
+    assert prepared.validation_examples[0].source.endswith("v.jsonl line 1")
+
+
+def test_no_validation_when_fraction_is_zero(tmp_path, tokenizer):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", PC), validation_fraction=0.0)
+    prepared = prepare_data(cfg, tokenizer, seed=0)
+    assert prepared.validation == [] and prepared.validation_stats.examples == 0
+
+
+def test_fraction_needs_two_examples(tmp_path, tokenizer):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", PC), validation_fraction=0.1)
+    with pytest.raises(DataError, match="validation_fraction=0.1 needs at least 2 examples"):
+        prepare_data(cfg, tokenizer, seed=0)
+
+
+def test_split_validation_keeps_every_sample_once():
+    samples = [Sample(str(i), text="x") for i in range(10)]
+    train, validation = split_validation(samples, 0.3, seed=0)
+    assert len(validation) == 3 and sorted(s.source for s in train + validation) == sorted(s.source for s in samples)
+
+
+def test_empty_after_dropping_is_an_error(tmp_path, tokenizer):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", {"text": "hello there how are you fine thanks be brief"}),
+                     validation_fraction=0.0, max_seq_len=8, overlong="drop")
+    with pytest.raises(DataError, match=r"training set is empty after dropping: 1 of 1 examples were longer than "
+                                        r"data.max_seq_len=8"):
+        prepare_data(cfg, tokenizer, seed=0)
+
+
+def test_chat_data_gets_the_default_template_and_reports_added_tokens(tmp_path, tokenizer_factory):
+    tok = tokenizer_factory(chat_template=None, chatml=False)
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", CHAT), validation_fraction=0.0, system_prompt="be brief")
+    prepared = prepare_data(cfg, tok, seed=0)
+    assert prepared.added_tokens and prepared.format == "messages"
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert prepared.train_examples[0].input_ids[:2] == [im_start, tok.convert_tokens_to_ids("system")]
+
+
+# --- inspect-data report --------------------------------------------------------------------------
+
+def test_report_marks_trained_text_and_shows_counts(tmp_path, tokenizer):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", CHAT, CHAT), validation_fraction=0.0)
+    prepared = prepare_data(cfg, tokenizer, seed=0)
+    plain = render_report(prepared, tokenizer, n=1, color=False)
+    assert "format: messages" in plain and "«text in guillemets»: trained" in plain
+    assert "<|im_start|> user hello <|im_end|> <|im_start|> assistant«hi <|im_end|> </s>»" in plain
+    assert "--- example 2" not in plain
+    assert ("training: 2 examples, 18 tokens, 6 trained tokens (33%); truncated 0, dropped 0 (overlong), "
+            "0 (nothing left to train); length p50 9, p90 9, p99 9, max 9") in plain
+    colored = render_report(prepared.train_examples, tokenizer, n=5, color=True)
+    assert "\x1b[32mhi <|im_end|> </s>\x1b[0m" in colored and "--- example 2" in colored
+    assert str(IGNORE_INDEX) in colored
