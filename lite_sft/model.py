@@ -1,0 +1,180 @@
+"""Load a base model (hub id, local folder or the built-in tiny Llama), quantise it, add LoRA.
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, device)          # 4-bit / 8-bit / 16-bit backbone
+    model = add_lora(model, cfg.lora, cfg.model)        # peft PeftModel, only adapters trainable
+
+Everything heavy goes through transformers, bitsandbytes and peft; this module only makes the
+choices (dtype for the device, NF4 + double quantisation, k-bit preparation) and turns their
+failures into messages that say what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import BUILTIN_MODEL, LoraConfig, ModelConfig
+
+
+class ModelError(RuntimeError):
+    """A base model, tokenizer or quantisation backend that cannot be used; the message says why."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The built-in name becomes its cache folder; a path must exist; anything else is a hub id."""
+    if name_or_path == BUILTIN_MODEL:
+        from .tiny import materialize_builtin_model
+
+        return str(materialize_builtin_model())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json: pass a Hugging Face model folder or a hub id")
+        return str(path)
+    # Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path:
+        raise ModelError(f"model path {name_or_path} does not exist: pass an existing folder or a hub id like 'Qwen/Qwen2.5-0.5B'")
+    return name_or_path
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (bf16 matmuls are slow there)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_bitsandbytes(quant: str, device: torch.device) -> None:
+    """Fail early, with the fix, when the chosen quantisation cannot run here."""
+    if quant == "none":
+        return
+    # On CPU bitsandbytes tries to fetch an optional kernel from the hub and warns when it cannot;
+    # its built-in CPU kernel is used instead, so the warning only alarms offline users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a broken native library raising anything
+        raise ModelError(
+            f"--quant {quant} needs bitsandbytes, which failed to import ({err}); "
+            "install it with `pip install bitsandbytes` or use --quant none"
+        ) from err
+    if device.type not in ("cuda", "cpu", "xpu"):
+        raise ModelError(f"--quant {quant}: bitsandbytes does not support the {device.type} device; use --quant none")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"could not load a tokenizer from {path}: {err}") from err
+    if tokenizer.pad_token is None:
+        # Padding positions are masked by position, so reusing EOS as pad is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, path: str, device: torch.device):
+    """The frozen backbone, quantised as asked, on `device`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(cfg, device)
+    check_bitsandbytes(cfg.quant, device)
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quant == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif cfg.quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.quant != "none":
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load model {cfg.name_or_path} ({path}): {err}") from err
+    if cfg.quant == "none":
+        model.to(device)
+    elif cfg.quant == "4bit" and device.type == "cpu":
+        _keep_4bit_trainable_on_cpu(model)
+    model.config.use_cache = False  # training never reuses a KV cache
+    return model
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward (an evaluation, a generation) repacks each
+    Linear4bit for a kernel that has no backward; every later training step then silently loses the
+    gradient through the base weights (tests/test_model.py shows it). The generic dequantise-and-matmul
+    path is differentiable and is what GPUs use anyway.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: list[int] | None = None):
+    """Wrap `model` in peft LoRA adapters; only the adapters (and any newly added token rows) train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if model_cfg.quant != "none":
+        # Casts norms to fp32 and freezes the base; the usual QLoRA preparation.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = lora.target_modules
+    target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        # Tokens the chat template needed but the vocabulary lacked: train just their rows.
+        trainable_token_indices=new_token_ids or None,
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise ModelError(f"lora.target_modules {targets}: {err}") from err
+
+
+def load_tuned(run_dir: str | Path, device: torch.device | None = None):
+    """Base model + adapter from a run directory, ready for generation (adapter kept unmerged)."""
+    from peft import PeftModel
+
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{run_dir} holds no adapter (adapter_config.json): pass the output_dir of a finished `lite-sft tune` run")
+    cfg = load_config(run_dir / "config.yaml")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(str(run_dir), cfg.model.trust_remote_code)
+    base = load_base_model(cfg.model, resolve_model_path(cfg.model.name_or_path), device)
+    if base.get_input_embeddings().num_embeddings < len(tokenizer):
+        base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    model.eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,366 @@
+"""The training loop: setup, fit, save, top to bottom.
+
+    lite-sft tune --model Qwen/Qwen2.5-0.5B --data chats.jsonl --quant 4bit --output-dir runs/qwen
+    torchrun --nproc-per-node 2 -m lite_sft tune ...      # the same loop under DDP
+
+One optimiser step consumes a fixed block of `micro_batch_size * grad_accum * world_size` rows from a
+seeded stream of epoch permutations, so the data a step sees depends only on the step number: resume
+and multi-process runs follow the same trajectory as a single uninterrupted run. The loss is summed over
+trained tokens and divided by the trained-token count of the whole optimiser step (all micro-batches,
+all processes), so accumulation and DDP give the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, report
+from .config import BUILTIN_DATA, ConfigError, RunConfig, config_to_yaml, load_config, save_config
+from .masking import IGNORE_INDEX, ensure_chat_template
+from .model import ModelError, add_lora, load_base_model, load_tokenizer, resolve_model_path
+from .packing import collate
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot be used as asked (exists, or has nothing to resume)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Fields that may change when resuming: they lengthen or shorten the run without changing its past.
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
+                     "train.keep_last", "train.log_every", "train.early_stopping_patience"}
+
+
+def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+         on_step: Callable[[int, dict, torch.nn.Module], None] | None = None) -> dict:
+    """Fine-tune `cfg.model` on `cfg.data` with LoRA and write the run directory; returns the summary."""
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    cfg.validate()
+    run_dir = Path(cfg.output_dir)
+    _check_run_dir(run_dir, cfg, resume, overwrite)
+
+    # --- setup: everything that can fail on bad input happens before the run directory is touched
+    # cpu=True without CUDA: that is what makes accelerate join a torchrun group over gloo on CPU.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    set_seed(cfg.train.seed)
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    added = ensure_chat_template(tokenizer, cfg.data.chat_template)
+    from .data import prepare_data
+
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if cfg.data.format == "auto":
+        cfg.data.format = data.format  # the saved config records what was detected
+    model = load_base_model(cfg.model, model_path, accelerator.device)
+    new_token_ids = None
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+        new_token_ids = tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)
+    if cfg.data.packing:
+        check_packing_isolation(model, accelerator.device)
+    model = add_lora(model, cfg.lora, cfg.model, new_token_ids)
+    optimizer = _optimizer(cfg, model, accelerator.device)
+    world = accelerator.num_processes
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(data.train) / rows_per_step)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+
+    if main:
+        print(config_to_yaml(cfg), end="")
+        print(f"data: {data.train_stats.examples} train / {data.validation_stats.examples} validation examples "
+              f"({data.format}), {len(data.train)} rows, {total_steps} steps of {rows_per_step} rows")
+        _init_run_dir(run_dir, resume, overwrite)
+        save_config(cfg, run_dir / "config.yaml")
+        tokenizer.save_pretrained(run_dir)
+    accelerator.wait_for_everyone()
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loop = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "best_val": math.inf, "bad_evals": 0}
+    if resume:
+        step, ckpt = checkpoint.list_checkpoints(run_dir)[-1]
+        loop = checkpoint.load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        if main:
+            print(f"resuming from {ckpt} (step {step})")
+    log = report.MetricsLog(run_dir, resume_step=loop["step"] if resume else None) if main else None
+    skill_before = _skill_score(cfg, accelerator, model, tokenizer) if not resume else None
+
+    # --- fit
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=loop["step"], disable=not main, dynamic_ncols=True, desc="tune")
+    best_state = None
+    started = time.perf_counter() - loop["elapsed"]
+    stopped_early = False
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    try:
+        while loop["step"] < total_steps:
+            step = loop["step"] + 1
+            rows = _rows_for_step(step - 1, len(data.train), rows_per_step, cfg.train.seed)
+            per_rank = rows_per_step // world
+            mine = [data.train[i] for i in rows[accelerator.process_index * per_rank:][:per_rank]]
+            batches = [collate(mine[i:i + cfg.train.micro_batch_size], tokenizer.pad_token_id)
+                       for i in range(0, per_rank, cfg.train.micro_batch_size)]
+            trained = _all_sum(accelerator, sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
+            tokens = _all_sum(accelerator, sum(len(r.input_ids) for r in mine))
+            model.train()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    ce = token_loss_sum(model, batch, accelerator.device)
+                    # DDP averages gradients over processes, hence the `* world`.
+                    accelerator.backward(ce * world / max(trained, 1))
+                loss_sum += ce.detach()
+            loss = _all_sum(accelerator, loss_sum).item() / max(trained, 1)
+            if not math.isfinite(loss):
+                kept = checkpoint.list_checkpoints(run_dir)
+                where = f"the last good checkpoint is {kept[-1][1]} (continue with --resume)" if kept else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss became {loss} at step {step}; stopped before applying it, {where}. "
+                                       "Lower --lr, check the data, or use a wider compute dtype.")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) \
+                if cfg.train.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loop.update(step=step, tokens=loop["tokens"] + tokens, trained_tokens=loop["trained_tokens"] + trained,
+                        elapsed=time.perf_counter() - started)
+            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": loop["tokens"] / max(loop["elapsed"], 1e-9), "trained_tokens": trained,
+                      "epoch": step * rows_per_step / len(data.train)}
+            if main and step % cfg.train.log_every == 0:
+                log.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+            if data.validation and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                val_loss = evaluate(model, data.validation, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+                if main:
+                    log.log({"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
+                    bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if val_loss < loop["best_val"]:
+                    loop.update(best_val=val_loss, bad_evals=0)
+                    if cfg.train.early_stopping_patience:
+                        best_state = checkpoint.trainable_state(accelerator.unwrap_model(model))
+                else:
+                    loop["bad_evals"] += 1
+                    if cfg.train.early_stopping_patience and loop["bad_evals"] >= cfg.train.early_stopping_patience:
+                        stopped_early = True
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+                _save(accelerator, run_dir, step, model, optimizer, scheduler, loop, cfg.train.keep_last)
+            if on_step is not None:
+                on_step(step, record, accelerator.unwrap_model(model))
+            if stopped_early:
+                if main:
+                    bar.write(f"early stopping at step {step}: no better validation loss in "
+                              f"{cfg.train.early_stopping_patience} evaluations; keeping the best adapter")
+                break
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+    # --- save
+    unwrapped = accelerator.unwrap_model(model)
+    if best_state is not None and stopped_early:
+        checkpoint.load_trainable_state(unwrapped, best_state)
+    _save(accelerator, run_dir, loop["step"], model, optimizer, scheduler, loop, cfg.train.keep_last)
+    skill_after = _skill_score(cfg, accelerator, model, tokenizer)
+    summary = None
+    if main:
+        unwrapped.save_pretrained(run_dir)
+        summary = _summary(cfg, data, loop, total_steps, world, accelerator.device, run_dir, stopped_early,
+                           skill_before, skill_after)
+        report.write_summary(run_dir, summary)
+        report.plot_losses(run_dir)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Cross-entropy summed over trained tokens (labels != IGNORE_INDEX), in fp32."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    # use_cache=False matters: with a cache, transformers stops isolating packed examples.
+    logits = model(**batch, use_cache=False).logits  # (batch, seq, vocab)
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, rows, micro_batch_size: int, pad_id: int, accelerator) -> float:
+    """Validation loss per trained token over all rows (sharded across processes)."""
+    model.eval()
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros((), device=accelerator.device)
+    count = 0
+    for i in range(0, len(mine), micro_batch_size):
+        batch = collate(mine[i:i + micro_batch_size], pad_id)
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+        total += token_loss_sum(model, batch, accelerator.device)
+    count = _all_sum(accelerator, count)
+    return _all_sum(accelerator, total).item() / max(count, 1)
+
+
+@torch.no_grad()
+def check_packing_isolation(model, device: torch.device) -> None:
+    """Packed examples must not see each other: compare a packed pair with the two run separately.
+
+    transformers isolates packed examples only for architectures whose masks honour restarting
+    position ids; this one forward pass proves it for the loaded model instead of assuming it.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (1, 5), generator=gen), torch.randint(0, vocab, (1, 4), generator=gen)
+    packed = torch.cat([a, b], dim=1).to(device)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 5:].float()
+    alone = model(input_ids=b.to(device), use_cache=False).logits[0].float()
+    model.train(was_training)
+    if not torch.allclose(together, alone, atol=1e-2, rtol=1e-2):
+        raise ModelError(f"{type(model).__name__} lets packed examples attend to each other in this transformers "
+                         "version; turn packing off with --no-packing")
+
+
+def _rows_for_step(step: int, n_rows: int, rows_per_step: int, seed: int) -> list[int]:
+    """Row indices for optimiser step `step` (0-based): a block of a stream of seeded epoch permutations."""
+    positions = range(step * rows_per_step, (step + 1) * rows_per_step)
+    return [_epoch_order(seed, epoch, n_rows)[index] for epoch, index in (divmod(p, n_rows) for p in positions)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_rows: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=gen).tolist()
+
+
+def _all_sum(accelerator, value):
+    if accelerator.num_processes == 1:
+        return value
+    t = value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value), device=accelerator.device)
+    t = accelerator.reduce(t.to(accelerator.device), reduction="sum")
+    return t if torch.is_tensor(value) else int(round(t.item()))
+
+
+def _mixed_precision(cfg: RunConfig) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no")
+
+
+def _optimizer(cfg: RunConfig, model, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ConfigError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on this device")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.train.schedule, cfg.train.schedule)
+    warmup = round(cfg.train.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: pick one")
+    if resume:
+        if not checkpoint.list_checkpoints(run_dir):
+            raise RunDirError(f"{run_dir} has no checkpoint to resume from; start afresh with --overwrite")
+        saved = load_config(run_dir / "config.yaml")
+        changed = sorted(set(_flat(saved.to_dict()).items()) ^ set(_flat(cfg.to_dict()).items()))
+        changed = sorted({k for k, _ in changed} - RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"--resume continues {run_dir} as configured in {run_dir / 'config.yaml'}; "
+                              f"these fields differ from it: {', '.join(changed)}")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirError(f"{run_dir} already exists: pass --overwrite to replace it or --resume to continue it")
+
+
+def _init_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _save(accelerator, run_dir, step, model, optimizer, scheduler, loop, keep_last) -> None:
+    if accelerator.is_main_process:
+        checkpoint.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, loop, keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _skill_score(cfg: RunConfig, accelerator, model, tokenizer) -> float | None:
+    """Held-out exact match on the bundled skill data (the embedded default only)."""
+    if cfg.data.path != BUILTIN_DATA:
+        return None
+    score = None
+    if accelerator.is_main_process:
+        from .tiny import exact_match, load_skill_eval
+
+        score = exact_match(accelerator.unwrap_model(model), tokenizer, load_skill_eval())
+        print(f"held-out exact match: {score:.1%}")
+    accelerator.wait_for_everyone()
+    return score
+
+
+def _summary(cfg, data, loop, total_steps, world, device, run_dir, stopped_early, skill_before, skill_after) -> dict:
+    metrics = report.read_metrics(run_dir)
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    elapsed = max(loop["elapsed"], 1e-9)
+    return {
+        "steps": loop["step"],
+        "planned_steps": total_steps,
+        "stopped_early": stopped_early,
+        "processes": world,
+        "device": str(device),
+        "train_examples": data.train_stats.examples,
+        "validation_examples": data.validation_stats.examples,
+        "tokens": loop["tokens"],
+        "trained_tokens": loop["trained_tokens"],
+        "tokens_per_s": loop["tokens"] / elapsed,
+        "trained_tokens_per_s": loop["trained_tokens"] / elapsed,
+        "wall_s": loop["elapsed"],
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_val_loss": val_losses[-1] if val_losses else None,
+        "best_val_loss": loop["best_val"] if math.isfinite(loop["best_val"]) else None,
+        "skill_exact_match_before": skill_before,
+        "skill_exact_match_after": skill_after,
+        **report.peak_memory(device),
+        "versions": report.versions(),
+    }

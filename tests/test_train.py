@@ -1,0 +1,212 @@
+"""The training loop: what trains, what does not, accumulation, resume, divergence, QLoRA, outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lite_sft import checkpoint
+from lite_sft.config import load_config
+from lite_sft.train import RunDirError, TrainingDiverged, tune
+
+
+def make_cfg(model_dir, data_file, out, **overrides):
+    values = {
+        "model.name_or_path": str(model_dir), "data.path": str(data_file), "data.max_seq_len": 64,
+        "data.validation_fraction": 0.1, "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0,
+        "train.max_steps": 4, "train.micro_batch_size": 2, "train.lr": 5e-3, "train.warmup_ratio": 0.0,
+        "train.eval_every": 2, "train.save_every": 2, "train.seed": 7, "output_dir": str(out),
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_trainable_params_change_and_frozen_ones_do_not(tiny_model_dir, chat_jsonl, tmp_path):
+    snapshots = {}
+
+    def on_step(step, record, model):
+        snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    cfg = make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "run", **{"train.max_steps": 3})
+    tune(cfg, on_step=on_step)
+    model = snapshots[3]
+    trainable = [n for n in model if "lora_" in n]
+    assert trainable, "no LoRA parameters found"
+    for name in trainable:
+        assert not torch.equal(snapshots[1][name], model[name]), f"{name} did not train"
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    frozen = [n for n in model if "lora_" not in n]
+    for name in frozen:
+        assert torch.equal(snapshots[1][name], model[name]), f"frozen {name} changed"
+    checked = 0
+    for name, tensor in base.items():  # frozen weights still equal the base checkpoint on disk
+        peft_name = "base_model.model." + name.replace(".weight", ".base_layer.weight")
+        key = peft_name if peft_name in model else "base_model.model." + name
+        if key in model:
+            assert torch.equal(model[key], tensor), key
+            checked += 1
+    assert checked == len(base) or checked > 5
+
+
+def test_seeded_loss_regression(tiny_model_dir, chat_jsonl, tmp_path):
+    tune(make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "a"))
+    tune(make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "b"))
+    first, second = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert first == pytest.approx(second, rel=1e-6)
+    assert len(first) == 4 and first[-1] < first[0]  # it learns something in four steps
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, chat_jsonl, tmp_path):
+    """Loss is averaged per trained token across the whole optimiser step (transformers #34191)."""
+    runs = {}
+    for micro, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"m{micro}a{accum}"
+        tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"train.micro_batch_size": micro, "train.grad_accum": accum,
+                                                          "data.packing": False}))
+        runs[(micro, accum)] = losses(out)
+    reference = runs[(4, 1)]
+    for key, values in runs.items():
+        assert values == pytest.approx(reference, rel=1e-4, abs=1e-5), key
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_model_dir, chat_jsonl, tmp_path):
+    overrides = {"train.max_steps": 6, "train.save_every": 2, "lora.dropout": 0.1}
+    tune(make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "whole", **overrides))
+
+    def interrupt(step, record, model):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "cut", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, on_step=interrupt)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "cut")] == [2, 4]
+    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
+    tune(load_config(tmp_path / "cut" / "config.yaml"), resume=True)
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+    whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    for name in whole:
+        torch.testing.assert_close(cut[name], whole[name])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, chat_jsonl, tmp_path):
+    def poison(step, record, model):
+        if step == 2:
+            name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+            with torch.no_grad():
+                param.fill_(float("nan"))
+
+    cfg = make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "run", **{"train.save_every": 1})
+    with pytest.raises(TrainingDiverged, match=r"step 3.*step-0000002"):
+        tune(cfg, on_step=poison)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "run")] == [1, 2]
+    good = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_keep_last_rotates_checkpoints(tiny_model_dir, chat_jsonl, tmp_path):
+    cfg = make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "run",
+                   **{"train.max_steps": 5, "train.save_every": 1, "train.keep_last": 2})
+    tune(cfg)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "run")] == [4, 5]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_run_directory_outputs_load_with_peft(tiny_model_dir, chat_jsonl, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    summary = tune(make_cfg(tiny_model_dir, chat_jsonl, run))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl",
+                 "summary.json", "loss_curve.png", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    assert tokenizer.chat_template
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run)
+    assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)
+    for key in ("tokens_per_s", "trained_tokens", "final_train_loss", "final_val_loss", "peak_rss_bytes"):
+        assert summary[key] is not None, key
+    assert summary["trained_tokens"] > 0 and math.isfinite(summary["final_val_loss"])
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert evals[-1]["val_perplexity"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+
+
+def test_qlora_4bit_runs_on_cpu(tiny_model_dir, chat_jsonl, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    seen = {}
+
+    def on_step(step, record, model):
+        seen["4bit"] = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        seen["loss"] = record["loss"]
+        # Every adapter learns, down to the first layer: gradients flow through the 4-bit matmuls
+        # (bitsandbytes' CPU inference kernel has no backward; it must not be used while training).
+        seen["untrained"] = [n for n, p in model.named_parameters() if "lora_B" in n and not p.abs().sum()]
+
+    tune(make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "run", **{"model.quant": "4bit", "train.max_steps": 3, "train.eval_every": 1}),
+         on_step=on_step)
+    assert seen["4bit"] and math.isfinite(seen["loss"])
+    assert seen["untrained"] == []
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_existing_run_dir_is_refused_and_untouched_by_a_failed_overwrite(tiny_model_dir, chat_jsonl, tmp_path):
+    run = tmp_path / "run"
+    tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{"train.max_steps": 1}))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with pytest.raises(RunDirError, match="--overwrite"):
+        tune(make_cfg(tiny_model_dir, chat_jsonl, run))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        tune(make_cfg(tiny_model_dir, bad, run), overwrite=True)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_resume_refuses_a_changed_config_or_a_run_without_checkpoints(tiny_model_dir, chat_jsonl, tmp_path):
+    from lite_sft.config import ConfigError
+
+    with pytest.raises(RunDirError, match="no checkpoint"):
+        tune(make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "none"), resume=True)
+    run = tmp_path / "run"
+    tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{"train.max_steps": 2}))
+    with pytest.raises(ConfigError, match="train.lr"):
+        tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{"train.lr": 1.0, "data.format": "messages"}), resume=True)
+    # Lengthening the run is allowed, and continues from step 2.
+    tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{"train.max_steps": 3, "data.format": "messages"}), resume=True)
+    assert len(losses(run)) == 3
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch):
+    import lite_sft.train as train
+
+    scores = iter([1.0, 0.5, 0.9, 0.95, 0.97, 0.99])
+    kept = {}
+
+    def fake_evaluate(model, *args):
+        kept[len(kept)] = checkpoint.trainable_state(model.module if hasattr(model, "module") else model)
+        return next(scores)
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    run = tmp_path / "run"
+    summary = tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{
+        "train.max_steps": 6, "train.eval_every": 1, "train.early_stopping_patience": 2}))
+    assert summary["stopped_early"] and summary["steps"] == 4
+    saved = load_file(str(run / "adapter_model.safetensors"))
+    best = kept[1]  # the state evaluated at step 2, the lowest loss
+    lora_b = next(n for n in best if "lora_B" in n)
+    short = lora_b.replace(".default", "")
+    assert torch.equal(saved[short], best[lora_b])
