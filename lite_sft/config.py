@@ -24,10 +24,6 @@ import yaml
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:skill"
 
-# Settings under the user's own when the built-in model is used: the tiny random-weight model
-# needs a higher learning rate and more passes than a pretrained one (measured in tests/test_tiny.py).
-BUILTIN_DEFAULTS: dict = {}
-
 QUANT_CHOICES = ("4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 FORMAT_CHOICES = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -284,8 +280,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if overrides:
         values = _merge(values, _nest({k: v for k, v in overrides.items() if v is not None}))
     if values.get("model", {}).get("name_or_path", BUILTIN_MODEL) == BUILTIN_MODEL:
-        # The tiny built-in model learns with other settings than a real one; the user's still win.
-        values = _merge(BUILTIN_DEFAULTS, values)
+        # The tiny random-weight model learns with other settings than a pretrained one (see
+        # tiny.DEMO_DEFAULTS for the measurements); the user's own values still win.
+        from .tiny import DEMO_DEFAULTS
+
+        values = _merge(DEMO_DEFAULTS, values)
     problems: list[str] = []
     cfg = _build(RunConfig, values, "", problems)
     if problems:

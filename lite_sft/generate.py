@@ -1,6 +1,6 @@
 """Answer prompts with a tuned run: base model + its adapter, unmerged, through `model.generate`.
 
-    lite-sft generate runs/demo --prompt "Reverse the word: lantern"
+    lite-sft generate runs/demo --prompt "Write 90210 backwards."
 
 A quick check of what a run learned; production inference goes through export and serve.
 """

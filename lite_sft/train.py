@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, report
-from .config import BUILTIN_DATA, ConfigError, RunConfig, config_to_yaml, load_config, save_config
+from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
 from .masking import IGNORE_INDEX, ensure_chat_template
 from .model import ModelError, add_lora, load_base_model, load_tokenizer, resolve_model_path
 from .packing import collate
@@ -57,6 +57,10 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     # cpu=True without CUDA: that is what makes accelerate join a torchrun group over gloo on CPU.
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if cfg.model.name_or_path == BUILTIN_MODEL and accelerator.device.type == "cpu":
+        # The built-in model's matmuls are too small to split: a second OpenMP thread mostly
+        # spin-waits, and makes the demo several times slower whenever anything shares the cores.
+        torch.set_num_threads(1)
     set_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
@@ -102,7 +106,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     # --- fit
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=loop["step"], disable=not main, dynamic_ncols=True, desc="tune")
+    bar = tqdm(total=total_steps, initial=loop["step"], disable=not main, dynamic_ncols=True, desc="tune", mininterval=0.5)
     best_state = None
     started = time.perf_counter() - loop["elapsed"]
     stopped_early = False

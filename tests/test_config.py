@@ -3,7 +3,6 @@
 import pytest
 
 from lite_sft.config import (
-    BUILTIN_DEFAULTS,
     BUILTIN_MODEL,
     ConfigError,
     RunConfig,
@@ -11,6 +10,7 @@ from lite_sft.config import (
     load_config,
     save_config,
 )
+from lite_sft.tiny import DEMO_DEFAULTS
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -63,10 +63,10 @@ def test_round_trip_through_yaml(tmp_path):
 def test_builtin_defaults_sit_under_user_values():
     cfg = load_config(None, {})
     assert cfg.model.name_or_path == BUILTIN_MODEL
-    for section, values in BUILTIN_DEFAULTS.items():
+    for section, values in DEMO_DEFAULTS.items():
         for key, value in values.items():
             assert getattr(getattr(cfg, section), key) == value
-    if "train" in BUILTIN_DEFAULTS and "lr" in BUILTIN_DEFAULTS["train"]:
+    if "train" in DEMO_DEFAULTS and "lr" in DEMO_DEFAULTS["train"]:
         assert load_config(None, {"train.lr": 1e-5}).train.lr == 1e-5
     # A real model gets the plain defaults.
     assert load_config(None, {"model.name_or_path": "org/model"}).train == RunConfig().train
