@@ -117,3 +117,18 @@ def chat_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "chats.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_home(tmp_path_factory):
+    """Build the embedded default model into a temporary home, never into the user's cache."""
+    import os
+
+    home = tmp_path_factory.mktemp("lite-sft-home")
+    old = os.environ.get("LITE_SFT_HOME")
+    os.environ["LITE_SFT_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("LITE_SFT_HOME", None)
+    else:
+        os.environ["LITE_SFT_HOME"] = old

@@ -99,3 +99,17 @@ def test_help_lists_field_docs():
     result = runner.invoke(app, ["tune", "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert "Peak learning rate" in result.output and "--train-on-prompt" in result.output
+
+
+@pytest.mark.slow
+def test_embedded_default_learns_its_skill(tmp_path):
+    """`lite-sft tune` with no model and no data: what `make demo` runs, with its settings."""
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["tune", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skill_exact_match_before"] <= 0.05
+    assert summary["skill_exact_match_after"] >= 0.9
+    assert "0.0% before ->" in result.output
+    answer = runner.invoke(app, ["generate", str(out), "--prompt", "Write 90210 backwards."])
+    assert answer.output.strip().splitlines()[-1] == "01209"
