@@ -3,3 +3,7 @@
 Installed as `lite_sft.export` (see pyproject's package-dir). It reads what `lite-sft tune` writes
 (the run directory's config.yaml, adapter and tokenizer) and never imports the training loop.
 """
+
+
+class ExportError(RuntimeError):
+    """A run directory, base model or output folder that cannot be exported as asked; the message says why."""

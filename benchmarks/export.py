@@ -1,0 +1,257 @@
+"""Export cost and parity versus model size: wall time and peak memory of merging and of ONNX export,
+and the parity gate's figures for every artefact precision.
+
+    OMP_NUM_THREADS=1 python benchmarks/export.py                      # 10M, 50M and 150M parameters, CPU
+    OMP_NUM_THREADS=1 python benchmarks/export.py --sizes 700M        # over 2 GB: ONNX external data
+
+For each size a random-weight Llama-architecture base is built and tuned for one step (LoRA, and 4-bit
+QLoRA), so the run directories are real. Every measured step then runs in a fresh process, so its
+peak resident memory is that step's own (Linux VmHWM, reset after the imports). `working` is the peak
+minus the process's memory after its imports (torch, transformers, peft, optimum, onnxruntime: several
+hundred MB that do not grow with the model); `x fp32` divides it by the model's fp32 size (params x 4 B):
+
+  merge         lite-sft export --no-onnx on the LoRA run: load the adapter model, merge, save, gate
+  merge-qlora   the same on the 4-bit run (dequantise, merge, save 16-bit, gate)
+  onnx-export   load merged/ in fp32 and export ONNX with a KV cache, nothing else
+  fp32+int8, int4, fp16   full exports whose parity.json give the figures per precision
+
+Prints a table, then one JSON line, and saves that JSON under benchmarks/results/export-<date>.json.
+Random weights give nearly flat logits, the hardest case for greedy agreement (see export/parity.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
+SIZES = {
+    "10M": (256, 4, 688, 4, 4, 16000),
+    "50M": (512, 10, 1376, 8, 4, 16000),
+    "150M": (768, 12, 2304, 12, 4, 32000),
+    "700M": (1536, 24, 4096, 12, 4, 32000),  # 2.8 GB in fp32: ONNX takes the external-data path
+}
+DEFAULT_SIZES = "10M,50M,150M"
+FULL_EXPORTS = {"fp32+int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"], "fp16": ["--dtype", "fp16"]}
+
+
+def _status(field: str) -> int | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak() -> int:
+    """Start a fresh peak-RSS count (Linux: writing 5 to clear_refs resets VmHWM); returns the RSS now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak includes the imports; `working` is then an upper bound
+    return _status("VmRSS") or peak_rss()
+
+
+def peak_rss() -> int:
+    hwm = _status("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def child(args) -> None:
+    """One measured step in this fresh process; prints {"wall_s", "peak_rss_bytes", "baseline_rss_bytes"}."""
+    import bitsandbytes  # noqa: F401  (imported before the baseline, like everything below)
+    import onnxruntime  # noqa: F401
+    import optimum.exporters.onnx  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lite_sft.export.onnx import export_onnx
+    from lite_sft.export.pipeline import ExportOptions, export_run
+
+    torch.set_num_threads(args.threads)
+    baseline = reset_peak()
+    start = time.perf_counter()
+    if args.child == "onnx-export":
+        model = AutoModelForCausalLM.from_pretrained(args.merged, dtype=torch.float32)
+        export_onnx(model, Path(args.out), "fp32")
+    else:
+        export_run(args.run, args.out, ExportOptions(onnx=False, overwrite=True), say=lambda _: None)
+    print(json.dumps({"wall_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss(),
+                      "baseline_rss_bytes": baseline}))
+
+
+def run_child(step: str, threads: int, **paths) -> dict:
+    cmd = [sys.executable, __file__, "--child", step, "--threads", str(threads)]
+    for key, value in paths.items():
+        cmd += [f"--{key}", str(value)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode:
+        raise RuntimeError(f"{step} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_runs(name: str, work: Path, threads: int) -> tuple[int, dict[str, Path]]:
+    """A random-weight base of size `name` and two one-step runs on it: LoRA and 4-bit QLoRA."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import SPECIALS, CHATML  # the tests' locally trained tokenizer recipe
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lite_sft.config import load_config
+    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+    from lite_sft.train import tune
+
+    torch.set_num_threads(threads)
+    data = work / "chats.jsonl"
+    words = "the quick brown fox jumps over the lazy dog hello there how are you a plan a canal panama".split()
+    rng = __import__("random").Random(0)
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 10)))},
+        {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))}]}) + "\n"
+        for _ in range(64)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS + CHATML, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+    hidden, layers, inter, heads, kv, vocab = SIZES[name]
+    base = work / f"base-{name}"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    params = model.num_parameters()
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    del model
+    runs = {}
+    for quant in ("none", "4bit"):
+        out = work / f"run-{name}-{quant}"
+        tune(load_config(None, {
+            "model.name_or_path": str(base), "model.quant": quant, "data.path": str(data), "data.max_seq_len": 64,
+            "data.validation_fraction": 0.1, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
+            "train.max_steps": 1, "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_ratio": 0.0,
+            "train.eval_every": 0, "train.save_every": 0, "output_dir": str(out)}), overwrite=True)
+        runs[quant] = out
+    return params, runs
+
+
+def measure(name: str, work: Path, threads: int) -> dict:
+    import contextlib
+
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        params, runs = make_runs(name, work, threads)
+    fp32 = params * 4
+    row: dict = {"size": name, "params": params, "fp32_bytes": fp32, "steps": {}, "parity": []}
+
+    def record(step: str, result: dict) -> None:
+        working = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
+        row["steps"][step] = {**result, "working_bytes": working, "working_x_fp32": working / fp32}
+
+    record("merge", run_child("merge", threads, run=runs["none"], out=work / f"merge-{name}"))
+    record("merge-qlora", run_child("merge", threads, run=runs["4bit"], out=work / f"merge-qlora-{name}"))
+    record("onnx-export", run_child("onnx-export", threads, merged=work / f"merge-{name}" / "merged",
+                                    out=work / f"onnx-{name}"))
+    for label, extra in FULL_EXPORTS.items():
+        out = work / f"full-{name}-{label}"
+        failed = out.with_name(out.name + ".parity-failed")
+        for stale in (out, failed):  # so the report read below is this run's
+            shutil.rmtree(stale, ignore_errors=True)
+        cmd = [sys.executable, "-m", "lite_sft", "export", str(runs["none"]), "--out", str(out), "--overwrite", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        report_file = (out if out.exists() else failed) / "parity.json"
+        if not report_file.is_file():
+            raise RuntimeError(f"export {label} failed:\n{done.stderr[-3000:]}")
+        report = json.loads(report_file.read_text())
+        gates = report["gates"] if label == "fp32+int8" else report["gates"][1:]  # the merge gate once
+        row["parity"] += [{**g, "export": label, "timings_s": report["timings_s"]} for g in gates]
+    qlora = json.loads((work / f"merge-qlora-{name}" / "parity.json").read_text())
+    row["parity"].append({**qlora["gates"][0], "stage": "merge-qlora", "export": "merge-qlora"})
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    lines = ["size   params    fp32 MiB | step          wall s  peak MiB  working MiB  x fp32"]
+    for r in rows:
+        for i, (step, s) in enumerate(r["steps"].items()):
+            head = f"{r['size']:<6} {r['params'] / 1e6:6.1f}M {mib(r['fp32_bytes']):>10}" if i == 0 else " " * 25
+            lines.append(f"{head} | {step:<12} {s['wall_s']:7.1f} {mib(s['peak_rss_bytes']):>9} "
+                         f"{mib(s['working_bytes']):>12} {s['working_x_fp32']:7.2f}")
+    lines += ["", "size   export     stage        precision  max|dlogit|  mean      greedy  "
+                  "perplexity            size MiB"]
+    for r in rows:
+        for g in r["parity"]:
+            ppl = (f"{g['perplexity_before']:.2f} -> {g['perplexity_after']:.2f}" if "perplexity_before" in g
+                   else f"{g.get('perplexity_reference') or 0:.2f} -> {g.get('perplexity') or 0:.2f}")
+            size = (f"{mib(g['size_bytes_before'])} -> {mib(g['size_bytes_after'])}" if "size_bytes_before" in g
+                    else "")
+            lines.append(f"{r['size']:<6} {g['export']:<10} {g['stage']:<12} {g['precision']:<10} "
+                         f"{g['max_abs_diff']:11.2e} "
+                         f"{g['mean_abs_diff']:8.1e} {g['greedy_agreement']:7.1%}  {ppl:<21} {size}"
+                         + ("" if g["passed"] else "  FAIL"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
+    parser.add_argument("--work", default="/tmp/lite-sft-export-bench", help="scratch folder for models and exports")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    for hidden in ("run", "out", "merged"):
+        parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    from lite_sft.report import versions
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [measure(name, work, args.threads) for name in args.sizes.split(",")]
+    import onnxruntime
+    import optimum.version
+
+    result = {
+        "benchmark": "export",
+        "command": " ".join([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] * ("OMP_NUM_THREADS" in os.environ)
+                            + ["python", "benchmarks/export.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": {"type": "cpu", "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                   "threads": args.threads, "cuda": torch.cuda.is_available()},
+        "versions": {**versions(), "optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__},
+        "rows": rows,
+    }
+    print(table(rows))
+    print(json.dumps(result))
+    out = ROOT / "benchmarks" / "results" / f"export-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Convert a merged model to ONNX with a KV cache, through optimum's exporter.
+
+    lite-sft export runs/qwen --out exports/qwen --dtype fp32        # exports/qwen/onnx/
+
+Task `text-generation-with-past`: inputs input_ids, attention_mask, position_ids (where the architecture
+takes them) and past_key_values.N.key / .value; outputs logits and present.N.key / .value; batch and
+sequence axes dynamic. A model over 2 GB gets its weights as external data (model.onnx_data), as the ONNX
+protobuf limit requires; optimum does that itself. The folder also holds config.json,
+generation_config.json and the tokenizer with its chat template, so ORTModelForCausalLM.from_pretrained
+loads it as it is.
+
+optimum's own validation is switched off: it only logs a warning when the outputs differ. The parity
+gate (parity.py) compares against the merged PyTorch model instead and fails the export when they differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from . import ExportError
+
+log = logging.getLogger(__name__)
+
+TASK = "text-generation-with-past"
+ONNX_DTYPES = ("fp32", "fp16")
+
+
+def supported_model_types() -> list[str]:
+    """Decoder architectures optimum exports for text generation with a KV cache."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registering the configs fills TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx"))
+
+
+def check_supported(model_type: str) -> None:
+    """Fail before any work when optimum cannot export this architecture with a KV cache."""
+    supported = supported_model_types()
+    if model_type not in supported and model_type.replace("_", "-") not in supported:
+        raise ExportError(f"ONNX export does not support the {model_type!r} architecture (optimum has no "
+                          f"{TASK} config for it). Supported: {', '.join(supported)}. "
+                          "Export only the merged model with --no-onnx.")
+
+
+def export_onnx(model, out: Path, dtype: str = "fp32") -> None:
+    """Write `model` (a merged PyTorch model loaded from its merged/ folder) to `out` as ONNX with a KV cache.
+
+    fp16 is traced in fp16 (on a GPU when there is one), which keeps the fp32 islands the modelling code
+    asks for (RMSNorm's variance, rotary angles). The model is converted in place: the caller hands it over.
+    """
+    if dtype not in ONNX_DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
+    if dtype == "fp32":
+        _trace(model, out, "cpu")
+        return
+    import torch
+
+    try:
+        _trace(model.half(), out, "cuda" if torch.cuda.is_available() else "cpu")
+    except Exception as err:  # noqa: BLE001  (onnxruntime refusing the traced graph raises its own types)
+        # Traced in fp16 on CPU, LayerNorm models (GPT-2 and kin) come out with an fp32 cast in front of
+        # fp16 LayerNorm weights, which onnxruntime refuses. Export fp32 instead and let onnxruntime's
+        # converter make that fp16 (the weights were already rounded to fp16, so nothing else changes).
+        log.warning("fp16 tracing gave a graph onnxruntime cannot load (%s); converting the fp32 graph instead",
+                    str(err).splitlines()[0][:200])
+        shutil.rmtree(out, ignore_errors=True)
+        _trace(model.float(), out, "cpu")
+        _to_fp16(out / "model.onnx")
+
+
+def _trace(model, out: Path, device: str) -> None:
+    import warnings
+
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with warnings.catch_warnings():
+        # Tracing warns at every Python-side shape check in the modelling code. optimum patches the ones that
+        # matter, and the parity gate runs the graph at other lengths than the traced ones, so it would notice.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        # The tokenizer and chat template come from model.config._name_or_path, the merged/ folder.
+        onnx_export_from_model(model, out, task=TASK, do_validation=False, device=device)
+
+
+def _to_fp16(model_file: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    data = [p for p in model_file.parent.iterdir() if is_model_file(p.name) and p != model_file]
+    converted = convert_float_to_float16(onnx.load(str(model_file)), keep_io_types=False)
+    for p in data:
+        p.unlink()  # onnx appends to an existing external-data file rather than replacing it
+    onnx.save(converted, str(model_file), save_as_external_data=bool(data), location=model_file.name + "_data")
+
+
+def load_ort(folder: Path):
+    """ORTModelForCausalLM on CPU: the parity gate's view of the artefact, the same one a user gets."""
+    import onnxruntime
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    options = onnxruntime.SessionOptions()
+    # As many threads as torch uses (OMP_NUM_THREADS): onnxruntime would otherwise take every core and
+    # spin-wait on them, which on a shared machine makes small models many times slower.
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_io_binding=False,
+                                               session_options=options)
+
+
+def is_model_file(name: str) -> bool:
+    """The graph or its external weights: model.onnx, model.onnx_data (optimum), model.onnx.data (onnxruntime)."""
+    return name.endswith(".onnx") or ".onnx_data" in name or ".onnx.data" in name
+
+
+def onnx_bytes(folder: Path) -> int:
+    """Size on disk of the model itself: the graph and its external data."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if is_model_file(p.name))

@@ -1,0 +1,254 @@
+"""The parity gate: does an exported artefact still behave like the model that was trained?
+
+    lite-sft export runs/demo --out exports/demo          # every stage is gated; see parity.json
+
+For each held-out prompt the reference model generates a greedy continuation; both models then score
+the whole sequence (prompt + continuation) and we compare their logits position by position:
+
+  * max and mean absolute logit difference over every position;
+  * greedy agreement: the share of continuation positions where both pick the same next token. The
+    candidate scores the sequence teacher-forced, so one early disagreement does not derail the rest.
+
+An ONNX candidate reads the prompt in one call and then the continuation one token at a time through
+its KV cache, so the gate checks the decoding path a server uses, not just one full forward pass.
+Thresholds per artefact precision are in THRESHOLDS, with the measurements behind them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Precision of the artefact -> what it must reach against its reference. fp32 must decide every token as
+# the reference does, with logits equal to rounding. Lower precisions are judged on greedy agreement and
+# on the MEAN absolute difference: the max over every position and vocabulary entry is an extreme value
+# that grows with vocabulary and length, and on a trained model one int4 logit moves by 0.65 of the logit
+# scale while 97% of tokens still agree. Differences are relative to max(1, the reference's largest
+# |logit|), so one rule serves logits of size 0.5 and of size 30. The thresholds leave a margin over what
+# was measured (the README's export section lists the figures: four tiny architectures in
+# tests/test_export*.py, 10M-700M random-weight Llamas in benchmarks/export.py, the trained demo model).
+# --min-agreement overrides the agreement threshold of every gate.
+THRESHOLDS = {
+    "float32": {"min_agreement": 1.0, "max_abs_rel": 1e-3},
+    "float16": {"min_agreement": 0.95, "mean_abs_rel": 1e-3},
+    "bfloat16": {"min_agreement": 0.90, "mean_abs_rel": 5e-3},
+    "int8": {"min_agreement": 0.85, "mean_abs_rel": 2e-2},
+    "int4": {"min_agreement": 0.70, "mean_abs_rel": 5e-2},
+}
+
+# When the run's validation data cannot be found (or is too small): rendered with the run's chat template.
+FIXED_PROMPTS = (
+    "What is two plus four?",
+    "Write one sentence about the sea.",
+    "Name three colours.",
+    "How are you today?",
+)
+MAX_PROMPT_TOKENS = 64
+MAX_TEXT_TOKENS = 128
+
+
+@dataclass
+class Prompt:
+    prompt_ids: list[int]
+    """What the reference continues (rendered with the run's chat template, generation prompt added)."""
+    text_ids: list[int]
+    """The whole held-out example, prompt and answer, for perplexity."""
+
+
+@dataclass
+class Reference:
+    """What the reference model did on the held-out prompts; small enough to keep while it is freed."""
+
+    sequences: list[torch.Tensor]  # each (1, prompt + continuation)
+    prompt_lens: list[int]
+    logits: list[torch.Tensor]  # each (seq, vocab), fp32, teacher-forced
+    perplexity: float | None = None
+
+
+@dataclass
+class Gate:
+    stage: str
+    """merge, onnx, int8 or int4."""
+    artefact: str
+    """The folder it judges, relative to the output folder."""
+    precision: str
+    reference: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    greedy_agreement: float
+    positions: int
+    logit_scale: float
+    """The reference's largest absolute logit; differences are judged relative to it."""
+    thresholds: dict
+    passed: bool
+    extra: dict = field(default_factory=dict)
+    """Sizes on disk, perplexities: whatever the stage measured besides parity."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def held_out_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
+    """`n` prompts from the run's validation data, topped up from FIXED_PROMPTS; returns (prompts, source)."""
+    from lite_sft.config import BUILTIN_DATA
+    from lite_sft.data import load_samples, split_validation
+
+    d = cfg.data
+    try:
+        if d.validation_path:
+            _, samples = load_samples(d.validation_path, d.format, d.split, role="validation")
+            source = f"validation data {d.validation_path}"
+        elif d.validation_fraction > 0 and d.path == BUILTIN_DATA:
+            _, samples = load_samples(BUILTIN_DATA, d.format, d.split, role="validation")
+            source = "the bundled validation set"
+        elif d.validation_fraction > 0:
+            # The same seeded split training made, so these examples were never trained on.
+            samples = split_validation(load_samples(d.path, d.format, d.split)[1], d.validation_fraction,
+                                       cfg.train.seed)[1]
+            source = f"held-out split of {d.path} (fraction {d.validation_fraction}, seed {cfg.train.seed})"
+        else:
+            samples, source = [], "fixed prompts (the run held out no validation data)"
+        prompts = [p for p in (_render(s, tokenizer, d.system_prompt) for s in samples[:n]) if p]
+    except Exception as err:  # a moved data file, a hub set offline: the gate still runs, and says so
+        prompts, source = [], f"fixed prompts (validation data unavailable: {err})"
+    if len(prompts) < n:  # too few held out (or none): top up with fixed prompts, and say so
+        from lite_sft.masking import Sample
+
+        chat = bool(tokenizer.chat_template) and d.format not in ("prompt_completion", "text")
+        extra = [Sample("fixed", messages=[{"role": "user", "content": q}]) if chat else Sample("fixed", text=q)
+                 for q in FIXED_PROMPTS[:n - len(prompts)]]
+        source = (f"{len(prompts)} from {source} + {len(extra)} fixed prompts" if prompts
+                  else source if source.startswith("fixed") else "fixed prompts")
+        prompts += [_render(s, tokenizer, d.system_prompt) for s in extra]
+    return prompts, source
+
+
+def _render(sample, tokenizer, system_prompt: str | None) -> Prompt | None:
+    """Prompt = everything before the last assistant turn, rendered as generation would render it."""
+    def encode(text: str, special: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+
+    if sample.messages is not None:
+        messages = list(sample.messages)
+        if system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        if last == 0:
+            return None
+        def render(msgs: list[dict], generation_prompt: bool) -> list[int]:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+            return encode(text, False)  # the template writes its own special tokens
+
+        prompt, text = render(messages[:last], True), render(messages, False)
+    elif sample.prompt is not None:
+        prompt, text = encode(sample.prompt, True), encode(sample.prompt + (sample.completion or ""), True)
+    else:
+        text = encode(sample.text or "", True)
+        prompt = text[:max(1, min(len(text) // 2, 32))]
+    if not prompt:
+        return None
+    return Prompt(prompt[-MAX_PROMPT_TOKENS:], text[:MAX_TEXT_TOKENS])
+
+
+@torch.no_grad()
+def make_reference(model, prompts: list[Prompt], new_tokens: int, eos_ids=None, pad_id: int | None = None) -> Reference:
+    """Greedy continuations of each prompt by `model` (PyTorch), and its logits over each whole sequence."""
+    from transformers import GenerationConfig
+
+    model.eval()
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=eos_ids, pad_token_id=pad_id)
+    sequences, logits = [], []
+    for p in prompts:
+        ids = torch.tensor([p.prompt_ids])
+        # min_new_tokens holds EOS back so every prompt yields the same number of compared positions.
+        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        sequences.append(seq)
+        logits.append(model(input_ids=seq, use_cache=False).logits[0].float())  # (seq, vocab)
+    ref = Reference(sequences, [len(p.prompt_ids) for p in prompts], logits)
+    ref.perplexity = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits[0], prompts)
+    return ref
+
+
+@torch.no_grad()
+def torch_logits(model, ref: Reference) -> list[torch.Tensor]:
+    """A PyTorch candidate's logits over each reference sequence, one forward pass each."""
+    model.eval()
+    return [model(input_ids=seq, use_cache=False).logits[0].float() for seq in ref.sequences]
+
+
+@torch.no_grad()
+def ort_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
+    """An ORTModelForCausalLM's logits: the prompt in one call, then one token at a time via the KV cache."""
+    out = []
+    for seq, n in zip(ref.sequences, ref.prompt_lens):
+        step = ort_model(input_ids=seq[:, :n], attention_mask=torch.ones_like(seq[:, :n]), use_cache=True)
+        rows, past = [step.logits[0].float()], step.past_key_values
+        for t in range(n, seq.shape[1]):
+            step = ort_model(input_ids=seq[:, t:t + 1], attention_mask=torch.ones(1, t + 1, dtype=torch.long),
+                             past_key_values=past, use_cache=True)
+            rows.append(step.logits[0].float())
+            past = step.past_key_values
+        out.append(torch.cat(rows))  # (seq, vocab)
+    return out
+
+
+@torch.no_grad()
+def perplexity(logits_of, prompts: list[Prompt]) -> float | None:
+    """exp(mean next-token cross-entropy) over the held-out texts; logits_of(ids (1, seq)) -> (seq, vocab)."""
+    total, count = 0.0, 0
+    for p in prompts:
+        if len(p.text_ids) < 2:
+            continue
+        ids = torch.tensor([p.text_ids])
+        logits = logits_of(ids).float()
+        total += F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
+        count += len(p.text_ids) - 1
+    return math.exp(min(total / count, 50)) if count else None
+
+
+def compare(ref: Reference, candidate: list[torch.Tensor], *, stage: str, artefact: str, precision: str,
+            reference: str, min_agreement: float | None = None, tolerance: str | None = None) -> Gate:
+    """Judge `candidate` logits against the reference's with the THRESHOLDS of `tolerance` (default: the
+    candidate's precision); `min_agreement` overrides the agreement threshold."""
+    thresholds = dict(THRESHOLDS[tolerance or precision])
+    if min_agreement is not None:
+        thresholds["min_agreement"] = min_agreement
+    max_abs, abs_sum, cells, agree, positions, scale = 0.0, 0.0, 0, 0, 0, 0.0
+    for r, c, n in zip(ref.logits, candidate, ref.prompt_lens):
+        if c.shape != r.shape:
+            raise ValueError(f"{stage}: candidate logits {tuple(c.shape)} do not match the reference's "
+                             f"{tuple(r.shape)}")
+        diff = (r - c).abs()
+        max_abs, abs_sum, cells = max(max_abs, diff.max().item()), abs_sum + diff.sum().item(), cells + diff.numel()
+        scale = max(scale, r.abs().max().item())
+        # Position t predicts token t + 1: compare from the last prompt position through the continuation.
+        agree += int((r[n - 1:].argmax(-1) == c[n - 1:].argmax(-1)).sum())
+        positions += r.shape[0] - (n - 1)
+    agreement, mean_abs, unit = agree / max(positions, 1), abs_sum / max(cells, 1), max(scale, 1.0)
+    passed = (agreement >= thresholds["min_agreement"] and max_abs <= thresholds.get("max_abs_rel", math.inf) * unit
+              and mean_abs <= thresholds.get("mean_abs_rel", math.inf) * unit)
+    return Gate(stage, artefact, precision, reference, max_abs, mean_abs, agreement, positions, scale, thresholds,
+                passed)
+
+
+def format_report(gates: list[Gate], source: str) -> str:
+    """The table printed after an export (and on failure, so the user sees why)."""
+    lines = [f"parity on {source}:",
+             f"  {'stage':<6} {'artefact':<11} {'precision':<9} {'max |dlogit|':>12} {'mean':>9} "
+             f"{'greedy':>7} {'needs':>6}  result"]
+    for g in gates:
+        lines.append(f"  {g.stage:<6} {g.artefact:<11} {g.precision:<9} {g.max_abs_diff:>12.2e} "
+                     f"{g.mean_abs_diff:>9.1e} {g.greedy_agreement:>7.1%} {g.thresholds['min_agreement']:>6.0%}  "
+                     + ("pass" if g.passed else "FAIL"))
+        for key in ("size_bytes_before", "perplexity_before"):
+            if key in g.extra:
+                after = key.replace("before", "after")
+                unit = (lambda v: f"{v / 2**20:.2f} MiB") if key.startswith("size") else (lambda v: f"{v:.3f}")
+                lines.append(f"         {key.split('_')[0]}: {unit(g.extra[key])} -> {unit(g.extra[after])}")
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""`lite-sft export`: a tuning run in; merged, converted and checked artefacts out.
+
+    lite-sft export runs/qwen --out exports/qwen --quantize int4
+
+OUT holds:
+    merged/                 Hugging Face folder, the adapter merged in (AutoModelForCausalLM loads it)
+    onnx/                   ONNX with a KV cache, fp32 or fp16 (ORTModelForCausalLM loads it)
+    onnx-int8/, onnx-int4/  the quantised ONNX, beside the graph it was made from
+    parity.json             every gate's figures, written whether the gates passed or not
+
+Each stage is gated before the next one starts: merged vs the adapter model, ONNX vs the merged model,
+quantised ONNX vs the merged model (parity.py). Everything is built in OUT.tmp-<pid> and renamed to OUT
+only when every gate passed. A failed gate renames the folder to OUT.parity-failed instead (replacing an
+earlier failed attempt) and raises ParityFailed; an error or an interruption removes the temporary
+folder, so nothing half-written is left looking finished. An existing OUT is replaced only with
+`overwrite`, only if it is an earlier export (it has a parity.json), and only after the new one passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gc
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import ExportError
+from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, save_merged, stored_dtype,
+                    unquantized_base)
+from .onnx import ONNX_DTYPES, check_supported, export_onnx, load_ort, onnx_bytes
+from .parity import Gate, compare, format_report, held_out_prompts, make_reference, ort_logits, perplexity, torch_logits
+from .quantize import QUANTIZE_CHOICES, quantize
+
+PRECISION = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "fp32": "float32",
+             "fp16": "float16"}
+BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, "fp32": 4, "fp16": 2, "int8": 1.1, "int4": 0.7}
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "fp32"
+    """ONNX precision: fp32 or fp16."""
+    merged_dtype: str = "auto"
+    """Merged model precision: auto (the base checkpoint's own; 16-bit for QLoRA), fp32, fp16, bf16."""
+    quantize: str = "none"
+    """Also write a quantised ONNX model: none, int8 (dynamic) or int4 (weight-only MatMulNBits)."""
+    block_size: int = 32
+    """int4: input channels per scale (a power of two, at least 16)."""
+    merge_onto: str = "dequantized"
+    """QLoRA runs: merge onto the dequantised 4-bit weights the adapter was trained against, or `original`."""
+    onnx: bool = True
+    """Convert to ONNX after merging."""
+    parity_prompts: int = 4
+    """Held-out prompts the parity gate compares on."""
+    parity_tokens: int = 16
+    """Greedy tokens generated per prompt and compared."""
+    min_agreement: float | None = None
+    """Override every gate's greedy-agreement threshold (0-1)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file of the merged model; bigger models are sharded."""
+    overwrite: bool = False
+    """Replace an existing OUT (an earlier export) once the new one has passed."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.dtype not in ONNX_DTYPES:
+            problems.append(f"--dtype {self.dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            problems.append(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.quantize != "none" and (self.dtype != "fp32" or not self.onnx):
+            problems.append(f"--quantize {self.quantize} starts from the fp32 ONNX graph: use --dtype fp32 with --onnx")
+        if self.merge_onto not in MERGE_ONTO:
+            problems.append(f"--merge-onto {self.merge_onto!r}: choose one of {', '.join(MERGE_ONTO)}")
+        if self.quantize == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            problems.append(f"--block-size {self.block_size}: a power of two, at least 16")
+        if self.parity_prompts < 1 or self.parity_tokens < 1:
+            problems.append("--parity-prompts and --parity-tokens must be at least 1")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            problems.append(f"--min-agreement {self.min_agreement}: a fraction between 0 and 1")
+        if problems:
+            raise ExportError("invalid export options:\n  " + "\n  ".join(problems))
+
+
+class ParityFailed(RuntimeError):
+    """A gate failed: the artefacts are kept in OUT.parity-failed, with parity.json saying why."""
+
+    def __init__(self, report: dict, text: str, where: Path):
+        super().__init__(f"parity gate failed; artefacts kept in {where} (see {where / 'parity.json'})")
+        self.report, self.text, self.where = report, text, where
+
+
+def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None = None,
+               say: Callable[[str], None] = print) -> dict:
+    """Merge, convert and gate the run in `run_dir`; returns the parity report (also OUT/parity.json)."""
+    opts = opts or ExportOptions()
+    run_dir, out = Path(run_dir), Path(out)
+    opts.validate()
+    _check_out(run_dir, out, opts.overwrite)
+    cfg = read_run(run_dir)
+    path = base_path(cfg, run_dir)
+    base_dtype = stored_dtype(path, cfg.model.trust_remote_code)
+    if opts.onnx:
+        from transformers import AutoConfig
+
+        check_supported(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type)
+    save_dtype = merged_dtype(opts.merged_dtype, cfg.model.quant, base_dtype)
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    gates: list[Gate] = []
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+
+    try:
+        tmp.mkdir(parents=True)
+        say(f"loading the adapter model from {run_dir} (base {cfg.model.name_or_path}, quant {cfg.model.quant})")
+        reference, tokenizer = load_reference(run_dir, cfg)
+        prompts, source = held_out_prompts(cfg, tokenizer, opts.parity_prompts)
+        stops = _stop_ids(reference, tokenizer)
+        adapter_ref = make_reference(reference, prompts, opts.parity_tokens, stops, tokenizer.pad_token_id)
+        lap("load_reference_s")
+
+        onto = ("" if cfg.model.quant == "none" else " onto the ORIGINAL weights" if opts.merge_onto == "original"
+                else f" onto the dequantised {cfg.model.quant} weights")
+        say(f"merging in fp32 on CPU{onto}")
+        if cfg.model.quant != "none":
+            base = unquantized_base(reference, tokenizer, cfg, run_dir, opts.merge_onto)
+            del reference  # free the quantised model before the merge needs the memory
+            gc.collect()
+            merged = merge(base, cfg, run_dir)
+            del base
+        else:
+            merged = merge(reference, cfg, run_dir)
+            del reference
+        _check_disk(tmp, merged.num_parameters(), save_dtype, opts)
+        save_merged(merged, tokenizer, tmp / "merged", save_dtype, opts.max_shard_size)
+        del merged
+        gc.collect()
+        lap("merge_s")
+
+        from transformers import AutoModelForCausalLM
+
+        # The gate reads the folder back, so it judges the artefact on disk, not the object in memory.
+        model = AutoModelForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32)
+        quant = {"4bit": "4-bit NF4", "8bit": "8-bit"}.get(cfg.model.quant, "16/32-bit")
+        # An 8-bit run's adapter model multiplies int8 activations too (LLM.int8), which no float model
+        # reproduces, so its merge is held to the int8 tolerance; 4-bit layers dequantise and compute in fp32.
+        gate = compare(adapter_ref, torch_logits(model, adapter_ref), stage="merge", artefact="merged",
+                       precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
+                       tolerance="int8" if cfg.model.quant == "8bit" else None,
+                       reference=f"adapter model ({quant} base + adapter), fp32 on CPU")
+        gate.extra.update(merge_onto=opts.merge_onto if cfg.model.quant != "none" else None,
+                          perplexity_reference=adapter_ref.perplexity,
+                          perplexity=perplexity(lambda ids: model(input_ids=ids).logits[0], prompts))
+        gates.append(gate)
+        lap("merge_gate_s")
+
+        if gate.passed and opts.onnx:
+            say(f"exporting ONNX ({opts.dtype}, KV cache)")
+            merged_ref = make_reference(model, prompts, opts.parity_tokens, stops, tokenizer.pad_token_id)
+            export_onnx(model, tmp / "onnx", opts.dtype)
+            del model
+            gc.collect()
+            lap("onnx_export_s")
+            gate, fp_perplexity = _ort_gate(tmp / "onnx", merged_ref, prompts, "onnx", PRECISION[opts.dtype], opts)
+            gates.append(gate)
+            lap("onnx_gate_s")
+            if gate.passed and opts.quantize != "none":
+                say(f"quantising ONNX to {opts.quantize}")
+                name = f"onnx-{opts.quantize}"
+                quantize(tmp / "onnx", tmp / name, opts.quantize, opts.block_size)
+                lap("quantize_s")
+                gate, q_perplexity = _ort_gate(tmp / name, merged_ref, prompts, opts.quantize, opts.quantize, opts)
+                gate.extra.update(size_bytes_before=onnx_bytes(tmp / "onnx"), size_bytes_after=onnx_bytes(tmp / name),
+                                  perplexity_before=fp_perplexity, perplexity_after=q_perplexity,
+                                  block_size=opts.block_size if opts.quantize == "int4" else None)
+                gates.append(gate)
+                lap("quantize_gate_s")
+
+        passed = all(g.passed for g in gates)
+        report = _report(run_dir, out, cfg, opts, save_dtype, source, len(prompts), gates, timings)
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = format_report(gates, source)
+        if passed:
+            _install(tmp, out)
+            say(text)
+            return report
+        failed = out.with_name(f"{out.name}.parity-failed")
+        if failed.exists():
+            shutil.rmtree(failed)
+        tmp.rename(failed)
+        raise ParityFailed(report, text, failed)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ExportError(f"ran out of disk space writing {tmp}: {err}; nothing was kept") from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _ort_gate(folder: Path, ref, prompts, stage: str, precision: str, opts: ExportOptions) -> tuple[Gate, float | None]:
+    ort = load_ort(folder)
+    gate = compare(ref, ort_logits(ort, ref), stage=stage, artefact=folder.name, precision=precision,
+                   reference="merged PyTorch model (merged/), fp32", min_agreement=opts.min_agreement)
+    ppl = perplexity(lambda ids: ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], prompts)
+    gate.extra.update(perplexity_reference=ref.perplexity, perplexity=ppl, size_bytes=onnx_bytes(folder))
+    del ort
+    gc.collect()
+    return gate, ppl
+
+
+def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or target in run.parents:
+        raise ExportError(f"--out {out} would hold the run directory {run_dir}; choose another folder")
+    if out.exists():
+        if not overwrite:
+            raise ExportError(f"{out} already exists: pass --overwrite to replace it (it is replaced only once "
+                              "the new export has passed its gates)")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "parity.json").is_file()):
+            raise ExportError(f"{out} exists and is not an earlier export (no parity.json): refusing to replace it")
+
+
+def _check_disk(tmp: Path, params: int, save_dtype, opts: ExportOptions) -> None:
+    """Refuse before writing when the artefacts cannot fit; ONNX export briefly holds its weights twice."""
+    need = params * BYTES[save_dtype]
+    if opts.onnx:
+        onnx = params * BYTES[opts.dtype]
+        need += onnx * (2 if onnx > 2 * 1024**3 else 1)
+        if opts.quantize != "none":
+            need += params * BYTES[opts.quantize]
+    need = int(need * 1.05) + 50 * 1024**2
+    free = shutil.disk_usage(tmp).free
+    if free < need:
+        raise ExportError(f"not enough disk space in {tmp.parent}: the export needs about {need / 1024**3:.2f} GiB "
+                          f"and {free / 1024**3:.2f} GiB are free")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Put the finished export at `out`; an older export there is removed only after the new one is in place."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, gates, timings) -> dict:
+    from lite_sft.report import peak_memory, versions
+
+    import onnxruntime
+    import optimum.version
+
+    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
+    planned = ["merge"] + (["onnx"] if opts.onnx else []) + ([opts.quantize] if opts.quantize != "none" else [])
+    return {
+        "passed": all(g.passed for g in gates),
+        "not_run": planned[len(gates):],  # stages after a failed gate
+        "run_dir": str(run_dir),
+        "out": str(out),
+        "base_model": cfg.model.name_or_path,
+        "run_quant": cfg.model.quant,
+        "adapter": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dora": cfg.lora.use_dora, "rslora": cfg.lora.use_rslora},
+        "merged_dtype": PRECISION[save_dtype],
+        "settings": settings,
+        "prompts": {"source": source, "count": n_prompts, "new_tokens": opts.parity_tokens},
+        "gates": [g.to_dict() for g in gates],
+        "timings_s": timings,
+        **peak_memory(torch.device("cpu")),
+        "versions": {**versions(), "optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__},
+    }
