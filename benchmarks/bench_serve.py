@@ -1,0 +1,188 @@
+"""Serving speed versus model size on CPU: every backend through `lite-sft bench`, then a load test of
+`lite-sft serve`, for random-weight Llama-architecture models of about 10M and 100M parameters.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py                     # 10M and 100M, 1 thread
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --sizes 10M --runs 3 --load-seconds 5
+
+For each size: a base is built from a config (seeded random weights), tuned for one LoRA step so the
+adapter is real, and exported with `lite-sft export --quantize int8` (merged/, onnx/, onnx-int8/, parity
+gates); onnx-int4/ is then made from onnx/ with the exporter's own quantiser (lite_sft.export.quantize,
+block size 32) so one export folder holds every CPU backend. Then, each in a fresh process:
+
+  lite-sft bench OUT     torch-adapter, torch-merged, onnx-fp32, onnx-int8, onnx-int4 (fp16 is GPU only)
+  lite-sft serve OUT     loaded with `lite-sft bench --url` at 1, 4 and 8 concurrent clients
+
+Prints the tables, then one JSON line, and saves the JSON under benchmarks/results/serve-<date>.json.
+The issue's CPU targets (ONNX fp32 >= 2x and int8 >= 3x PyTorch eager decode tokens/s at batch 1) are
+judged against torch-merged, the same model in eager PyTorch, and reported whether met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
+SIZES = {
+    "10M": (256, 4, 688, 4, 4, 16000),
+    "100M": (640, 12, 1728, 10, 5, 32000),
+}
+
+
+def make_export(name: str, work: Path, threads: int) -> Path:
+    """Base, one-step LoRA run, `lite-sft export --quantize int8`, plus onnx-int4/: returns the export folder."""
+    out = work / f"export-{name}"
+    if (out / "onnx-int4" / "model.onnx").is_file():
+        return out  # made by an earlier run of this script
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import CHATML, SPECIALS  # the tests' locally trained tokenizer recipe
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lite_sft.config import load_config
+    from lite_sft.export.quantize import quantize
+    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+    from lite_sft.train import tune
+
+    torch.set_num_threads(threads)
+    words = "the quick brown fox jumps over the lazy dog hello there how are you a plan a canal panama".split()
+    rng = __import__("random").Random(0)
+    data = work / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 10)))},
+        {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))}]}) + "\n"
+        for _ in range(64)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS + CHATML, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+    hidden, layers, inter, heads, kv, vocab = SIZES[name]
+    base = work / f"base-{name}"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    run = work / f"run-{name}"
+    tune(load_config(None, {
+        "model.name_or_path": str(base), "data.path": str(data), "data.max_seq_len": 64,
+        "data.validation_fraction": 0.1, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
+        "train.max_steps": 1, "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_ratio": 0.0,
+        "train.eval_every": 0, "train.save_every": 0, "output_dir": str(run)}), overwrite=True)
+    cmd = [sys.executable, "-m", "lite_sft", "export", str(run), "--out", str(out), "--overwrite", "--quantize", "int8"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode:
+        raise RuntimeError(f"export failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    quantize(out / "onnx", out / "onnx-int4", "int4", 32)
+    return out
+
+
+def lite_sft(*args: str, threads: int) -> str:
+    done = subprocess.run([sys.executable, "-m", "lite_sft", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode:
+        raise RuntimeError(f"lite-sft {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(export: Path, threads: int, seconds: float, concurrency: list[int], max_tokens: int) -> list[dict]:
+    """Start `lite-sft serve` on 127.0.0.1, load it at each concurrency, stop it."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lite_sft", "serve", str(export), "--port", str(port),
+                               "--threads", str(threads), "--device", "cpu", "--log-level", "warning",
+                               "--max-batch", "8", "--max-queue", "32"],
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"lite-sft serve did not start:\n{server.stderr.read()[-3000:]}")
+            time.sleep(0.5)
+        rows = []
+        for c in concurrency:
+            out = lite_sft("bench", "--url", url, "--concurrency", str(c), "--duration", str(seconds),
+                           "--max-tokens", str(max_tokens), threads=threads)
+            rows.append(last_json(out))
+            print("\n".join(line for line in out.splitlines() if not line.startswith("{")))
+        return rows
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10M,100M", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads, for every backend")
+    parser.add_argument("--prompt-lens", default="32,128")
+    parser.add_argument("--output-lens", default="64")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--load-seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--work", default="/tmp/lite-sft-serve-bench", help="scratch folder for models and exports")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    result = {"benchmark": "serve", "command": " ".join(
+        [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] * ("OMP_NUM_THREADS" in os.environ)
+        + ["python", "benchmarks/bench_serve.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sizes": []}
+    for name in args.sizes.split(","):
+        print(f"== {name}: building and exporting", flush=True)
+        export = make_export(name, work, args.threads)
+        out = lite_sft("bench", str(export), "--prompt-lens", args.prompt_lens, "--output-lens", args.output_lens,
+                       "--runs", str(args.runs), "--device", "cpu", "--threads", str(args.threads),
+                       "--out", str(work / "bench"), threads=args.threads)
+        print("\n".join(line for line in out.splitlines() if not line.startswith("{")), flush=True)
+        report = last_json(out)
+        load_rows = load(export, args.threads, args.load_seconds, [int(c) for c in args.concurrency.split(",")], 32)
+        merged = next(b for b in report["backends"] if b["backend"] == "torch-merged")
+        params = merged["weight_bytes"] // 4  # fp32
+        result["sizes"].append({"size": name, "params": params, "bench": report, "load": load_rows})
+        result.setdefault("device", report["device"])
+        result.setdefault("versions", report["versions"])
+    print(json.dumps(result))
+    out = ROOT / "benchmarks" / "results" / f"serve-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

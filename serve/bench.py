@@ -1,0 +1,363 @@
+"""`lite-sft bench`: every backend of one model side by side, through the same generation loop.
+
+    lite-sft bench exports/demo --quick                  # a short table on the embedded default's export
+    lite-sft bench exports/qwen --prompt-lens 128,1024 --output-lens 128 --runs 20
+    python -m lite_sft.serve.bench exports/qwen --backends torch-merged,onnx-fp32
+
+What it finds in MODEL_OR_RUN_DIR (find_backends):
+    an export OUT        torch-adapter  base + adapter unmerged, from the run directory parity.json names
+                         torch-merged   OUT/merged
+                         onnx-fp32 / onnx-fp16 (GPU only)   OUT/onnx;  onnx-int8, onnx-int4   OUT/onnx-int8|int4
+    a tune run directory torch-adapter, and torch-merged (merged in memory with peft); no ONNX rows
+    an ONNX folder       that one backend;   a Hugging Face folder   torch-merged
+A backend that is not there gets a row saying why (re-export with --quantize int4 for an int4 row).
+
+For each backend and each (batch, prompt length, output length): `warmup` untimed runs, then `runs` timed
+ones on seeded random prompt ids, greedy, no stop token (every run makes exactly the output length).
+Per run: TTFT (start to first token: prefill and one sample), TPOT (mean time per later token), ITL (every
+gap between tokens), end-to-end latency, decode tokens/s (batch x later tokens / their time) and overall
+tokens/s; each reported as p50/p95/p99 over the runs. Peak memory is the process's peak resident set while
+the backend was loaded and run (Linux resets the count per backend; imports and libraries, several hundred
+MB, are in it: rss_before_load_bytes says how much), or CUDA's peak allocation.
+The roofline: decoding one token at batch 1 reads every weight once (the input-embedding table aside: a
+lookup reads one row), so tokens/s cannot pass bandwidth / those bytes ("roof %" is how close a backend
+gets); the bandwidth is measured as a plain 256 MiB buffer copy on the same device (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import ServeError
+from .generate import SamplingParams, generate
+
+BACKENDS = ("torch-adapter", "torch-merged", "onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4")
+METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "decode_tok_s", "tok_s")
+
+
+@dataclass
+class BenchOptions:
+    prompt_lens: list[int] = field(default_factory=lambda: [32, 128])
+    output_lens: list[int] = field(default_factory=lambda: [32, 128])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    runs: int = 10
+    warmup: int = 2
+    device: str = "auto"
+    threads: int | None = None
+    """Threads for both onnxruntime and torch; default torch's own (OMP_NUM_THREADS)."""
+    backends: list[str] | None = None
+    """Only these (names from BACKENDS); default every one found."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("prompt_lens", "output_lens", "batch_sizes"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                problems.append(f"{name.replace('_', '-')}: positive integers")
+        if self.output_lens and min(self.output_lens) < 2:
+            problems.append("output-lens: at least 2 (decode speed needs a second token)")
+        if self.runs < 1 or self.warmup < 0:
+            problems.append("runs at least 1, warmup at least 0")
+        unknown = set(self.backends or []) - set(BACKENDS)
+        if unknown:
+            problems.append(f"backends {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
+        if problems:
+            raise ServeError("invalid bench options: " + "; ".join(problems))
+
+
+@dataclass
+class Candidate:
+    name: str
+    source: str
+    load: Callable[[], object] | None = None
+    skip: str | None = None
+
+
+def find_backends(path: Path, device: str, threads: int | None) -> list[Candidate]:
+    from .runtime import ONNX_FILE, OrtBackend, check_tokenizer
+    from .torch_backend import TorchBackend, pick_device
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ServeError(f"{path} does not exist or is not a folder")
+    gpu = pick_device(device).type == "cuda"
+    out: list[Candidate] = []
+
+    def onnx(folder: Path, names=("onnx-fp32", "onnx-fp16")) -> None:
+        if not (folder / ONNX_FILE).is_file():
+            for name in names:
+                out.append(Candidate(name, str(folder), skip=f"not exported (no {folder.name}/{ONNX_FILE})"))
+            return
+        check_tokenizer(folder)
+        fp16 = "float16" in _kv_type(folder / ONNX_FILE)
+        for name in names:
+            if name.endswith("fp16") != fp16 and len(names) > 1:
+                out.append(Candidate(name, str(folder), skip=f"not exported (onnx/ is {'fp16' if fp16 else 'fp32'}; "
+                                     f"export again with --dtype {name[-4:]})"))
+            elif fp16 and not gpu:
+                out.append(Candidate(name, str(folder), skip="GPU only: onnxruntime's CPU fp16 kernels are slower than fp32"))
+            else:
+                out.append(Candidate(name, str(folder), lambda f=folder: OrtBackend(f, device, threads)))
+
+    if (path / "parity.json").is_file():
+        run_dir = Path(json.loads((path / "parity.json").read_text()).get("run_dir", ""))
+        if (run_dir / "adapter_config.json").is_file():
+            out.append(Candidate("torch-adapter", str(run_dir), lambda: _adapter_backend(run_dir, device, threads)))
+        else:
+            out.append(Candidate("torch-adapter", str(run_dir), skip=f"the run directory {run_dir} named in "
+                                 "parity.json is not there (bench the run directory itself, or restore it)"))
+        merged = path / "merged"
+        out.append(Candidate("torch-merged", str(merged), lambda: TorchBackend.from_folder(merged, device, threads=threads))
+                   if (merged / "config.json").is_file() else Candidate("torch-merged", str(merged), skip="no merged/"))
+        onnx(path / "onnx")
+        onnx(path / "onnx-int8", ("onnx-int8",))
+        onnx(path / "onnx-int4", ("onnx-int4",))
+    elif (path / "adapter_config.json").is_file():
+        out.append(Candidate("torch-adapter", str(path), lambda: _adapter_backend(path, device, threads)))
+        out.append(Candidate("torch-merged", str(path), lambda: _adapter_backend(path, device, threads, merge=True)))
+        for name in BACKENDS[2:]:
+            out.append(Candidate(name, str(path), skip=f"a run directory: `lite-sft export {path} --out OUT`, then bench OUT"))
+    elif (path / ONNX_FILE).is_file():
+        onnx(path, ("onnx-" + ("fp16" if "float16" in _kv_type(path / ONNX_FILE) else path.name.split("-")[-1]
+                               if path.name.startswith("onnx-") else "fp32"),))
+    elif (path / "config.json").is_file():
+        check_tokenizer(path)
+        out.append(Candidate("torch-merged", str(path), lambda: TorchBackend.from_folder(path, device, threads=threads)))
+    else:
+        raise ServeError(f"{path} is not an export OUT, a tune run directory, an ONNX folder or a Hugging Face folder")
+    return out
+
+
+def _kv_type(model_file: Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    past = next((i for i in graph.input if i.name.startswith("past_key_values")), None)
+    return onnx.TensorProto.DataType.Name(past.type.tensor_type.elem_type).lower() if past is not None else ""
+
+
+def _adapter_backend(run_dir: Path, device: str, threads: int | None, merge: bool = False):
+    """Base + adapter as `lite-sft tune` left them (lite_sft.model's loader: loading code, not training code)."""
+    import torch
+
+    from lite_sft.model import ModelError, load_tuned
+
+    from .torch_backend import TorchBackend, pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model, _, cfg = load_tuned(run_dir, pick_device(device))
+    except ModelError as err:
+        raise ServeError(str(err)) from err
+    precision = str(next(model.parameters()).dtype).replace("torch.", "").replace("float", "fp")
+    if cfg.model.quant != "none":
+        precision += f" ({cfg.model.quant} base)"
+    if merge:
+        return TorchBackend.from_model(model.merge_and_unload(), "torch-merged", precision)
+    return TorchBackend.from_model(model, "torch-adapter", precision)
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak() -> int | None:
+    """Start a fresh peak-RSS count for the next backend; returns the resident set now."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed memory; give the last backend's back
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS (VmHWM) count
+    except (OSError, AttributeError):
+        pass  # elsewhere the peak is the process's whole life's
+    return _proc_status("VmRSS")
+
+
+def _peak_memory(device) -> dict:
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(), "gpu_used_bytes":
+                (lambda free_total: free_total[1] - free_total[0])(torch.cuda.mem_get_info())}
+    if _proc_status("VmHWM") is not None:
+        return {"peak_rss_bytes": _proc_status("VmHWM")}
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second a plain buffer copy moves (read + write) on `device`; the decode roofline's bound."""
+    import torch
+
+    size = 256 * 2**20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+
+
+def time_run(backend, prompts: list[list[int]], new_tokens: int) -> list[float]:
+    """Seconds from the start to each generated step (row 0's tokens; every row steps together)."""
+    params = SamplingParams(max_new_tokens=new_tokens)  # greedy, no stop ids: exactly new_tokens tokens
+    start = time.perf_counter()
+    times = [time.perf_counter() - start for event in generate(backend, prompts, params) if event.index == 0]
+    if len(times) != new_tokens:
+        raise ServeError(f"{backend.name} produced {len(times)} tokens for {new_tokens} asked")
+    return times
+
+
+def summarize(runs: list[list[float]], batch: int) -> dict:
+    def pct(values) -> dict:
+        return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+    ttft = [t[0] * 1e3 for t in runs]
+    e2e = [t[-1] * 1e3 for t in runs]
+    itl = [(b - a) * 1e3 for t in runs for a, b in zip(t, t[1:])]
+    tpot = [(t[-1] - t[0]) * 1e3 / (len(t) - 1) for t in runs]
+    decode = [batch * (len(t) - 1) / (t[-1] - t[0]) for t in runs]
+    overall = [batch * len(t) / t[-1] for t in runs]
+    return dict(zip(METRICS, map(pct, (ttft, tpot, itl, e2e, decode, overall))))
+
+
+def bench_backend(backend, opts: BenchOptions, vocab: int) -> list[dict]:
+    rng = np.random.default_rng(opts.seed)
+    rows = []
+    for batch in opts.batch_sizes:
+        for p_len in opts.prompt_lens:
+            for o_len in opts.output_lens:
+                if p_len + o_len > backend.max_context:
+                    rows.append({"batch": batch, "prompt_len": p_len, "output_len": o_len,
+                                 "skip": f"over the context ({backend.max_context})"})
+                    continue
+                # Ids from the upper part of the vocabulary: ordinary tokens, not the specials at its start.
+                prompts = rng.integers(min(16, vocab // 2), vocab, size=(batch, p_len)).tolist()
+                for _ in range(opts.warmup):
+                    time_run(backend, prompts, o_len)
+                runs = [time_run(backend, prompts, o_len) for _ in range(opts.runs)]
+                rows.append({"batch": batch, "prompt_len": p_len, "output_len": o_len, **summarize(runs, batch)})
+    return rows
+
+
+def bench(path: str | Path, opts: BenchOptions | None = None, say: Callable[[str], None] = print) -> dict:
+    """Measure every backend found in `path`; returns the report (see module docstring)."""
+    import torch
+
+    from .torch_backend import pick_device
+
+    opts = opts or BenchOptions()
+    opts.validate()
+    threads = opts.threads or torch.get_num_threads()
+    opts.threads = threads
+    device = pick_device(opts.device)
+    candidates = [c for c in find_backends(Path(path), opts.device, threads)
+                  if not opts.backends or c.name in opts.backends]
+    bandwidth = copy_bandwidth(device)
+    results = []
+    for c in candidates:
+        entry = {"backend": c.name, "source": c.source}
+        if c.skip:
+            results.append({**entry, "skip": c.skip})
+            say(f"  {c.name:<14} skipped: {c.skip}")
+            continue
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        before = _reset_peak()
+        say(f"  {c.name:<14} loading {c.source}")
+        start = time.perf_counter()
+        backend = c.load()
+        load_s = time.perf_counter() - start
+        rows = bench_backend(backend, opts, backend.vocab_size)
+        read = backend.decode_bytes()
+        entry.update(provider=backend.provider, precision=backend.precision, load_s=round(load_s, 3),
+                     weight_bytes=backend.weight_bytes(), decode_bytes=read, roofline_tok_s=bandwidth / read,
+                     rows=rows, rss_before_load_bytes=before, **_peak_memory(device))
+        results.append(entry)
+        del backend
+    report = {"benchmark": "serve", "path": str(path), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": _device_info(device, threads), "copy_bandwidth_bytes_s": bandwidth,
+              "options": asdict(opts), "backends": results, "versions": _versions()}
+    from .bench_report import targets
+
+    report["targets"] = targets(report)
+    return report
+
+
+def _device_info(device, threads: int) -> dict:
+    import torch
+
+    info = {"type": device.type, "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": threads}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lite_sft.serve.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("path")
+    parser.add_argument("--backends", help=f"comma-separated, from {', '.join(BACKENDS)}")
+    parser.add_argument("--prompt-lens", default="32,128")
+    parser.add_argument("--output-lens", default="32,128")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    opts = BenchOptions(ints(args.prompt_lens), ints(args.output_lens), runs=args.runs,
+                        backends=args.backends.split(",") if args.backends else None)
+    from .bench_report import format_table, save
+
+    report = bench(args.path, opts)
+    print(format_table(report))
+    print(json.dumps(report))
+    print("saved", *save(report, args.out))
+
+
+if __name__ == "__main__":
+    main()

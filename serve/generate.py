@@ -1,0 +1,282 @@
+"""One generation loop on token ids for every backend: batched prompts of different lengths, sampling, stops,
+and events as tokens are produced.
+
+    python -m lite_sft.serve.generate exports/demo --prompt "Write 40817 backwards." --temperature 0.7 --seed 1
+
+Prompts are left-padded to one length, so every row's next token sits in the same column; the backends
+turn the attention mask into positions (padding takes no position). Each row keeps its own sampling
+settings and seed, so a request samples the same tokens alone or batched with others. A row that stops
+(stop id, stop string, max_new_tokens, or cancelled) leaves the batch at once: the backend drops its cache
+rows, so later steps cost only what the live rows need.
+
+Sampling uses transformers' logits processors (repetition penalty, temperature, top-k, top-p), one list per
+row because rows differ; greedy rows without a penalty take the argmax directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import ServeError
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (as vLLM does)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    """Most tokens to generate (the stop token included)."""
+    temperature: float = 0.0
+    """0 for greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 for all."""
+    top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches p."""
+    repetition_penalty: float = 1.0
+    """Above 1 makes tokens already in the prompt or output less likely (CTRL's penalty)."""
+    seed: int | None = None
+    """Seeds this request's sampling alone: the same seed gives the same tokens, batched or not."""
+    stop: list[str] = field(default_factory=list)
+    """Text that ends generation; it is not part of the output."""
+    stop_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation (end of sequence, end of turn)."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens {self.max_new_tokens}: at least 1")
+        if self.temperature < 0:
+            problems.append(f"temperature {self.temperature}: 0 (greedy) or more")
+        if self.top_k < 0:
+            problems.append(f"top_k {self.top_k}: 0 (off) or more")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p}: above 0, at most 1")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty {self.repetition_penalty}: above 0")
+        if any(not s for s in self.stop):
+            problems.append("stop strings must not be empty")
+        if problems:
+            raise ServeError("; ".join(problems))
+
+
+@dataclass
+class Event:
+    """What one step produced for one prompt."""
+
+    index: int
+    """Which prompt (its place in the list given to generate)."""
+    token_id: int | None
+    text: str
+    """Text that became final with this token (held back while it could still become a stop string)."""
+    finish_reason: str | None = None
+    """None while going on; then "stop" (stop id or string), "length" or "cancelled"."""
+
+
+class TextStream:
+    """Turns a row's tokens into text deltas, cutting at stop strings and holding back what could begin one.
+
+    Incremental detokenisation as text-generation-inference does it: decode a short window of recent tokens
+    twice (with and without the newest) and keep the difference, so each step costs the same however long
+    the output, spaces that tokenizers merge come out right, and a window ending in U+FFFD (a character
+    whose bytes have not all arrived) waits for the next token.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # the window: ids[prefix:read] is decoded text already taken
+        self.text = ""  # every complete character so far
+        self.sent = 0  # of which this many were emitted
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _new_text(self) -> str:
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """(new final text, whether a stop string was reached)."""
+        self.ids.append(token_id)
+        self.text += self._new_text()
+        text = self.text
+        cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            delta, self.sent, self.stopped = text[self.sent:cut], cut, True
+            return delta, True
+        # Hold back only a tail that could still grow into a stop string ("EN" for "END"), never more.
+        tail = max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        safe = max(len(text) - tail, self.sent)
+        delta, self.sent = text[self.sent:safe], safe
+        return delta, False
+
+    def flush(self) -> str:
+        """Whatever was held back, at the end of generation (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        rest = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+        self.text += rest
+        self.prefix = self.read = len(self.ids)
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
+class _Row:
+    """One prompt's sampling state."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer):
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
+
+        self.index, self.params, self.seen = index, params, list(prompt)
+        self.generated = 0
+        self.stops = set(params.stop_ids)
+        self.text = TextStream(tokenizer, params.stop) if tokenizer is not None else None
+        if params.stop and tokenizer is None:
+            raise ServeError("stop strings need a tokenizer")
+        chain = []
+        if params.repetition_penalty != 1.0:
+            chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        self.greedy = params.temperature < GREEDY_BELOW  # dividing by a tiny temperature overflows to inf
+        if not self.greedy:
+            if params.temperature != 1.0:
+                chain.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                chain.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                chain.append(TopPLogitsWarper(params.top_p))
+        self.processors = LogitsProcessorList(chain)
+        self.rng = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                 else int(torch.randint(2**62, (1,))))
+
+    def sample(self, logits: np.ndarray) -> int:
+        if self.greedy and not self.processors:
+            return int(logits.argmax())
+        scores = self.processors(torch.tensor([self.seen]), torch.from_numpy(logits).unsqueeze(0))
+        if self.greedy:
+            return int(scores.argmax())
+        probs = scores.softmax(-1)[0]
+        if not torch.isfinite(probs).all():  # extreme settings overflowed: the most likely token is still defined
+            return int(torch.nan_to_num(scores[0], nan=-torch.inf).argmax())
+        return int(torch.multinomial(probs, 1, generator=self.rng))
+
+    def step(self, token: int) -> Event:
+        self.generated += 1
+        self.seen.append(token)
+        if token in self.stops:
+            return Event(self.index, token, self.text.flush() if self.text else "", "stop")
+        delta, stopped = self.text.push(token) if self.text else ("", False)
+        if stopped:
+            return Event(self.index, token, delta, "stop")
+        if self.generated >= self.params.max_new_tokens:
+            return Event(self.index, token, delta + (self.text.flush() if self.text else ""), "length")
+        return Event(self.index, token, delta)
+
+
+def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), both (batch, longest prompt), the prompts right-aligned.
+
+    >>> pad_left([[7, 8, 9], [5]])[0].tolist(), pad_left([[7, 8, 9], [5]])[1].tolist()
+    ([[7, 8, 9], [0, 0, 5]], [[1, 1, 1], [0, 0, 1]])
+    """
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def generate(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], tokenizer=None,
+             cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
+    """Events for every prompt, in step order, until each has finished.
+
+    `tokenizer` is needed for text (and stop strings); without it events carry token ids only.
+    `cancelled(index)` is asked every step: a row that says yes finishes with "cancelled" and leaves the batch.
+    """
+    if not prompts:
+        return
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        sp.validate()
+        if not p:
+            raise ServeError(f"prompt {i} is empty: give at least one token")
+        if len(p) + sp.max_new_tokens > backend.max_context:
+            raise ServeError(f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} exceed the "
+                             f"model's context of {backend.max_context} tokens")
+    rows = [_Row(i, p, sp, tokenizer) for i, (p, sp) in enumerate(zip(prompts, params))]
+    ids, mask = pad_left(prompts)
+    capacity = ids.shape[1] + max(sp.max_new_tokens for sp in params)
+    logits, state = backend.prefill(ids, mask, capacity)  # (batch, vocab)
+    while rows:
+        tokens, live = [], []
+        for row, row_logits in zip(rows, logits):
+            if cancelled is not None and cancelled(row.index):
+                yield Event(row.index, None, "", "cancelled")
+                continue
+            token = row.sample(row_logits)
+            event = row.step(token)
+            yield event
+            if event.finish_reason is None:
+                tokens.append(token)
+                live.append(row)
+        if len(live) < len(rows) and live:
+            state = backend.keep(state, [rows.index(r) for r in live])
+        rows = live
+        if rows:
+            logits = backend.decode(state, np.array(tokens, dtype=np.int64))
+
+
+def generate_ids(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    """The generated ids per prompt (stop token included); a convenience over generate()."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for event in generate(backend, prompts, params):
+        if event.token_id is not None:
+            out[event.index].append(event.token_id)
+    return out
+
+
+def main() -> None:
+    import argparse
+    import time
+
+    from .runtime import DEVICES, load_backend, stop_ids
+
+    parser = argparse.ArgumentParser(prog="python -m lite_sft.serve.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--prompt", action="append", required=True, help="a user message (repeat for a batch)")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args()
+    backend, tokenizer = load_backend(args.folder, args.device)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+               if tokenizer.chat_template else tokenizer(p)["input_ids"] for p in args.prompt]
+    params = SamplingParams(args.max_new_tokens, args.temperature, top_p=args.top_p, seed=args.seed,
+                            stop_ids=stop_ids(backend.folder, tokenizer))
+    texts = [""] * len(prompts)
+    start = time.perf_counter()
+    for event in generate(backend, prompts, params, tokenizer):
+        texts[event.index] += event.text
+    print(f"{backend.describe()}, {time.perf_counter() - start:.2f} s")
+    for prompt, text in zip(args.prompt, texts):
+        print(f"> {prompt}\n{text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Load an exported model for inference: ONNX Runtime with IO binding, or PyTorch for a Hugging Face folder.
+
+    python -m lite_sft.serve.runtime exports/demo --prompt-ids 1,2,3      # which provider, and a greedy step
+
+A folder is one of (resolve_model):
+    an export OUT (parity.json beside onnx/, merged/)   -> OUT/onnx, or OUT/onnx-int8 / onnx-int4 with `variant`
+    an ONNX folder (model.onnx + config.json + tokenizer, as `lite-sft export` writes it)
+    a Hugging Face folder (config.json + weights)       -> PyTorch (torch_backend.py)
+
+Every backend has the same three calls, all on token ids, so one generation loop (generate.py) drives them:
+    prefill(ids (batch, seq), mask (batch, seq), capacity) -> (logits (batch, vocab), state)
+    decode(state, tokens (batch,))                         -> logits (batch, vocab)
+    keep(state, rows)                                       -> state with only those rows (finished rows leave)
+
+Why IO binding and ping-pong buffers: optimum's graph takes `past_key_values.N.*` of length L and returns
+`present.N.*` of length L + new, a fresh tensor each step. Without binding, onnxruntime allocates every
+present tensor and copies it to the host, and we copy it back. Here each layer's K and V live in two device
+buffers big enough for a whole generation (batch x (prompt + max new tokens)), allocated once and kept for
+the next batch (grown only when one needs more); a step reads the past from one and writes the present into
+the other, so the cache never leaves the device and no step allocates.
+onnxruntime cannot write in place into its own input (Concat reads while it writes), hence two buffers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ServeError
+
+
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+DEVICES = ("auto", "cpu", "cuda")
+VARIANTS = ("fp", "int8", "int4")
+ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+NP_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+# Prefill's logits are (batch, chunk, vocab): a 2,000-token prompt with a 150k vocabulary would need 1.2 GB
+# for one sequence, so long prompts are fed in chunks whose logits fit in this much memory.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
+    """("onnx" | "torch", the folder to load). Says what a folder lacks when it is not a model."""
+    folder = Path(folder)
+    if variant not in VARIANTS:
+        raise ServeError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    if not folder.is_dir():
+        raise ServeError(f"{folder} does not exist or is not a folder")
+    if (folder / "parity.json").is_file():  # an export OUT
+        sub = folder / ("onnx" if variant == "fp" else f"onnx-{variant}")
+        if not (sub / ONNX_FILE).is_file():
+            have = sorted(p.name for p in folder.iterdir() if (p / ONNX_FILE).is_file())
+            raise ServeError(f"{folder} is an export without {sub.name}/ (it has: {', '.join(have) or 'no ONNX model'}); "
+                             f"re-export with `lite-sft export RUN --out {folder} --overwrite"
+                             + (f" --quantize {variant}`" if variant != "fp" else "`"))
+        folder = sub
+    elif variant != "fp":
+        raise ServeError(f"variant {variant} picks a folder inside an export OUT; {folder} is not one (no parity.json)")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ServeError(f"{folder} is a `lite-sft tune` run directory: export it first "
+                         f"(`lite-sft export {folder} --out OUT`) and serve OUT")
+    if not (folder / "config.json").is_file():
+        raise ServeError(f"{folder} is not an exported model: expected model.onnx + config.json (an ONNX folder), "
+                         "config.json + weights (a Hugging Face folder) or an export OUT with parity.json")
+    check_tokenizer(folder)
+    if (folder / ONNX_FILE).is_file():
+        return "onnx", folder
+    if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
+        return "torch", folder
+    raise ServeError(f"{folder} has a config.json but no model.onnx and no weights (*.safetensors)")
+
+
+def check_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ServeError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): the tokenizer is saved "
+                         "beside the model by `lite-sft export`; copy it from the run directory")
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    check_tokenizer(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ServeError(f"could not load the tokenizer in {folder}: {err}") from err
+
+
+def stop_ids(folder: Path, tokenizer) -> list[int]:
+    """End-of-sequence ids from generation_config.json, config.json and the tokenizer (chat models have several)."""
+    ids = {tokenizer.eos_token_id}
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+def max_context(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return 2048
+
+
+def load_backend(folder: str | Path, device: str = "auto", threads: int | None = None, variant: str = "fp"):
+    """(backend, tokenizer) for a model folder; see resolve_model for the folders understood."""
+    kind, path = resolve_model(folder, variant)
+    tokenizer = load_tokenizer(path)
+    if kind == "onnx":
+        return OrtBackend(path, device, threads), tokenizer
+    from .torch_backend import TorchBackend
+
+    return TorchBackend.from_folder(path, device, threads=threads), tokenizer
+
+
+@dataclass
+class OrtState:
+    """One batch's place in generation: its KV buffers, length and attention mask."""
+
+    buffers: list[dict[str, torch.Tensor]]  # two, each input name -> flat buffer of batch x heads x capacity x dim
+    current: int  # which buffer holds the past
+    length: int  # tokens in the cache
+    mask: np.ndarray  # (batch, length) int64: 0 on left padding
+    capacity: int
+    binding: object = field(repr=False, default=None)
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+
+class OrtBackend:
+    """An exported ONNX decoder (optimum `text-generation-with-past`) under onnxruntime."""
+
+    def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        if device not in DEVICES:
+            raise ServeError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+        available = ort.get_available_providers()
+        want_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available
+                                         and torch.cuda.is_available())
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise ServeError(f"--device cuda: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
+                             "install onnxruntime-gpu")
+        if want_cuda and not torch.cuda.is_available():
+            raise ServeError("--device cuda: the KV buffers are CUDA tensors and this torch has no CUDA")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
+        except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / InvalidProtobuf / ... types)
+            raise ServeError(f"onnxruntime could not load {self.folder / ONNX_FILE}: {str(err).splitlines()[0][:300]}") from err
+        self.provider = self.session.get_providers()[0]
+        if want_cuda and self.provider != "CUDAExecutionProvider":
+            raise ServeError(f"--device cuda: onnxruntime fell back to {self.provider} (see its log above for why)")
+        self.device = torch.device("cuda" if self.provider == "CUDAExecutionProvider" else "cpu")
+        self.name = f"onnx-{self.folder.name}"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = {"input_ids", "attention_mask", "past_key_values.0.key"} - set(inputs)
+        if missing or "logits" not in outputs:
+            raise ServeError(f"{self.folder / ONNX_FILE} is not a decoder with a KV cache (missing inputs "
+                             f"{sorted(missing)}): export it with `lite-sft export` (task text-generation-with-past)")
+        self.has_positions = "position_ids" in inputs
+        # past_key_values.N.key -> present.N.key, in layer order
+        self.kv = [(name, name.replace("past_key_values", "present")) for name in inputs if name.startswith("past_key_values.")]
+        past = inputs["past_key_values.0.key"]
+        self.kv_heads, self.head_dim = past.shape[1], past.shape[3]
+        if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
+            raise ServeError(f"{self.folder}: cannot read the KV cache's head count and size from {past.shape}")
+        self.kv_dtype = ORT_TYPES[past.type]
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self.logits_dtype = ORT_TYPES[logits_type]
+        config = json.loads((self.folder / "config.json").read_text())
+        self.vocab_size = config.get("vocab_size") or self.session.get_outputs()[0].shape[-1]
+        self.max_context = max_context(self.folder)
+        self.precision = {"int8": "int8", "int4": "int4"}.get(self.folder.name.split("-")[-1],
+                                                              "fp16" if self.kv_dtype == torch.float16 else "fp32")
+        self._pool: list[dict[str, torch.Tensor]] = []  # buffers kept between batches, grown on demand
+
+    def describe(self) -> str:
+        return f"{self.folder} on onnxruntime {self.provider} ({self.precision})"
+
+    def weight_bytes(self) -> int:
+        """The graph and its external data on disk."""
+        return sum(p.stat().st_size for p in self.folder.iterdir() if ".onnx" in p.name)
+
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads: all but the input-embedding table, of which a lookup reads one
+        row (unless the same table is the output head). Found in the graph: the Gather on input_ids, maybe
+        behind a DequantizeLinear (int8 quantises the table too)."""
+        import math
+
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        graph = onnx.load(str(self.folder / ONNX_FILE), load_external_data=False).graph
+        size = {t.name: math.prod(t.dims) * tensor_dtype_to_np_dtype(t.data_type).itemsize for t in graph.initializer}
+        producer = {out: node for node in graph.node for out in node.output}
+        lookup = next((n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
+        table = lookup.input[0] if lookup is not None else None
+        if table in producer and producer[table].op_type == "DequantizeLinear":
+            table = producer[table].input[0]
+        users = sum(table in n.input for n in graph.node)
+        return self.weight_bytes() - (size.get(table, 0) if users == 1 else 0)
+
+    # -- buffers ---------------------------------------------------------------------------------------------
+
+    def _buffers(self, batch: int, capacity: int) -> list[dict[str, torch.Tensor]]:
+        """Two sets of flat KV buffers big enough for (batch, heads, capacity, dim); reused across batches."""
+        need = batch * self.kv_heads * capacity * self.head_dim
+        if not self._pool or self._pool[0][self.kv[0][0]].numel() < need:
+            self._pool = []  # free the old ones before allocating bigger
+            self._pool = [{name: torch.empty(need, dtype=self.kv_dtype, device=self.device) for name, _ in self.kv}
+                          for _ in range(2)]
+        return self._pool
+
+    def _view(self, flat: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        # The first batch*heads*length*dim elements, as a contiguous (batch, heads, length, dim) tensor.
+        return flat[: batch * self.kv_heads * length * self.head_dim].view(batch, self.kv_heads, length, self.head_dim)
+
+    def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        kind = binding.bind_output if output else binding.bind_input
+        kind(name, self.device.type, self.device.index or 0, NP_TYPES[tensor.dtype], tuple(tensor.shape),
+             tensor.data_ptr())
+
+    # -- the three calls --------------------------------------------------------------------------------------
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtState]:
+        """Read the (left-padded) prompts; `capacity` is the longest the cache will grow (prompt + new tokens)."""
+        batch, seq = ids.shape
+        state = OrtState(self._buffers(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding())
+        chunk = max(1, LOGITS_BUDGET_BYTES // (batch * self.vocab_size * 4))
+        for start in range(0, seq, chunk):
+            logits = self._run(state, ids[:, start:start + chunk], mask[:, :start + chunk])
+        return logits, state
+
+    def decode(self, state: OrtState, tokens: np.ndarray) -> np.ndarray:
+        ones = np.ones((state.batch, 1), dtype=np.int64)
+        return self._run(state, tokens.reshape(-1, 1).astype(np.int64), np.concatenate([state.mask, ones], axis=1))
+
+    def keep(self, state: OrtState, rows: list[int]) -> OrtState:
+        """Only `rows` of the batch go on: their cache is gathered into the other buffer."""
+        index = torch.tensor(rows, device=self.device)
+        src, dst = state.buffers[state.current], state.buffers[1 - state.current]
+        for name, _ in self.kv:
+            torch.index_select(self._view(src[name], state.batch, state.length), 0, index,
+                               out=self._view(dst[name], len(rows), state.length))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # onnxruntime runs on its own stream
+        state.current, state.mask = 1 - state.current, state.mask[rows]
+        return state
+
+    def _run(self, state: OrtState, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One forward over `ids` (batch, new) after the cached tokens; returns the last position's logits."""
+        batch, new = ids.shape
+        length = state.length + new
+        if length > state.capacity:
+            raise ServeError(f"the cache holds {state.capacity} tokens; step to {length} refused")
+        binding = state.binding
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        if self.has_positions:
+            # Left padding: a token's position counts only the real tokens before it.
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -new:]
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        src, dst = state.buffers[state.current], state.buffers[1 - state.current]
+        for past, present in self.kv:
+            self._bind(binding, past, self._view(src[past], batch, state.length))
+            self._bind(binding, present, self._view(dst[past], batch, length), output=True)
+        logits = torch.empty(batch, new, self.vocab_size, dtype=self.logits_dtype, device=self.device)
+        self._bind(binding, "logits", logits, output=True)
+        self.session.run_with_iobinding(binding)
+        if self.device.type == "cuda":
+            binding.synchronize_outputs()
+        state.current, state.length, state.mask = 1 - state.current, length, mask
+        return logits[:, -1].float().cpu().numpy()  # (batch, vocab)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lite_sft.serve.runtime", description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--prompt-ids", default="1,2,3")
+    args = parser.parse_args()
+    backend, _ = load_backend(args.folder, args.device)
+    ids = np.array([[int(i) for i in args.prompt_ids.split(",")]])
+    logits, _ = backend.prefill(ids, np.ones_like(ids), ids.shape[1] + 1)
+    print(f"{backend.describe()}: next token {int(logits[0].argmax())}")
+
+
+if __name__ == "__main__":
+    main()

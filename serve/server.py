@@ -1,0 +1,408 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the batching engine, run by uvicorn.
+
+    lite-sft serve exports/demo                      # http://127.0.0.1:8000, ONNX on CUDA if there is one
+    curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Write 40817 backwards."}], "max_tokens": 8}'
+
+Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with "stream": true),
+GET /v1/models, /health, /metrics (Prometheus text) and /openapi.json. With an API key, /v1/* want
+`Authorization: Bearer KEY`. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
+400 for a request that cannot be served as asked (bad JSON, unknown field, value out of range, prompt over
+the context), 401 without the key, 404 for another model's name, 429 when the queue is full, 504 when a
+request outlives its timeout. A client that disconnects, streaming or not, has its rows dropped from the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from . import ServeError
+from .engine import Engine, QueueFull
+from .generate import SamplingParams
+from .schemas import ChatRequest, CompletionRequest, Sampling
+
+log = logging.getLogger(__name__)
+CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is refused before tokenising
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    """The name /v1/models lists and requests may give as `model`."""
+    api_key: str | None = None
+    timeout_s: float = 60.0
+    """Longest a request may take, queueing included."""
+    default_max_tokens: int = 256
+    """Chat requests without max_tokens generate at most this many (and never past the context)."""
+    max_context: int | None = None
+    """Prompt + output tokens at most; default the model's own context."""
+    max_batch: int = 8
+    max_queue: int = 32
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
+
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # ASCII JSON: a field name the client sent with a lone surrogate in it must not fail to encode.
+        return Response(json.dumps(body), status_code=self.status, headers=self.headers, media_type="application/json")
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in err.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"unknown or unsupported field {'.'.join(loc)!r}")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+        param = param or (".".join(loc) or None)
+    return "; ".join(dict.fromkeys(parts)) or "invalid request", param
+
+
+def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int] | None = None) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    engine = Engine(backend, tokenizer, settings.max_batch, settings.max_queue, registry=registry)
+    context = min(settings.max_context or backend.max_context, backend.max_context)
+    stop_ids = list(stop_ids or [])
+    requests = Counter("lite_sft_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
+    first_token = Histogram("lite_sft_time_to_first_token_seconds", "Request start to first token", registry=registry)
+    latency = Histogram("lite_sft_request_seconds", "Request start to last token", registry=registry)
+    routes = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="lite-sft", summary="OpenAI-compatible completions over an exported model",
+                  lifespan=lifespan)
+    app.state.engine, app.state.settings = engine, settings
+    bearer = HTTPBearer(auto_error=False)
+
+    def auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not (credentials and secrets.compare_digest(credentials.credentials, settings.api_key)):
+            raise ApiError(401, "missing or incorrect API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
+
+    # Only a server with a key declares one in its OpenAPI schema: the schema describes this server as it runs.
+    keyed = [Depends(auth)] if settings.api_key else []
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        route = request.url.path if request.url.path in routes else "other"
+        try:
+            response = await call_next(request)
+        except Exception:
+            requests.labels(route, "500").inc()  # the handler below answers it
+            raise
+        requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, err: ApiError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        return ApiError(400, message, param=param).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, err: HTTPException):
+        return ApiError(err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500 else
+                        "server_error", headers=getattr(err, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def crashed(_request, err: Exception):
+        log.exception("unexpected error")
+        return ApiError(500, f"internal error: {type(err).__name__}", "server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "backend": backend.describe(), "context": context,
+                "queued": engine.queued, "running_rows": engine.running_rows, "max_batch": engine.max_batch}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=keyed)
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "lite-sft", "max_model_len": context}]}
+
+    def check_chars(chars: int, param: str) -> None:
+        if chars > CHARS_PER_TOKEN_LIMIT * context:
+            raise ApiError(400, f"the prompt is {chars} characters, far over the context of {context} tokens",
+                           param=param, code="context_length_exceeded")
+
+    def encode(text: str) -> list[int]:
+        check_chars(len(text), "prompt")
+        try:
+            return tokenizer(text)["input_ids"]
+        except Exception as err:  # noqa: BLE001  (the Rust tokenizer refuses e.g. lone surrogates)
+            raise ApiError(400, f"the prompt cannot be tokenised: {err}", param="prompt") from err
+
+    @app.post("/v1/completions", dependencies=keyed)
+    async def completions(body: CompletionRequest, request: Request):
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [encode(p)]
+        elif all(isinstance(x, str) for x in p):
+            prompts = [encode(x) for x in p]
+        elif all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        else:
+            prompts = [list(x) for x in p]
+        for ids in prompts:
+            if not ids:
+                raise ApiError(400, "a prompt is empty (no tokens)", param="prompt")
+            if any(not 0 <= t < backend.vocab_size for t in ids):
+                raise ApiError(400, f"token ids must lie in [0, {backend.vocab_size})", param="prompt")
+        return await respond(request, body, prompts, body.max_tokens or 16, "max_tokens", chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat(body: ChatRequest, request: Request):
+        if not tokenizer.chat_template:
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        check_chars(sum(len(m["content"]) for m in messages), "messages")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # noqa: BLE001  (jinja's TemplateError, or the template's raise_exception)
+            raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from err
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        asked = body.max_completion_tokens or body.max_tokens
+        limit = asked or max(1, min(settings.default_max_tokens, context - len(ids)))
+        return await respond(request, body, [ids], limit, "max_completion_tokens" if body.max_completion_tokens
+                             else "max_tokens", chat=True)
+
+    async def respond(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int, field: str,
+                      chat: bool):
+        start = time.perf_counter()
+        if body.model not in (None, settings.model_name):
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        for ids in prompts:
+            if len(ids) + max_tokens > context:
+                raise ApiError(400, f"this model's maximum context length is {context} tokens; the request asks "
+                               f"for {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the "
+                               f"completion). Shorten the prompt or lower {field}.", param=field,
+                               code="context_length_exceeded")
+        rows = [ids for ids in prompts for _ in range(body.n)]
+        if len(rows) > engine.max_batch:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is {len(rows)} choices; this server takes at "
+                           f"most {engine.max_batch} per request", param="n")
+        params = [SamplingParams(max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+                                 None if body.seed is None else body.seed + j, list(body.stop or []),
+                                 [] if body.ignore_eos else stop_ids)
+                  for j in range(len(rows))]
+        try:
+            job = engine.submit(rows, params)
+        except QueueFull as err:
+            raise ApiError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from err
+        except ServeError as err:
+            raise ApiError(503, str(err), "server_error") from err
+        usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0}
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        deadline = asyncio.get_running_loop().time() + settings.timeout_s
+        state = {"first": None}
+
+        def on_token() -> None:
+            usage["completion_tokens"] += 1
+            if state["first"] is None:
+                state["first"] = time.perf_counter()
+                first_token.observe(state["first"] - start)
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _stream(job, request, deadline, head, chat, len(rows), usage, include_usage, on_token,
+                             lambda: latency.observe(time.perf_counter() - start))
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, reasons = [""] * len(rows), ["length"] * len(rows)
+
+        async def consume():
+            async for i, event in job:
+                texts[i] += event.text
+                if event.token_id is not None:
+                    on_token()
+                if event.finish_reason:
+                    reasons[i] = event.finish_reason
+
+        await _until_done(consume(), job, request, deadline)
+        latency.observe(time.perf_counter() - start)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
+                        "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+        else:
+            choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
+                       for i, (t, r) in enumerate(zip(texts, reasons))]
+        return {**head, "choices": choices, "usage": usage}
+
+    return app
+
+
+async def _watch(request: Request, job, task: asyncio.Task | None = None) -> None:
+    """Drop the job's rows (and stop waiting for it) as soon as the client goes away."""
+    while not job.cancelled:
+        if await request.is_disconnected():
+            job.cancel()
+            if task is not None:
+                task.cancel()
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _until_done(consume, job, request: Request, deadline: float) -> None:
+    task = asyncio.ensure_future(consume)
+    watcher = asyncio.ensure_future(_watch(request, job, task))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        if task not in done:
+            job.cancel()
+            task.cancel()
+            raise ApiError(504, "the request did not finish within the server's timeout", "timeout", code="timeout")
+        if task.cancelled():
+            raise ApiError(499, "the client closed the request")
+        err = task.exception()
+        if isinstance(err, ServeError):
+            raise ApiError(500, str(err), "server_error")
+        if err is not None:
+            raise err
+    finally:
+        watcher.cancel()
+        job.cancel()  # no-op when it finished; frees its rows when it did not
+
+
+async def _stream(job, request: Request, deadline: float, head: dict, chat: bool, n: int, usage: dict,
+                  include_usage: bool, on_token, on_done):
+    """Server-sent events: one chunk per token, one with each choice's finish_reason, then [DONE]."""
+    loop = asyncio.get_running_loop()
+    watcher = asyncio.ensure_future(_watch(request, job))
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i: int, text: str | None, reason: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+        else:
+            choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+        return "data: " + json.dumps({**head, "object": obj, "choices": [choice]}) + "\n\n"
+
+    events = job.__aiter__()
+    try:
+        if chat:
+            for i in range(n):
+                yield chunk(i, None, role=True)
+        while True:
+            try:
+                i, event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                break
+            if event.token_id is not None:
+                on_token()
+            if event.text or event.token_id is not None:
+                # One chunk per token, even when its text is held back (part of a character or of a possible
+                # stop string): clients see progress, and a departed client is noticed at the next token.
+                yield chunk(i, event.text)
+            if event.finish_reason:
+                yield chunk(i, None, event.finish_reason)
+        on_done()
+        if include_usage:
+            total = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+            yield "data: " + json.dumps({**head, "object": obj, "choices": [], "usage": total}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    except asyncio.TimeoutError:
+        yield "data: " + json.dumps({"error": {"message": "the request did not finish within the server's timeout",
+                                               "type": "timeout", "param": None, "code": "timeout"}}) + "\n\n"
+    except ServeError as err:
+        yield "data: " + json.dumps({"error": {"message": str(err), "type": "server_error", "param": None,
+                                               "code": None}}) + "\n\n"
+    finally:
+        watcher.cancel()
+        job.cancel()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before uvicorn starts so a port in use is a clear error, not a log line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free; a listening one is not
+    # Accepted connections inherit this. Without it, a response written in two pieces (headers, then body or
+    # a streamed chunk) waits for the client's delayed ACK: 40 ms a request (measured, keep-alive clients).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror or err}"
+                         + ("; another process is using it: pass --port" if err.errno == 98 else "")) from err
+    sock.listen(2048)
+    return sock
+
+
+def build_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+                 variant: str = "fp", threads: int | None = None, model_name: str | None = None,
+                 log_level: str = "info", **settings):
+    """(uvicorn.Server, its bound socket, the app): load the model, bind the port, build the app. Run with
+    server.run(sockets=[sock]); tests run it in a thread and set server.should_exit."""
+    import uvicorn
+
+    from .runtime import load_backend, stop_ids
+
+    sock = bind(host, port)  # first: a port in use should not wait for the model to load
+    try:
+        backend, tokenizer = load_backend(folder, device, threads, variant)
+    except BaseException:
+        sock.close()
+        raise
+    given = Path(folder).resolve()
+    # exports/qwen/onnx-int8 is "qwen" too: the export's name, not the variant folder's
+    name = model_name or (given.parent.name if given.name in ("merged", "onnx", "onnx-int8", "onnx-int4") else given.name)
+    app = create_app(backend, tokenizer, ServerSettings(name, **settings), stop_ids(backend.folder, tokenizer))
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    return uvicorn.Server(config), sock, app
+
+
+def serve(folder: str | Path, say=print, **options) -> None:
+    """Load, bind and serve until interrupted (Ctrl-C)."""
+    server, sock, app = build_server(folder, **options)
+    host, port = sock.getsockname()[:2]
+    settings: ServerSettings = app.state.settings
+    say(f"serving {settings.model_name!r}: {app.state.engine.backend.describe()}")
+    if host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
+        say(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
+    say(f"  http://{host}:{port}/v1  (batch {settings.max_batch}, queue {settings.max_queue}, "
+        f"timeout {settings.timeout_s:g} s" + (", API key required" if settings.api_key else "") + ")")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,297 @@
+"""The OpenAI-compatible server, run for real: uvicorn on 127.0.0.1 (a free port) in a thread, the official
+`openai` client, raw HTTP for the errors, a slowed-down model for queueing, timeouts and disconnects, a
+load test, and schemathesis fuzzing from the server's own OpenAPI schema."""
+
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from typer.testing import CliRunner
+
+from lite_sft.cli import app as cli
+from lite_sft.serve.generate import SamplingParams, generate
+from lite_sft.serve.runtime import OrtBackend, load_tokenizer, stop_ids
+from lite_sft.serve.server import ServerSettings, bind, create_app
+
+openai = pytest.importorskip("openai")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny Llama exported as `lite-sft export` exports it (tokenizer and chat template beside it)."""
+    from transformers import LlamaForCausalLM
+
+    from lite_sft.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("serve-onnx") / "onnx"
+    export_onnx(LlamaForCausalLM.from_pretrained(tiny_model_dir), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(onnx_dir):
+    return load_tokenizer(onnx_dir)
+
+
+class Slow:
+    """A backend whose every decode step takes `delay` seconds longer: makes queueing observable."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, state, tokens):
+        time.sleep(self.delay)
+        return self.inner.decode(state, tokens)
+
+
+@contextmanager
+def running(onnx_dir, tokenizer, delay=0.0, **options):
+    """A real uvicorn server on 127.0.0.1 and a free port, stopped (and its engine closed) afterwards."""
+    import uvicorn
+
+    backend = OrtBackend(onnx_dir, "cpu", threads=1)
+    application = create_app(Slow(backend, delay) if delay else backend, tokenizer,
+                             ServerSettings("tiny", **options), stop_ids(onnx_dir, tokenizer))
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", application
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(onnx_dir, tokenizer):
+    with running(onnx_dir, tokenizer) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def direct(onnx_dir, tokenizer, prompt_ids, n=8):
+    """What the generation loop itself answers, greedy: the server must say exactly this."""
+    backend = OrtBackend(onnx_dir, "cpu", threads=1)
+    params = SamplingParams(max_new_tokens=n, stop_ids=stop_ids(onnx_dir, tokenizer))
+    return "".join(e.text for e in generate(backend, [prompt_ids], params, tokenizer))
+
+
+def test_openai_client_completions(client, onnx_dir, tokenizer):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    expected = direct(onnx_dir, tokenizer, tokenizer("hello there")["input_ids"])
+    done = client.completions.create(model="tiny", prompt="hello there", max_tokens=8, temperature=0)
+    assert done.choices[0].text == expected and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.prompt_tokens == len(tokenizer("hello there")["input_ids"]) and done.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(model="tiny", prompt="hello there", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    several = client.completions.create(model="tiny", prompt=["hello", "the quick"], max_tokens=4, n=2,
+                                        temperature=1.0, seed=5, extra_body={"top_k": 20})
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    ids = client.completions.create(model="tiny", prompt=[40, 41, 42], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_openai_client_chat(client, onnx_dir, tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    expected = direct(onnx_dir, tokenizer, prompt)
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert done.choices[0].message.role == "assistant" and done.choices[0].message.content == expected
+    assert done.usage.prompt_tokens == len(prompt)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    stop = expected[2:4]
+    if stop.strip():
+        cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stop=[stop])
+        assert cut.choices[0].message.content == expected[:expected.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_errors_have_openai_shape(server, client):
+    def post(path, body, **kw):
+        raw = body if isinstance(body, str) else json.dumps(body)
+        r = httpx.post(server + path, content=raw, headers={"content-type": "application/json"}, **kw)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        return r.status_code, error
+
+    assert post("/v1/completions", '{"prompt": "hi", "max_tokens": 5')[0] == 400
+    status, error = post("/v1/completions", {"prompt": "hi", "logprobs": 2})
+    assert status == 400 and error["param"] == "logprobs" and "unsupported" in error["message"]
+    assert post("/v1/completions", {"prompt": "hi", "max_tokens": 0})[0] == 400
+    status, error = post("/v1/completions", {"prompt": "hi", "max_tokens": 10**6})
+    assert status == 400 and error["code"] == "context_length_exceeded" and "256" in error["message"]
+    status, error = post("/v1/completions", {"prompt": [5] * 300, "max_tokens": 1})
+    assert status == 400 and error["code"] == "context_length_exceeded"
+    assert post("/v1/completions", {"prompt": [10**9]})[0] == 400
+    assert post("/v1/completions", {"prompt": "hi", "temperature": 3})[0] == 400
+    assert post("/v1/chat/completions", {"messages": []})[0] == 400
+    assert post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})[0] == 400
+    assert post("/v1/completions", {"prompt": "hi", "model": "gpt-9"}) == (404, pytest.approx(
+        {"message": "model 'gpt-9' does not exist; this server serves 'tiny'", "type": "invalid_request_error",
+         "param": "model", "code": "model_not_found"}))
+    assert httpx.get(server + "/v1/completions").status_code == 405
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=10**5)
+
+
+def test_health_metrics_and_api_key(server, onnx_dir, tokenizer):
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and "CPUExecutionProvider" in health["backend"] and health["context"] == 256
+    metrics = httpx.get(server + "/metrics").text
+    assert "lite_sft_requests_total" in metrics and "lite_sft_time_to_first_token_seconds_bucket" in metrics
+    with running(onnx_dir, tokenizer, api_key="s3cret") as (url, _):
+        body = {"prompt": "hi", "max_tokens": 2}
+        r = httpx.post(url + "/v1/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/health").status_code == 200
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert keyed.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+def test_queue_full_is_429_and_a_slow_request_times_out(onnx_dir, tokenizer):
+    with running(onnx_dir, tokenizer, delay=0.05, max_batch=1, max_queue=1, timeout_s=1.0) as (url, application):
+        body = {"prompt": "hello", "max_tokens": 100, "ignore_eos": True}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(httpx.post(url + "/v1/completions", json=body,
+                                                                             timeout=30)))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)  # the first runs, the second waits, the rest find the queue full
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(429) >= 1 and codes.count(504) >= 1, codes  # 100 tokens x 50 ms is over the 1 s timeout
+        busy = next(r for r in results if r.status_code == 429)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
+        time.sleep(0.3)
+        assert application.state.engine.running_rows == 0  # the timed-out rows were dropped, not run to the end
+
+
+def test_client_disconnect_mid_stream_stops_generation(onnx_dir, tokenizer):
+    with running(onnx_dir, tokenizer, delay=0.02) as (url, application):
+        engine = application.state.engine
+        body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            next(lines)
+        deadline = time.monotonic() + 5
+        while engine.running_rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.running_rows == 0
+        generated = engine.tokens._value.get()
+        assert generated < 100  # 200 were asked; the row left the batch when the client went away
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_concurrent_requests_are_batched_and_answered_as_alone(onnx_dir, tokenizer):
+    prompts = ["hello", "the quick brown fox", "a plan, a canal", "how are you?"]
+    alone = [direct(onnx_dir, tokenizer, tokenizer(p)["input_ids"], n=6) for p in prompts]
+    with running(onnx_dir, tokenizer, delay=0.05, max_batch=4) as (url, application):
+        out = {}
+
+        def ask(p):
+            r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 0}, timeout=30)
+            out[p] = r.json()["choices"][0]["text"]
+
+        # One long request first: the others queue behind it and then run together as one batch.
+        first = threading.Thread(target=ask, args=(prompts[0],))
+        first.start()
+        time.sleep(0.05)
+        rest = [threading.Thread(target=ask, args=(p,)) for p in prompts[1:]]
+        for t in rest:
+            t.start()
+        for t in [first, *rest]:
+            t.join()
+        assert [out[p] for p in prompts] == alone
+        batches = {s.labels["le"]: s.value for m in application.state.engine.batch_size.collect() for s in m.samples
+                   if s.name.endswith("_bucket")}
+        assert batches["1.0"] < batches["+Inf"]  # at least one batch had more than one row
+
+
+def test_load_benchmark_has_no_errors_below_the_queue_limit(server):
+    from lite_sft.serve.loadtest import format_load, load_test
+
+    report = load_test(server, concurrency=3, duration_s=1.5, max_tokens=8)
+    assert report["errors"] == {} and report["ok"] == report["requests"] > 3
+    assert report["tokens_per_s"] > 0 and report["e2e_ms"]["p99"] >= report["e2e_ms"]["p50"] > 0
+    assert "errors: none" in format_load(report)
+
+
+def test_port_in_use_and_bad_folders_are_clear_errors(onnx_dir, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = str(taken.getsockname()[1])
+        result = runner.invoke(cli, ["serve", str(onnx_dir), "--port", port])
+        assert result.exit_code == 2 and "in use" in result.output and "--port" in result.output
+    finally:
+        taken.close()
+    import shutil
+
+    shutil.copytree(onnx_dir, tmp_path / "broken")
+    (tmp_path / "broken" / "model.onnx").write_text("garbage")
+    result = runner.invoke(cli, ["serve", str(tmp_path / "broken"), "--port", "0"])
+    assert result.exit_code == 2 and "onnxruntime could not load" in result.output
+    result = runner.invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "not an exported model" in result.output
+
+
+# -- fuzzing ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_never_get_a_server_error(onnx_dir, tokenizer, mode):
+    """Requests drawn from /openapi.json: valid ones (positive) and ones that break it (negative, which must
+    be refused with a 4xx). No request may get a 5xx or take the server down."""
+    from hypothesis import given
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import negative_data_rejection
+
+    checks = [not_a_server_error] + ([negative_data_rejection] if mode == "negative" else [])
+    # A short context keeps every valid request the fuzzer makes quick to answer.
+    with running(onnx_dir, tokenizer, max_context=48, max_queue=64) as (url, _):
+        api = schemathesis.openapi.from_url(url + "/openapi.json")
+        posts = [r.ok() for r in api.get_all_operations() if r.ok().method.upper() == "POST"]
+        assert {op.path for op in posts} == {"/v1/completions", "/v1/chat/completions"}
+        for operation in posts:
+            @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+            @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def check(case):
+                case.call_and_validate(checks=checks, timeout=30)
+
+            check()
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+        counts = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                  if line.startswith("lite_sft_requests_total{route=\"/v1/")]
+        assert sum(float(line.split()[-1]) for line in counts) >= 40  # the fuzzer really sent requests
