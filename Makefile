@@ -1,6 +1,7 @@
-# Two set-up commands, both idempotent: `make demo` (the whole job on the embedded
-# default) and `make test` (the test suite). Each creates .venv and installs the
-# pinned versions from constraints.txt the first time, and again when either file changes.
+# Two set-up commands, both idempotent: `make demo` (the whole job on the embedded default:
+# tune, export with its parity gate, a short latency table) and `make test` (the test suite).
+# Each creates .venv and installs the pinned versions from constraints.txt the first time,
+# and again when either file changes.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/lite-sft tune --output-dir runs/demo --overwrite
+	$(BIN)/lite-sft export runs/demo --out runs/demo-export --quantize int8 --overwrite
+	$(BIN)/lite-sft bench runs/demo-export --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -4,9 +4,13 @@
     lite-sft tune --model Qwen/Qwen2.5-0.5B --data chats.jsonl --quant 4bit --output-dir runs/qwen
     lite-sft inspect-data --data chats.jsonl --model Qwen/Qwen2.5-0.5B
     lite-sft generate runs/qwen --prompt "Write a haiku about autumn"
+    lite-sft export runs/qwen --out exports/qwen --quantize int4
+    lite-sft bench exports/qwen
+    lite-sft serve exports/qwen
+    lite-sft export runs/qwen --out exports/qwen --quantize int4
 
-Heavy imports (torch, transformers, peft, bitsandbytes) happen inside the commands so that
-`lite-sft --help` answers at once.
+Heavy imports (torch, transformers, peft, bitsandbytes, optimum, onnxruntime) happen inside the
+commands so that `lite-sft --help` answers at once.
 """
 
 from __future__ import annotations
@@ -40,6 +44,30 @@ def _expected_errors():
     from .train import RunDirError
 
     return ConfigError, DataError, ModelError, RunDirError
+
+
+# Command parameter -> the config field it overrides (a parameter left at None changes nothing).
+FLAG_FIELDS = {
+    "model": "model.name_or_path", "quant": "model.quant", "dtype": "model.dtype",
+    "gradient_checkpointing": "model.gradient_checkpointing", "attn_implementation": "model.attn_implementation",
+    "trust_remote_code": "model.trust_remote_code",
+    "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules", "dora": "lora.use_dora", "rslora": "lora.use_rslora",
+    "data": "data.path", "format": "data.format", "max_seq_len": "data.max_seq_len", "overlong": "data.overlong",
+    "packing": "data.packing", "train_on_prompt": "data.train_on_prompt", "chat_template": "data.chat_template",
+    "system_prompt": "data.system_prompt", "validation_data": "data.validation_path",
+    "validation_fraction": "data.validation_fraction",
+    "epochs": "train.epochs", "max_steps": "train.max_steps", "micro_batch_size": "train.micro_batch_size",
+    "grad_accum": "train.grad_accum", "lr": "train.lr", "weight_decay": "train.weight_decay",
+    "schedule": "train.schedule", "warmup_ratio": "train.warmup_ratio", "max_grad_norm": "train.max_grad_norm",
+    "optimizer": "train.optimizer", "seed": "train.seed", "eval_every": "train.eval_every",
+    "early_stopping_patience": "train.early_stopping_patience", "save_every": "train.save_every",
+    "keep_last": "train.keep_last", "log_every": "train.log_every", "output_dir": "output_dir",
+}
+
+
+def _overrides(params: dict) -> dict:
+    return {field: params[name] for name, field in FLAG_FIELDS.items() if name in params}
 
 
 # Options shared by `tune` and `inspect-data`: they decide how data is read and masked.
@@ -105,23 +133,7 @@ def tune(
     """Fine-tune a model with LoRA / QLoRA. With no --model and --data: the embedded offline default."""
     from .config import load_config
 
-    overrides = {
-        "model.name_or_path": model, "model.quant": quant, "model.dtype": dtype,
-        "model.gradient_checkpointing": gradient_checkpointing, "model.attn_implementation": attn_implementation,
-        "model.trust_remote_code": trust_remote_code,
-        "lora.r": lora_r, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "lora.target_modules": target_modules,
-        "lora.use_dora": dora, "lora.use_rslora": rslora,
-        "data.path": data, "data.format": format, "data.max_seq_len": max_seq_len, "data.overlong": overlong,
-        "data.packing": packing, "data.train_on_prompt": train_on_prompt, "data.chat_template": chat_template,
-        "data.system_prompt": system_prompt, "data.validation_path": validation_data,
-        "data.validation_fraction": validation_fraction,
-        "train.epochs": epochs, "train.max_steps": max_steps, "train.micro_batch_size": micro_batch_size,
-        "train.grad_accum": grad_accum, "train.lr": lr, "train.weight_decay": weight_decay, "train.schedule": schedule,
-        "train.warmup_ratio": warmup_ratio, "train.max_grad_norm": max_grad_norm, "train.optimizer": optimizer,
-        "train.seed": seed, "train.eval_every": eval_every, "train.early_stopping_patience": early_stopping_patience,
-        "train.save_every": save_every, "train.keep_last": keep_last, "train.log_every": log_every,
-        "output_dir": output_dir,
-    }
+    overrides = _overrides(locals())
     errors = _expected_errors()
     try:
         if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
@@ -143,7 +155,8 @@ def tune(
     if summary.get("skill_exact_match_after") is not None:
         typer.echo(f"  held-out exact match: {summary['skill_exact_match_before']:.1%} before -> "
                    f"{summary['skill_exact_match_after']:.1%} after tuning")
-    typer.echo(f"  try it: lite-sft generate {cfg.output_dir} --prompt \"...\"")
+    example = "Write 90210 backwards." if summary.get("skill_exact_match_after") is not None else "..."
+    typer.echo(f"  try it: lite-sft generate {cfg.output_dir} --prompt \"{example}\"")
 
 
 @app.command("inspect-data")
@@ -166,12 +179,7 @@ def inspect_data(
     """Show rendered examples with trained and ignored tokens told apart, and data set counts."""
     from .config import load_config
 
-    overrides = {
-        "model.name_or_path": model, "data.path": data, "data.format": format, "data.max_seq_len": max_seq_len,
-        "data.overlong": overlong, "data.packing": packing, "data.train_on_prompt": train_on_prompt,
-        "data.chat_template": chat_template, "data.system_prompt": system_prompt,
-        "data.validation_path": validation_data, "data.validation_fraction": validation_fraction,
-    }
+    overrides = _overrides(locals())
     try:
         cfg = load_config(config, overrides)
         cfg.validate()
@@ -208,6 +216,127 @@ def generate(
             typer.echo(text)
     except _expected_errors() as err:
         _fail(err)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A `lite-sft tune` output directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: merged/, onnx/, onnx-int8|int4/, parity.json.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="ONNX precision: fp32 or fp16.")] = "fp32",
+    merged_dtype: Annotated[str, typer.Option("--merged-dtype", help="Merged model precision: auto (the base's own; 16-bit for QLoRA), fp32, fp16, bf16.")] = "auto",
+    quantize: Annotated[str, typer.Option("--quantize", help="Also write a quantised ONNX: none, int8 (dynamic), int4 (weight-only MatMulNBits).")] = "none",
+    block_size: Annotated[int, typer.Option("--block-size", help="int4: input channels per scale (power of two, >= 16).")] = 32,
+    merge_onto: Annotated[str, typer.Option("--merge-onto", help="QLoRA runs: `dequantized` (what the adapter was trained against) or `original` (changes the model; warns).")] = "dequantized",
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Convert the merged model to ONNX with a KV cache.")] = True,
+    parity_prompts: Annotated[int, typer.Option("--parity-prompts", min=1, help="Held-out prompts the parity gate compares on.")] = 4,
+    parity_tokens: Annotated[int, typer.Option("--parity-tokens", min=1, help="Greedy tokens generated and compared per prompt.")] = 16,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Override every gate's greedy-agreement threshold (0-1).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (an earlier export), only once the new one has passed.")] = False,
+):
+    """Merge the adapter into its base, export ONNX (optionally int8/int4) and gate each step on parity."""
+    try:
+        from lite_sft.export import ExportError
+        from lite_sft.export.pipeline import ExportOptions, ParityFailed, export_run
+
+        opts = ExportOptions(dtype=dtype, merged_dtype=merged_dtype, quantize=quantize, block_size=block_size,
+                             merge_onto=merge_onto, onnx=onnx, parity_prompts=parity_prompts,
+                             parity_tokens=parity_tokens, min_agreement=min_agreement, overwrite=overwrite)
+        export_run(run_dir, out, opts, say=typer.echo)
+    except _expected_errors() + (ExportError,) as err:
+        _fail(err)
+    except ParityFailed as err:
+        typer.echo(err.text)
+        _fail(err, code=1)
+    typer.echo(f"\nexported to {out}: merged/" + (" onnx/" if onnx else "")
+               + (f" onnx-{quantize}/" if quantize != "none" else "") + " parity.json")
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="An export OUT, its onnx/ folder, or a Hugging Face folder (merged/).")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when onnxruntime and torch see a GPU), cpu or cuda.")] = "auto",
+    variant: Annotated[str, typer.Option("--variant", help="In an export OUT: fp (onnx/), int8 (onnx-int8/) or int4 (onnx-int4/).")] = "fp",
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LITE_SFT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/*.")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name in /v1/models (default: the folder's name).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most rows (requests x n) run together in one batch.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting beyond this are answered 429.")] = 32,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request may take, queueing included (then 504).")] = 60.0,
+    max_context: Annotated[Optional[int], typer.Option("--max-context", min=2, help="Cap prompt + output tokens below the model's context.")] = None,
+    default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, help="Chat requests without max_tokens stop here.")] = 256,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: onnxruntime's, one per core).")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")] = "info",
+):
+    """Serve an exported model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    try:
+        from lite_sft.serve import ServeError
+        from lite_sft.serve.server import serve as run_server
+
+        run_server(model_dir, say=typer.echo, host=host, port=port, device=device, variant=variant, threads=threads,
+                   model_name=model_name, log_level=log_level, api_key=api_key, timeout_s=timeout,
+                   default_max_tokens=default_max_tokens, max_context=max_context, max_batch=max_batch,
+                   max_queue=max_queue)
+    except ServeError as err:
+        _fail(err)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(ValueError(f"{flag} {text!r}: comma-separated whole numbers, e.g. 32,128"))
+
+
+@app.command()
+def bench(
+    model_dir: Annotated[Optional[Path], typer.Argument(help="An export OUT, a tune run directory, an ONNX or a Hugging Face folder.")] = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="Load-test the server running here instead (e.g. http://127.0.0.1:8000).")] = None,
+    backends: Annotated[Optional[str], typer.Option("--backends", help="Comma-separated: torch-adapter, torch-merged, onnx-fp32, onnx-fp16, onnx-int8, onnx-int4 (default: all found).")] = None,
+    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prompt lengths in tokens, comma-separated.")] = "32,128",
+    output_lens: Annotated[str, typer.Option("--output-lens", help="Generated tokens per run, comma-separated.")] = "32,128",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Prompts per batch, comma-separated.")] = "1",
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per shape (percentiles over these).")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="A short table: prompt 16, output 32, 5 runs, 1 warm-up.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for every backend (default: OMP_NUM_THREADS / torch's).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for serve-<time>.json and .png.")] = Path("bench-results"),
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="--url: concurrent clients.")] = 4,
+    duration: Annotated[float, typer.Option("--duration", min=0.1, help="--url: seconds to keep sending requests.")] = 20.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="--url: tokens per request.")] = 32,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LITE_SFT_API_KEY", help="--url: the server's API key.")] = None,
+):
+    """Latency of every backend side by side (TTFT, TPOT, ITL, tokens/s, memory), or a load test with --url."""
+    import json
+
+    try:
+        from lite_sft.serve import ServeError
+
+        if url:
+            from lite_sft.serve.loadtest import format_load, load_test
+
+            report = load_test(url, concurrency, duration, max_tokens, api_key=api_key)
+            typer.echo(format_load(report))
+            typer.echo(json.dumps(report))
+            return
+        if model_dir is None:
+            _fail(ValueError("give MODEL_DIR to benchmark backends, or --url to load-test a running server"))
+        from lite_sft.serve.bench import BenchOptions, bench as run_bench
+        from lite_sft.serve.bench_report import format_table, save
+
+        opts = BenchOptions(_ints(prompt_lens, "--prompt-lens"), _ints(output_lens, "--output-lens"),
+                            _ints(batch_sizes, "--batch-sizes"), runs, warmup, device, threads,
+                            backends.split(",") if backends else None)
+        if quick:
+            opts.prompt_lens, opts.output_lens, opts.runs, opts.warmup = [16], [32], 5, 1
+        report = run_bench(model_dir, opts, say=typer.echo)
+    except ServeError as err:
+        _fail(err)
+    typer.echo(format_table(report))
+    typer.echo(json.dumps(report))
+    saved = save(report, out)
+    typer.echo(f"saved {saved[0]} and {saved[1]}")
 
 
 def main() -> None:
