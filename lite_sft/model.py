@@ -19,6 +19,10 @@ import torch
 
 from .config import BUILTIN_MODEL, LoraConfig, ModelConfig
 
+# On CPU bitsandbytes (imported by peft too) tries to fetch an optional kernel from the hub and warns
+# when it cannot; its built-in CPU kernel is used instead, so the warning only alarms offline users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 class ModelError(RuntimeError):
     """A base model, tokenizer or quantisation backend that cannot be used; the message says why."""
@@ -54,9 +58,6 @@ def check_bitsandbytes(quant: str, device: torch.device) -> None:
     """Fail early, with the fix, when the chosen quantisation cannot run here."""
     if quant == "none":
         return
-    # On CPU bitsandbytes tries to fetch an optional kernel from the hub and warns when it cannot;
-    # its built-in CPU kernel is used instead, so the warning only alarms offline users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError, or a broken native library raising anything
