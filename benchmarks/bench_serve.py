@@ -45,31 +45,14 @@ def make_export(name: str, work: Path, threads: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import CHATML, SPECIALS  # the tests' locally trained tokenizer recipe
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from lite_sft.config import load_config
     from lite_sft.export.quantize import quantize
-    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
     from lite_sft.train import tune
+    from workload import bpe_tokenizer, write_chat_data  # beside this script
 
     torch.set_num_threads(threads)
-    words = "the quick brown fox jumps over the lazy dog hello there how are you a plan a canal panama".split()
-    rng = __import__("random").Random(0)
-    data = work / "chats.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 10)))},
-        {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(3, 12)))}]}) + "\n"
-        for _ in range(64)))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS + CHATML, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    data = write_chat_data(work / "chats.jsonl")
+    tokenizer = bpe_tokenizer()
 
     hidden, layers, inter, heads, kv, vocab = SIZES[name]
     base = work / f"base-{name}"

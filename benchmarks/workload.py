@@ -1,0 +1,42 @@
+"""The small chat data set and locally trained tokenizer that the export and serving benchmarks share.
+
+Random-weight models give honest time and memory figures (the arithmetic does not depend on the
+weights' values); the data only has to exercise the chat template and the masking.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = "the quick brown fox jumps over the lazy dog hello there how are you a plan a canal panama".split()
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
+CHATML = ["<|im_start|>", "<|im_end|>"]
+
+
+def write_chat_data(path: Path, n: int = 64) -> Path:
+    """n one-turn conversations of 3-12 words a message, in OpenAI `messages` format."""
+    rng = random.Random(0)
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 10)))},
+        {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 12)))}]}) + "\n"
+        for _ in range(n)))
+    return path
+
+
+def bpe_tokenizer():
+    """A byte-level BPE trained on WORDS, with the default ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS + CHATML, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
