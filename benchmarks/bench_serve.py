@@ -29,6 +29,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from workload import bpe_tokenizer, save_result, write_chat_data  # beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
 SIZES = {
@@ -48,7 +50,6 @@ def make_export(name: str, work: Path, threads: int) -> Path:
     from lite_sft.config import load_config
     from lite_sft.export.quantize import quantize
     from lite_sft.train import tune
-    from workload import bpe_tokenizer, write_chat_data  # beside this script
 
     torch.set_num_threads(threads)
     data = write_chat_data(work / "chats.jsonl")
@@ -161,10 +162,7 @@ def main() -> None:
         result["sizes"].append({"size": name, "params": params, "bench": report, "load": load_rows})
         result.setdefault("device", report["device"])
         result.setdefault("versions", report["versions"])
-    print(json.dumps(result))
-    out = ROOT / "benchmarks" / "results" / f"serve-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out.relative_to(ROOT)}", file=sys.stderr)
+    save_result("serve", result)
 
 
 if __name__ == "__main__":

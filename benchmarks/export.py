@@ -33,6 +33,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from workload import bpe_tokenizer, save_result, write_chat_data  # beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
 SIZES = {
@@ -111,7 +113,6 @@ def make_runs(name: str, work: Path, threads: int) -> tuple[int, dict[str, Path]
 
     from lite_sft.config import load_config
     from lite_sft.train import tune
-    from workload import bpe_tokenizer, write_chat_data  # beside this script
 
     torch.set_num_threads(threads)
     data = write_chat_data(work / "chats.jsonl")
@@ -230,10 +231,7 @@ def main() -> None:
         "rows": rows,
     }
     print(table(rows))
-    print(json.dumps(result))
-    out = ROOT / "benchmarks" / "results" / f"export-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out.relative_to(ROOT)}", file=sys.stderr)
+    save_result("export", result)
 
 
 if __name__ == "__main__":

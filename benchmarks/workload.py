@@ -1,4 +1,5 @@
-"""The small chat data set and locally trained tokenizer that the export and serving benchmarks share.
+"""What the export and serving benchmarks share: a small chat data set, a locally trained tokenizer,
+and how a result is saved.
 
 Random-weight models give honest time and memory figures (the arithmetic does not depend on the
 weights' values); the data only has to exercise the chat template and the masking.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = "the quick brown fox jumps over the lazy dog hello there how are you a plan a canal panama".split()
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
 CHATML = ["<|im_start|>", "<|im_end|>"]
@@ -40,3 +44,12 @@ def bpe_tokenizer():
                                         unk_token="<unk>")
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
+
+
+def save_result(kind: str, result: dict) -> Path:
+    """Print the one JSON line, then save it as benchmarks/results/<kind>-<UTC time>.json."""
+    print(json.dumps(result))
+    out = RESULTS / f"{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved benchmarks/results/{out.name}", file=sys.stderr)
+    return out
