@@ -30,6 +30,7 @@ FORMAT_CHOICES = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
 OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
+LOSS_CHOICES = ("fused", "trained", "full")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,8 @@ class ModelConfig:
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
     trust_remote_code: bool = False
     """Allow model code from the hub; off by default because it runs foreign code."""
+    compile: bool = False
+    """torch.compile the model (dynamic shapes). Pays a compile at start; measure before keeping it on."""
 
 
 @dataclass
@@ -87,6 +90,10 @@ class DataConfig:
     """What to do with longer examples: `truncate` them or `drop` them (both are counted)."""
     packing: bool = True
     """Pack several examples into one row; packed examples never attend to each other."""
+    group_by_length: bool = True
+    """Without packing: put rows of similar length in the same micro-batch, so little is padding."""
+    cache: bool = True
+    """Keep tokenised data on disk (keyed by the data files, tokenizer and data settings) and reuse it."""
     train_on_prompt: bool = False
     """Train on every token, not only the assistant's (completion's) tokens."""
     chat_template: str | None = None
@@ -129,6 +136,16 @@ class TrainConfig:
     """Checkpoints to keep; older ones are deleted once a newer one is complete."""
     log_every: int = 1
     """Log training metrics every N steps."""
+    loss: str = "fused"
+    """Cross-entropy: `fused` (output layer and loss on trained positions only, chunk by chunk, never all
+    logits at once), `trained` (logits on trained positions only) or `full` (logits everywhere)."""
+    loss_chunk_tokens: int = 1024
+    """Positions per chunk of the `fused` loss: the logits held at once are this times the vocabulary."""
+    auto_batch: bool = False
+    """Pick the largest micro-batch that fits `memory_budget` (see `lite-sft plan`), with gradient
+    accumulation raised to keep rows per optimiser step."""
+    memory_budget: str | None = None
+    """Memory for `auto_batch`, e.g. `8GB`; default: the GPU's total memory (the machine's RAM on CPU)."""
 
 
 @dataclass
@@ -173,6 +190,8 @@ class RunConfig:
               f"{t.optimizer!r} is not one of {OPTIMIZER_CHOICES}")
         for name in ("eval_every", "early_stopping_patience", "save_every", "log_every"):
             check(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+        check(t.loss in LOSS_CHOICES, "train.loss", f"{t.loss!r} is not one of {LOSS_CHOICES}")
+        check(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be positive, got {t.loss_chunk_tokens}")
         check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
         check(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
         check(bool(self.output_dir), "output_dir", "must not be empty")
