@@ -63,7 +63,19 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    """Load, split, tokenise, mask and pack the training and validation data."""
+    """Load, split, tokenise, mask and pack the training and validation data (cached when `cfg.cache`)."""
+    from lite_sft import data_cache
+
+    key = data_cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
+    cached = data_cache.load(key)
+    if cached is not None:
+        if {cached.format} & set(CHAT_FORMATS):
+            ensure_chat_template(tokenizer, cfg.chat_template)  # the same change a fresh preparation makes
+        return cached
+    return data_cache.store(key, _prepare(cfg, tokenizer, seed))
+
+
+def _prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     fmt, train = load_samples(cfg.path, cfg.format, cfg.split)
     validation_fmt = fmt
     if cfg.validation_path:

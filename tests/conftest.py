@@ -132,3 +132,13 @@ def builtin_home(tmp_path_factory):
         os.environ.pop("LITE_SFT_HOME", None)
     else:
         os.environ["LITE_SFT_HOME"] = old
+
+
+@pytest.fixture(autouse=True)
+def data_cache_dir(tmp_path, monkeypatch):
+    """Each test gets its own prepared-data cache: no test reuses rows another test prepared."""
+    from lite_sft import data_cache
+
+    folder = tmp_path / "data-cache"
+    monkeypatch.setattr(data_cache, "cache_dir", lambda: folder)
+    return folder

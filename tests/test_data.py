@@ -254,3 +254,44 @@ def test_report_marks_trained_text_and_shows_counts(tmp_path, tokenizer):
     colored = render_report(prepared.train_examples, tokenizer, n=5, color=True)
     assert "\x1b[32mhi <|im_end|> </s>\x1b[0m" in colored and "--- example 2" in colored
     assert str(IGNORE_INDEX) in colored
+
+
+def test_prepared_data_is_cached_and_the_cache_follows_its_inputs(tmp_path, tokenizer, tokenizer_factory, data_cache_dir,
+                                                                   monkeypatch):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hello there"},
+                                             {"role": "assistant", "content": "hi how are you"}]}) + "\n")
+    cfg = DataConfig(path=str(path), validation_fraction=0.0)
+    first = prepare_data(cfg, tokenizer, seed=0)
+    assert len(list(data_cache_dir.glob("*.pkl"))) == 1
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again although the inputs did not change")
+
+    monkeypatch.setattr(data_module, "build_examples", no_tokenising)
+    again = prepare_data(cfg, tokenizer, seed=0)
+    assert again.train == first.train and again.train_stats == first.train_stats
+
+    # Any input that changes the rows misses the cache: the file's bytes, a data setting, the tokenizer.
+    for changed_cfg, changed_tokenizer in (
+        (DataConfig(path=str(path), validation_fraction=0.0, train_on_prompt=True), tokenizer),
+        (cfg, tokenizer_factory(eos="<|im_end|>", pad="<|im_end|>")),
+    ):
+        with pytest.raises(AssertionError, match="tokenised again"):
+            prepare_data(changed_cfg, changed_tokenizer, seed=0)
+    path.write_text(path.read_text().replace("hi how", "hi there how"))
+    with pytest.raises(AssertionError, match="tokenised again"):
+        prepare_data(cfg, tokenizer, seed=0)
+
+
+def test_a_damaged_cache_entry_is_rebuilt_and_cache_off_writes_nothing(tmp_path, tokenizer, data_cache_dir):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"prompt": "hello there", "completion": "hi"}) + "\n")
+    cfg = DataConfig(path=str(path), validation_fraction=0.0)
+    fresh = prepare_data(cfg, tokenizer, seed=0)
+    (entry,) = data_cache_dir.glob("*.pkl")
+    entry.write_bytes(b"not a pickle")
+    assert prepare_data(cfg, tokenizer, seed=0).train == fresh.train
+    entry.unlink()
+    prepare_data(DataConfig(path=str(path), validation_fraction=0.0, cache=False), tokenizer, seed=0)
+    assert not list(data_cache_dir.glob("*.pkl"))

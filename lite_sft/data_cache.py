@@ -1,0 +1,97 @@
+"""A disk cache of prepared (tokenised, masked, packed) data, so a second run skips tokenisation.
+
+    key = cache_key(cfg, tokenizer, seed)       # None when the inputs cannot be fingerprinted
+    data = load(key) or store(key, prepare(...))
+
+The key covers everything the prepared rows depend on: the data files' contents (hashed), the
+tokenizer (its serialised vocabulary, merges, special tokens and chat template), every data setting,
+the seed and this module's format version. Hub data sets are not cached here (`datasets` keeps its
+own download cache and a hub revision is not a file to hash). Entries live under
+$LITE_SFT_HOME/cache/data (LITE_SFT_HOME defaults to ~/.cache/lite-sft) and are written atomically,
+so a killed run never leaves a half-written entry behind; an unreadable entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+from importlib import resources
+from pathlib import Path
+
+from lite_sft import __version__
+from lite_sft.config import BUILTIN_DATA, DataConfig
+
+FORMAT_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser() / "cache" / "data"
+
+
+def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str | None:
+    digest = hashlib.sha256()
+    for path in (cfg.path, cfg.validation_path):
+        if path is None:
+            continue
+        fingerprint = _source_fingerprint(path)
+        if fingerprint is None:
+            return None
+        digest.update(fingerprint)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer has no complete serialised form to hash
+        return None
+    digest.update(backend.to_str().encode())
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.special_tokens_map,
+                              tokenizer.padding_side, dataclasses.asdict(cfg), seed, __version__, FORMAT_VERSION],
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def load(key: str | None):
+    """The cached PreparedData for `key`, or None (no key, no entry, or an entry that cannot be read)."""
+    if key is None:
+        return None
+    path = cache_dir() / f"{key}.pkl"
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f)
+    except FileNotFoundError:
+        return None
+    except Exception:  # written by another version, or damaged: rebuild it
+        return None
+
+
+def store(key: str | None, data):
+    if key is not None:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        with tmp.open("wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, folder / f"{key}.pkl")
+    return data
+
+
+def _source_fingerprint(path: str) -> bytes | None:
+    """A digest of a data file's (or a saved data set folder's) bytes; None for a hub id."""
+    if path == BUILTIN_DATA:
+        files = [resources.files("lite_sft.assets") / n for n in ("skill_train.jsonl", "skill_eval.jsonl")]
+        return b"".join(hashlib.sha256(f.read_bytes()).digest() for f in files)
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _file_digest(p)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return b"".join(str(f.relative_to(p)).encode() + _file_digest(f) for f in files)
+    return None
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
