@@ -46,12 +46,21 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (bf16 matmuls are slow there)."""
+    """Weights: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (where `auto` computes in
+    bf16 under autocast instead, when the CPU has native bf16: see train.mixed_precision)."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated, slow."""
+    import torch.cpu
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def check_bitsandbytes(quant: str, device: torch.device) -> None:
@@ -130,16 +139,12 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
 def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: list[int] | None = None):
     """Wrap `model` in peft LoRA adapters; only the adapters (and any newly added token rows) train."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if model_cfg.quant != "none":
-        # Casts norms to fp32 and freezes the base; the usual QLoRA preparation.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif model_cfg.gradient_checkpointing:
+    # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight (embeddings,
+    # output layer, norms) to fp32, which on Llama-3.1-8B adds 2 GB of frozen weights. Frozen weights
+    # train fine in the compute dtype; get_peft_model freezes the base, and the adapters are fp32.
+    if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = lora.target_modules
     target_modules = "all-linear" if targets == ["all-linear"] else list(targets)

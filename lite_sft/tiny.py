@@ -52,6 +52,7 @@ PROMPTS = (
 # 32 examples, as measured; max_seq_len is far above the skill's ~30 tokens so that the built-in
 # model with the user's own data is not cut short.
 DEMO_DEFAULTS: dict = {
+    "model": {"dtype": "float32"},  # its matmuls are too small for bf16 autocast to pay for its casts
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
     "data": {"max_seq_len": 256, "packing": False},
     "train": {"max_steps": 800, "micro_batch_size": 32, "lr": 2e-3, "schedule": "cosine", "warmup_ratio": 0.03,
