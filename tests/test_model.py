@@ -61,3 +61,30 @@ def test_gradients_through_quantised_layers_survive_an_eval_pass(tiny_model_dir,
     fresh, after_eval = input_grad(False), input_grad(True)
     assert fresh.abs().sum() > 0
     torch.testing.assert_close(after_eval, fresh, rtol=1e-3, atol=1e-5)
+
+
+def test_qlora_keeps_frozen_16_bit_weights_in_16_bits(tiny_model_dir):
+    """peft's k-bit preparation would upcast embeddings, head and norms to fp32 (2 GB on an 8B model)."""
+    pytest.importorskip("bitsandbytes")
+    from lite_sft.config import LoraConfig
+    from lite_sft.model import add_lora
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), quant="4bit", dtype="bfloat16")
+    model = add_lora(load_base_model(cfg, str(tiny_model_dir), torch.device("cpu")), LoraConfig(r=4), cfg)
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters stay fp32
+
+
+@pytest.mark.parametrize("dtype, device, fast_bf16, expected", [
+    ("auto", "cpu", True, "bf16"), ("auto", "cpu", False, "no"), ("auto", "cuda", True, "no"),
+    ("float32", "cpu", True, "no"), ("bfloat16", "cpu", False, "bf16"), ("float16", "cuda", False, "fp16"),
+])
+def test_autocast_follows_the_dtype_and_the_cpu(dtype, device, fast_bf16, expected, monkeypatch):
+    from lite_sft import train
+    from lite_sft.config import RunConfig
+
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cfg = RunConfig()
+    cfg.model.dtype = dtype
+    assert train.mixed_precision(cfg, device) == expected

@@ -210,3 +210,25 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, chat_jsonl, tmp_p
     lora_b = next(n for n in best if "lora_B" in n)
     short = lora_b.replace(".default", "")
     assert torch.equal(saved[short], best[lora_b])
+
+
+def test_length_grouped_steps_cover_each_row_once_per_epoch_and_pad_little():
+    from lite_sft.train import _rows_for_step
+
+    rng = __import__("random").Random(0)
+    lengths = tuple(rng.randint(10, 1000) for _ in range(800))
+    rows_per_step = 8
+    steps = len(lengths) // rows_per_step
+
+    def padding(grouped: bool) -> float:
+        padded = 0
+        for step in range(steps):
+            rows = _rows_for_step(step, len(lengths), rows_per_step, seed=3, lengths=lengths if grouped else None)
+            padded += sum(max(lengths[r] for r in rows) - lengths[r] for r in rows)
+        return padded / sum(lengths)
+
+    epoch = [r for s in range(steps) for r in _rows_for_step(s, len(lengths), rows_per_step, 3, lengths)]
+    assert sorted(epoch) == list(range(len(lengths)))
+    assert epoch != sorted(epoch, key=lambda r: -lengths[r])  # steps are shuffled, not longest first
+    assert padding(grouped=True) < 0.1 * padding(grouped=False)
+    assert _rows_for_step(5, len(lengths), rows_per_step, 3, lengths) == _rows_for_step(5, len(lengths), rows_per_step, 3, lengths)
