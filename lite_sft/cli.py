@@ -3,6 +3,7 @@
     lite-sft tune                                   # the embedded default: tiny model, bundled data
     lite-sft tune --model Qwen/Qwen2.5-0.5B --data chats.jsonl --quant 4bit --output-dir runs/qwen
     lite-sft inspect-data --data chats.jsonl --model Qwen/Qwen2.5-0.5B
+    lite-sft plan --model Qwen/Qwen2.5-0.5B --quant 4bit --max-seq-len 2048 --gpu-memory 8GB
     lite-sft generate runs/qwen --prompt "Write a haiku about autumn"
     lite-sft export runs/qwen --out exports/qwen --quantize int4
     lite-sft bench exports/qwen
@@ -37,6 +38,17 @@ def _fail(err: Exception, code: int = 2):
     raise typer.Exit(code)
 
 
+def _size(text: str, flag: str) -> int:
+    """Bytes in a size like 8GB; a ConfigError naming `flag` (the option or config field) if it is not one."""
+    from .config import ConfigError
+    from .plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise ConfigError(f"{flag}: {err}") from None
+
+
 def _expected_errors():
     from .config import ConfigError
     from .data import DataError
@@ -63,6 +75,9 @@ FLAG_FIELDS = {
     "optimizer": "train.optimizer", "seed": "train.seed", "eval_every": "train.eval_every",
     "early_stopping_patience": "train.early_stopping_patience", "save_every": "train.save_every",
     "keep_last": "train.keep_last", "log_every": "train.log_every", "output_dir": "output_dir",
+    "loss": "train.loss", "loss_chunk_tokens": "train.loss_chunk_tokens", "group_by_length": "data.group_by_length",
+    "cache": "data.cache", "compile": "model.compile", "auto_batch": "train.auto_batch",
+    "gpu_memory": "train.memory_budget", "offload_activations": "model.offload_activations",
 }
 
 
@@ -70,7 +85,7 @@ def _overrides(params: dict) -> dict:
     return {field: params[name] for name, field in FLAG_FIELDS.items() if name in params}
 
 
-# Options shared by `tune` and `inspect-data`: they decide how data is read and masked.
+# Options shared by several commands (`tune`, `inspect-data`, `plan`).
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; flags override it.")]
 Model = Annotated[Optional[str], _opt("model.name_or_path", "--model", "-m")]
 Data = Annotated[Optional[str], _opt("data.path", "--data", "-d")]
@@ -83,6 +98,19 @@ ChatTemplate = Annotated[Optional[str], _opt("data.chat_template", "--chat-templ
 SystemPrompt = Annotated[Optional[str], _opt("data.system_prompt", "--system-prompt")]
 ValidationPath = Annotated[Optional[str], _opt("data.validation_path", "--validation-data")]
 ValidationFraction = Annotated[Optional[float], _opt("data.validation_fraction", "--validation-fraction")]
+Quant = Annotated[Optional[str], _opt("model.quant", "--quant")]
+Dtype = Annotated[Optional[str], _opt("model.dtype", "--dtype")]
+GradientCheckpointing = Annotated[Optional[bool], _opt("model.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")]
+TrustRemoteCode = Annotated[Optional[bool], _opt("model.trust_remote_code", "--trust-remote-code/--no-trust-remote-code")]
+LoraR = Annotated[Optional[int], _opt("lora.r", "--lora-r")]
+LoraDropout = Annotated[Optional[float], _opt("lora.dropout", "--lora-dropout")]
+TargetModules = Annotated[Optional[str], typer.Option("--target-modules", help=DOCS["lora.target_modules"] + " Comma-separated.")]
+Dora = Annotated[Optional[bool], _opt("lora.use_dora", "--dora/--no-dora")]
+MicroBatchSize = Annotated[Optional[int], _opt("train.micro_batch_size", "--micro-batch-size")]
+GradAccum = Annotated[Optional[int], _opt("train.grad_accum", "--grad-accum")]
+Loss = Annotated[Optional[str], _opt("train.loss", "--loss")]
+LossChunkTokens = Annotated[Optional[int], _opt("train.loss_chunk_tokens", "--loss-chunk-tokens")]
+GpuMemory = Annotated[Optional[str], _opt("train.memory_budget", "--gpu-memory")]
 
 
 @app.command()
@@ -92,16 +120,18 @@ def tune(
     data: Data = None,
     format: Format = None,
     output_dir: Annotated[Optional[str], _opt("output_dir", "--output-dir", "-o")] = None,
-    quant: Annotated[Optional[str], _opt("model.quant", "--quant")] = None,
-    dtype: Annotated[Optional[str], _opt("model.dtype", "--dtype")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _opt("model.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    quant: Quant = None,
+    dtype: Dtype = None,
+    gradient_checkpointing: GradientCheckpointing = None,
     attn_implementation: Annotated[Optional[str], _opt("model.attn_implementation", "--attn-implementation")] = None,
-    trust_remote_code: Annotated[Optional[bool], _opt("model.trust_remote_code", "--trust-remote-code/--no-trust-remote-code")] = None,
-    lora_r: Annotated[Optional[int], _opt("lora.r", "--lora-r")] = None,
+    trust_remote_code: TrustRemoteCode = None,
+    compile: Annotated[Optional[bool], _opt("model.compile", "--compile/--no-compile")] = None,
+    offload_activations: Annotated[Optional[bool], _opt("model.offload_activations", "--offload-activations/--no-offload-activations")] = None,
+    lora_r: LoraR = None,
     lora_alpha: Annotated[Optional[int], _opt("lora.alpha", "--lora-alpha")] = None,
-    lora_dropout: Annotated[Optional[float], _opt("lora.dropout", "--lora-dropout")] = None,
-    target_modules: Annotated[Optional[str], typer.Option("--target-modules", help=DOCS["lora.target_modules"] + " Comma-separated.")] = None,
-    dora: Annotated[Optional[bool], _opt("lora.use_dora", "--dora/--no-dora")] = None,
+    lora_dropout: LoraDropout = None,
+    target_modules: TargetModules = None,
+    dora: Dora = None,
     rslora: Annotated[Optional[bool], _opt("lora.use_rslora", "--rslora/--no-rslora")] = None,
     max_seq_len: MaxSeqLen = None,
     overlong: Overlong = None,
@@ -111,10 +141,16 @@ def tune(
     system_prompt: SystemPrompt = None,
     validation_data: ValidationPath = None,
     validation_fraction: ValidationFraction = None,
+    group_by_length: Annotated[Optional[bool], _opt("data.group_by_length", "--group-by-length/--no-group-by-length")] = None,
+    cache: Annotated[Optional[bool], _opt("data.cache", "--cache/--no-cache")] = None,
     epochs: Annotated[Optional[float], _opt("train.epochs", "--epochs")] = None,
     max_steps: Annotated[Optional[int], _opt("train.max_steps", "--max-steps")] = None,
-    micro_batch_size: Annotated[Optional[int], _opt("train.micro_batch_size", "--micro-batch-size")] = None,
-    grad_accum: Annotated[Optional[int], _opt("train.grad_accum", "--grad-accum")] = None,
+    micro_batch_size: MicroBatchSize = None,
+    grad_accum: GradAccum = None,
+    auto_batch: Annotated[Optional[bool], _opt("train.auto_batch", "--auto-batch/--no-auto-batch")] = None,
+    gpu_memory: GpuMemory = None,
+    loss: Loss = None,
+    loss_chunk_tokens: LossChunkTokens = None,
     lr: Annotated[Optional[float], _opt("train.lr", "--lr")] = None,
     weight_decay: Annotated[Optional[float], _opt("train.weight_decay", "--weight-decay")] = None,
     schedule: Annotated[Optional[str], _opt("train.schedule", "--schedule")] = None,
@@ -139,6 +175,8 @@ def tune(
         if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
             config = Path(output_dir) / "config.yaml"  # continue the run as it was configured
         cfg = load_config(config, overrides)
+        if cfg.train.memory_budget is not None:  # checked here so a typo fails before anything loads
+            _size(cfg.train.memory_budget, "--gpu-memory" if gpu_memory is not None else "train.memory_budget")
         from .train import TrainingDiverged, tune as run_tune
 
         summary = run_tune(cfg, resume=resume, overwrite=overwrite)
@@ -149,8 +187,10 @@ def tune(
     if summary is None:  # not the main process
         return
     typer.echo(f"\nrun directory: {cfg.output_dir}")
+    # A run shorter than --log-every logged no training loss.
     typer.echo(f"  steps {summary['steps']}, trained tokens {summary['trained_tokens']}, "
-               f"{summary['tokens_per_s']:.0f} tokens/s, final train loss {summary['final_train_loss']:.4f}"
+               f"{summary['tokens_per_s']:.0f} tokens/s"
+               + (f", final train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
                + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else ""))
     if summary.get("skill_exact_match_after") is not None:
         typer.echo(f"  held-out exact match: {summary['skill_exact_match_before']:.1%} before -> "
@@ -195,6 +235,73 @@ def inspect_data(
         _fail(err)
     use_color = sys.stdout.isatty() if color is None else color
     typer.echo(render_report(prepared, tokenizer, n=examples, color=use_color))
+
+
+@app.command()
+def plan(
+    config: ConfigPath = None,
+    model: Model = None,
+    quant: Quant = None,
+    dtype: Dtype = None,
+    gradient_checkpointing: GradientCheckpointing = None,
+    trust_remote_code: TrustRemoteCode = None,
+    lora_r: LoraR = None,
+    lora_dropout: LoraDropout = None,
+    target_modules: TargetModules = None,
+    dora: Dora = None,
+    max_seq_len: MaxSeqLen = None,
+    micro_batch_size: MicroBatchSize = None,
+    grad_accum: GradAccum = None,
+    loss: Loss = None,
+    loss_chunk_tokens: LossChunkTokens = None,
+    gpu_memory: GpuMemory = None,
+    device: Annotated[str, typer.Option("--device", help="Plan a GPU run (cuda) or a CPU one (cpu).")] = "cuda",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+):
+    """Estimate peak training memory from the config alone (no weights loaded); with --gpu-memory, pick a micro-batch."""
+    import dataclasses
+    import json
+
+    from .config import ConfigError, load_config
+
+    overrides = _overrides(locals())
+    try:
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"--device {device!r}: choose cuda or cpu")
+        cfg = load_config(config, overrides)
+        cfg.validate()
+        from .plan import default_budget, estimate, format_size, pick_batch
+
+        budget = None
+        if cfg.train.memory_budget is not None:
+            budget = _size(cfg.train.memory_budget, "--gpu-memory" if gpu_memory is not None else "train.memory_budget")
+        elif cfg.train.auto_batch:
+            budget = default_budget(device)
+        # The same run with gradient checkpointing off and on, for the comparison line.
+        plans = {on: estimate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=on)),
+                              device=device) for on in (False, True)}
+        picked = pick_batch(cfg, budget, device) if budget is not None else None
+        fit = estimate(cfg, micro_batch_size=picked[0], device=device) if picked else None
+    except _expected_errors() as err:
+        _fail(err)
+    chosen = plans[cfg.model.gradient_checkpointing]
+    if as_json:
+        typer.echo(json.dumps({"model": cfg.model.name_or_path, **chosen.to_dict(),
+                               "total_bytes_without_checkpointing": plans[False].total_bytes,
+                               "total_bytes_with_checkpointing": plans[True].total_bytes,
+                               "budget_bytes": budget,
+                               "auto_batch": None if picked is None else {
+                                   "micro_batch_size": picked[0], "grad_accum": picked[1],
+                                   "total_bytes": fit.total_bytes}}))
+        return
+    typer.echo(f"{cfg.model.name_or_path} on {device}: {chosen.dtype}, quant {cfg.model.quant}, "
+               f"micro-batch {chosen.micro_batch_size} x {cfg.data.max_seq_len} tokens, loss {cfg.train.loss}\n")
+    typer.echo(chosen.table())
+    typer.echo(f"\npeak without gradient checkpointing {format_size(plans[False].total_bytes)}, "
+               f"with {format_size(plans[True].total_bytes)}")
+    if picked:
+        typer.echo(f"budget {format_size(budget)}: micro-batch {picked[0]} x grad-accum {picked[1]} "
+                   f"({picked[0] * picked[1]} rows per step), estimated {format_size(fit.total_bytes)}")
 
 
 @app.command()

@@ -18,12 +18,15 @@ def small_run(model_dir, data, out, *extra):
 
 def test_tune_writes_a_run_directory(tiny_model_dir, chat_jsonl, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, small_run(tiny_model_dir, chat_jsonl, out, "--dora", "--rslora"))
+    result = runner.invoke(app, small_run(tiny_model_dir, chat_jsonl, out, "--dora", "--rslora", "--loss", "full",
+                                          "--no-group-by-length", "--no-cache", "--auto-batch", "--gpu-memory", "1GB"))
     assert result.exit_code == 0, result.output
     assert "name_or_path:" in result.output  # the resolved config is printed at start
     assert f"run directory: {out}" in result.output
     config = (out / "config.yaml").read_text()
     assert "use_dora: true" in config and "use_rslora: true" in config and "format: messages" in config
+    for saved in ("loss: full", "group_by_length: false", "cache: false", "auto_batch: true", "memory_budget: 1GB"):
+        assert saved in config
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["use_dora"] and adapter["use_rslora"] and adapter["r"] == 4
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
@@ -74,6 +77,29 @@ def test_bad_flags_and_missing_model(chat_jsonl, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(app, ["tune", "--quant", "2bit", "--lr", "-1", "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and "model.quant" in result.output and "train.lr" in result.output
+
+
+def test_plan_estimates_and_picks_a_batch(tiny_model_dir):
+    result = runner.invoke(app, ["plan", "--model", str(tiny_model_dir), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    parts = ("weights", "adapter", "activations", "logits", "overhead")
+    assert plan["total_bytes"] == sum(plan[k] for k in parts) and plan["dtype"] == "float32"
+    assert plan["total_bytes_with_checkpointing"] < plan["total_bytes_without_checkpointing"]
+    assert plan["auto_batch"] is None
+
+    table = runner.invoke(app, ["plan", "--model", str(tiny_model_dir), "--device", "cpu", "--gpu-memory", "1GB",
+                                "--micro-batch-size", "2", "--grad-accum", "4", "--max-seq-len", "128"])
+    assert table.exit_code == 0, table.output
+    for part in parts + ("total", "peak without gradient checkpointing"):
+        assert part in table.output
+    assert "micro-batch 8 x grad-accum 1 (8 rows per step)" in table.output
+
+    for command in ("plan", "tune"):
+        bad = runner.invoke(app, [command, "--model", str(tiny_model_dir), "--gpu-memory", "banana"])
+        assert bad.exit_code == 2 and "--gpu-memory: 'banana' is not a size" in bad.output, bad.output
+    small = runner.invoke(app, ["plan", "--model", str(tiny_model_dir), "--gpu-memory", "1MB", "--loss", "full"])
+    assert small.exit_code == 2 and "--gradient-checkpointing" in small.output and "--loss fused" in small.output
 
 
 def test_inspect_data_shows_trained_tokens_and_counts(tiny_model_dir, chat_jsonl):
