@@ -47,6 +47,9 @@ class ModelConfig:
     """Compute dtype: `auto` picks bfloat16 where the device supports it, float32 otherwise."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
+    offload_activations: bool = False
+    """Keep the activations saved for backward in pinned CPU memory instead of GPU memory (CUDA only;
+    with gradient checkpointing only the per-layer checkpoints are saved, so little moves)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
     trust_remote_code: bool = False

@@ -55,11 +55,19 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
 
     # --- setup: everything that can fail on bad input happens before the run directory is touched
     # cpu=True without CUDA: that is what makes accelerate join a torchrun group over gloo on CPU.
+    from accelerate.state import AcceleratorState
+
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # accelerate keeps its precision in a process-wide state and refuses a second one; a notebook or a
+    # test suite may tune several models in one process. The distributed state (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device_type), cpu=device_type == "cpu")
     main = accelerator.is_main_process
+    if cfg.model.offload_activations and accelerator.device.type != "cuda":
+        raise ConfigError("model.offload_activations moves activations from GPU to CPU memory; on "
+                          f"{accelerator.device.type} they are in CPU memory already: turn it off")
     if cfg.train.auto_batch and not resume:  # a resumed run keeps the batch its config.yaml recorded
-        _auto_batch(cfg, accelerator.device)
+        _auto_batch(cfg, accelerator.device, main)
     if cfg.model.name_or_path == BUILTIN_MODEL and accelerator.device.type == "cpu":
         # The built-in model's matmuls are too small to split: a second OpenMP thread mostly
         # spin-waits, and makes the demo several times slower whenever anything shares the cores.
@@ -135,7 +143,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 with nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():  # the loss's own output-layer matmul too
+                    with accelerator.autocast(), _saved_tensors(cfg):  # autocast: the loss's own matmul too
                         ce = token_loss_sum(model, batch, accelerator.device, loss_impl, cfg.train.loss_chunk_tokens)
                     # DDP averages gradients over processes, hence the `* world`.
                     accelerator.backward(ce * world / max(trained, 1))
@@ -292,7 +300,12 @@ def _all_sum(accelerator, value):
     return t if torch.is_tensor(value) else int(round(t.item()))
 
 
-def _auto_batch(cfg: RunConfig, device: torch.device) -> None:
+def _saved_tensors(cfg: RunConfig):
+    """Where autograd keeps what backward needs: on the GPU, or (offload_activations) in pinned host memory."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=True) if cfg.model.offload_activations else nullcontext()
+
+
+def _auto_batch(cfg: RunConfig, device: torch.device, main: bool) -> None:
     """Set the largest micro-batch that `lite-sft plan` estimates to fit, keeping the rows per step."""
     from . import plan
 
@@ -301,8 +314,9 @@ def _auto_batch(cfg: RunConfig, device: torch.device) -> None:
     except ValueError as err:
         raise ConfigError(f"train.memory_budget (--gpu-memory): {err}") from err
     micro, accum = plan.pick_batch(cfg, budget, device.type)
-    print(f"auto batch: micro-batch {micro} x accumulation {accum} fits {budget / 2**30:.1f} GiB "
-          f"(was {cfg.train.micro_batch_size} x {cfg.train.grad_accum})")
+    if main:
+        print(f"auto batch: micro-batch {micro} x accumulation {accum} fits {budget / 2**30:.1f} GiB "
+              f"(was {cfg.train.micro_batch_size} x {cfg.train.grad_accum})")
     cfg.train.micro_batch_size, cfg.train.grad_accum = micro, accum
 
 

@@ -232,3 +232,12 @@ def test_length_grouped_steps_cover_each_row_once_per_epoch_and_pad_little():
     assert epoch != sorted(epoch, key=lambda r: -lengths[r])  # steps are shuffled, not longest first
     assert padding(grouped=True) < 0.1 * padding(grouped=False)
     assert _rows_for_step(5, len(lengths), rows_per_step, 3, lengths) == _rows_for_step(5, len(lengths), rows_per_step, 3, lengths)
+
+
+def test_offloading_activations_on_cpu_is_refused_before_the_run_directory_is_touched(tiny_model_dir, chat_jsonl, tmp_path):
+    from lite_sft.config import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="offload_activations"):
+        tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"model.offload_activations": True}))
+    assert not out.exists()
