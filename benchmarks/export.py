@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from workload import bpe_tokenizer, save_result, write_chat_data  # beside this script
+from workload import bpe_tokenizer, peak_rss, reset_peak, save_result, write_chat_data  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
@@ -45,31 +44,6 @@ SIZES = {
 }
 DEFAULT_SIZES = "10M,50M,150M"
 FULL_EXPORTS = {"fp32+int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"], "fp16": ["--dtype", "fp16"]}
-
-
-def _status(field: str) -> int | None:
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) * 1024
-
-
-def reset_peak() -> int:
-    """Start a fresh peak-RSS count (Linux: writing 5 to clear_refs resets VmHWM); returns the RSS now."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak includes the imports; `working` is then an upper bound
-    return _status("VmRSS") or peak_rss()
-
-
-def peak_rss() -> int:
-    hwm = _status("VmHWM")
-    if hwm is not None:
-        return hwm
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def child(args) -> None:

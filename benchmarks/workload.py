@@ -1,5 +1,5 @@
-"""What the export and serving benchmarks share: a small chat data set, a locally trained tokenizer,
-and how a result is saved.
+"""What the benchmarks share: a small chat data set, a locally trained tokenizer, how a fresh process
+measures its own peak memory, and how a result is saved.
 
 Random-weight models give honest time and memory figures (the arithmetic does not depend on the
 weights' values); the data only has to exercise the chat template and the masking.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,31 @@ def bpe_tokenizer():
                                         unk_token="<unk>")
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
+
+
+def _status(field: str) -> int | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak() -> int:
+    """Start a fresh peak-RSS count (Linux: writing 5 to clear_refs resets VmHWM); returns the RSS now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak includes the imports; `working` is then an upper bound
+    return _status("VmRSS") or peak_rss()
+
+
+def peak_rss() -> int:
+    hwm = _status("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def save_result(kind: str, result: dict) -> Path:
