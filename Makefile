@@ -1,7 +1,8 @@
 # Two set-up commands, both idempotent: `make demo` (the whole job on the embedded default:
 # tune, export with its parity gate, a short latency table) and `make test` (the test suite).
 # Each creates .venv and installs the pinned versions from constraints.txt the first time,
-# and again when either file changes.
+# and again when either file changes. The bench extra (trl) is installed too, so the suite runs
+# the smoke test of benchmarks/train_vs_trl.py.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)

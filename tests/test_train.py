@@ -241,3 +241,19 @@ def test_offloading_activations_on_cpu_is_refused_before_the_run_directory_is_to
     with pytest.raises(ConfigError, match="offload_activations"):
         tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"model.offload_activations": True}))
     assert not out.exists()
+
+
+def test_auto_batch_picks_the_micro_batch_the_plan_fits_and_keeps_rows_per_step(tiny_model_dir, chat_jsonl, tmp_path):
+    from lite_sft import plan
+
+    overrides = {"train.micro_batch_size": 4, "train.grad_accum": 1, "train.max_steps": 1, "train.auto_batch": True}
+    cfg = make_cfg(tiny_model_dir, chat_jsonl, tmp_path / "run", **overrides)
+    fits_two = plan.estimate(cfg, micro_batch_size=2, device="cpu").total_bytes
+    fits_four = plan.estimate(cfg, micro_batch_size=4, device="cpu").total_bytes
+    assert fits_two < fits_four
+    cfg.train.memory_budget = str((fits_two + fits_four) // 2)
+
+    tune(cfg)
+
+    saved = load_config(tmp_path / "run" / "config.yaml").train
+    assert (saved.micro_batch_size, saved.grad_accum) == (2, 2)
