@@ -259,7 +259,6 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ):
     """Estimate peak training memory from the config alone (no weights loaded); with --gpu-memory, pick a micro-batch."""
-    import dataclasses
     import json
 
     from .config import ConfigError, load_config
@@ -270,38 +269,17 @@ def plan(
             raise ConfigError(f"--device {device!r}: choose cuda or cpu")
         cfg = load_config(config, overrides)
         cfg.validate()
-        from .plan import default_budget, estimate, format_size, pick_batch
+        from .plan import default_budget, report
 
         budget = None
         if cfg.train.memory_budget is not None:
             budget = _size(cfg.train.memory_budget, "--gpu-memory" if gpu_memory is not None else "train.memory_budget")
         elif cfg.train.auto_batch:
             budget = default_budget(device)
-        # The same run with gradient checkpointing off and on, for the comparison line.
-        plans = {on: estimate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=on)),
-                              device=device) for on in (False, True)}
-        picked = pick_batch(cfg, budget, device) if budget is not None else None
-        fit = estimate(cfg, micro_batch_size=picked[0], device=device) if picked else None
+        summary, text = report(cfg, device, budget)
     except _expected_errors() as err:
         _fail(err)
-    chosen = plans[cfg.model.gradient_checkpointing]
-    if as_json:
-        typer.echo(json.dumps({"model": cfg.model.name_or_path, **chosen.to_dict(),
-                               "total_bytes_without_checkpointing": plans[False].total_bytes,
-                               "total_bytes_with_checkpointing": plans[True].total_bytes,
-                               "budget_bytes": budget,
-                               "auto_batch": None if picked is None else {
-                                   "micro_batch_size": picked[0], "grad_accum": picked[1],
-                                   "total_bytes": fit.total_bytes}}))
-        return
-    typer.echo(f"{cfg.model.name_or_path} on {device}: {chosen.dtype}, quant {cfg.model.quant}, "
-               f"micro-batch {chosen.micro_batch_size} x {cfg.data.max_seq_len} tokens, loss {cfg.train.loss}\n")
-    typer.echo(chosen.table())
-    typer.echo(f"\npeak without gradient checkpointing {format_size(plans[False].total_bytes)}, "
-               f"with {format_size(plans[True].total_bytes)}")
-    if picked:
-        typer.echo(f"budget {format_size(budget)}: micro-batch {picked[0]} x grad-accum {picked[1]} "
-                   f"({picked[0] * picked[1]} rows per step), estimated {format_size(fit.total_bytes)}")
+    typer.echo(json.dumps(summary) if as_json else text)
 
 
 @app.command()

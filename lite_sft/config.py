@@ -142,8 +142,9 @@ class TrainConfig:
     loss: str = "fused"
     """Cross-entropy: `fused` (output layer and loss on trained positions only, chunk by chunk, never all
     logits at once), `trained` (logits on trained positions only) or `full` (logits everywhere)."""
-    loss_chunk_tokens: int = 1024
-    """Positions per chunk of the `fused` loss: the logits held at once are this times the vocabulary."""
+    loss_chunk_tokens: int = 0
+    """Positions per chunk of the `fused` loss (the logits held at once are this times the vocabulary);
+    0 sizes it to the vocabulary: 2^25 logits (128 MiB in fp32), between 128 and 4096 positions."""
     auto_batch: bool = False
     """Pick the largest micro-batch that fits `memory_budget` (see `lite-sft plan`), with gradient
     accumulation raised to keep rows per optimiser step."""
@@ -194,7 +195,7 @@ class RunConfig:
         for name in ("eval_every", "early_stopping_patience", "save_every", "log_every"):
             check(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
         check(t.loss in LOSS_CHOICES, "train.loss", f"{t.loss!r} is not one of {LOSS_CHOICES}")
-        check(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be positive, got {t.loss_chunk_tokens}")
+        check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", f"must be >= 0 (0 for auto), got {t.loss_chunk_tokens}")
         check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
         check(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
         check(bool(self.output_dir), "output_dir", "must not be empty")

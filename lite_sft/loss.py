@@ -27,9 +27,19 @@ import torch.nn.functional as F
 from .masking import IGNORE_INDEX
 
 
+# `train.loss_chunk_tokens: 0` holds this many logits per chunk: 128 MiB in fp32; about 1,000 positions
+# for a 32k vocabulary, 260 for Llama-3's 128k (a 260 x 4096 x 128k matmul still fills a GPU).
+AUTO_CHUNK_LOGITS = 2**25
+
+
+def chunk_tokens(setting: int, vocab: int) -> int:
+    """Positions per chunk of the fused loss: `setting`, or for 0 one sized to the vocabulary."""
+    return setting or max(128, min(4096, AUTO_CHUNK_LOGITS // vocab))
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device, impl: str = "full",
-                   chunk: int = 1024) -> torch.Tensor:
-    """Cross-entropy summed over trained tokens (labels != IGNORE_INDEX), in fp32."""
+                   chunk: int = 0) -> torch.Tensor:
+    """Cross-entropy summed over trained tokens (labels != IGNORE_INDEX), in fp32; `chunk` as in chunk_tokens."""
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
     targets = labels[:, 1:]
@@ -44,7 +54,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device, 
     trained = targets != IGNORE_INDEX
     hidden, targets = hidden[trained], targets[trained]  # (trained tokens, hidden), (trained tokens,)
     if impl == "fused" and _fusable(head):
-        return FusedLinearCrossEntropy.apply(hidden, head.weight, targets, chunk)
+        return FusedLinearCrossEntropy.apply(hidden, head.weight, targets, chunk_tokens(chunk, head.out_features))
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, RunConfig
+from .loss import chunk_tokens
 from .model import ModelError, compute_dtype, resolve_model_path
 
 MiB, GiB = 2**20, 2**30
@@ -140,6 +141,31 @@ def pick_batch(cfg: RunConfig, budget_bytes: int, device: str | torch.device = "
     raise ConfigError(f"even a micro-batch of 1 row ({cfg.data.max_seq_len} tokens) needs about "
                       f"{format_size(need.total_bytes)}, more than the {format_size(budget_bytes)} budget "
                       f"({biggest[0]} alone {format_size(biggest[1])}); to fit, try " + ", ".join(fixes))
+
+
+def report(cfg: RunConfig, device: str = "cuda", budget: int | None = None) -> tuple[dict, str]:
+    """What `lite-sft plan` prints: (the JSON object, the table), for the run with gradient checkpointing
+    as configured, both totals (off and on) for comparison, and with `budget` the micro-batch that fits."""
+    plans = {on: estimate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=on)),
+                          device=device) for on in (False, True)}
+    picked = pick_batch(cfg, budget, device) if budget is not None else None
+    fit = estimate(cfg, micro_batch_size=picked[0], device=device) if picked else None
+    chosen = plans[cfg.model.gradient_checkpointing]
+    summary = {"model": cfg.model.name_or_path, **chosen.to_dict(),
+               "total_bytes_without_checkpointing": plans[False].total_bytes,
+               "total_bytes_with_checkpointing": plans[True].total_bytes,
+               "budget_bytes": budget,
+               "auto_batch": None if picked is None else {"micro_batch_size": picked[0], "grad_accum": picked[1],
+                                                          "total_bytes": fit.total_bytes}}
+    lines = [f"{cfg.model.name_or_path} on {device}: {chosen.dtype}, quant {cfg.model.quant}, micro-batch "
+             f"{chosen.micro_batch_size} x {cfg.data.max_seq_len} tokens, loss {cfg.train.loss}\n",
+             chosen.table(),
+             f"\npeak without gradient checkpointing {format_size(plans[False].total_bytes)}, "
+             f"with {format_size(plans[True].total_bytes)}"]
+    if picked:
+        lines.append(f"budget {format_size(budget)}: micro-batch {picked[0]} x grad-accum {picked[1]} "
+                     f"({picked[0] * picked[1]} rows per step), estimated {format_size(fit.total_bytes)}")
+    return summary, "\n".join(lines)
 
 
 def default_budget(device: str | torch.device = "cuda") -> int:
@@ -270,7 +296,7 @@ def _plan(cfg: RunConfig, m: _Model, micro: int, device: str) -> MemoryPlan:
     # the last hidden states at the trained positions (a selected copy) and their gradient, which the
     # fused loss computes in its forward pass and keeps for backward.
     if cfg.train.loss == "fused":
-        positions = min(cfg.train.loss_chunk_tokens, tokens)
+        positions = min(chunk_tokens(cfg.train.loss_chunk_tokens, m.vocab), tokens)
         logits = positions * m.vocab * LOSS_BYTES_PER_LOGIT + 2 * tokens * m.hidden * c
     else:
         positions = tokens

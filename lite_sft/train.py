@@ -218,7 +218,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
 
 @torch.no_grad()
 def evaluate(model, rows, micro_batch_size: int, pad_id: int, accelerator, loss: str = "full",
-             loss_chunk: int = 1024) -> float:
+             loss_chunk: int = 0) -> float:
     """Validation loss per trained token over all rows (sharded across processes)."""
     model.eval()
     mine = rows[accelerator.process_index::accelerator.num_processes]

@@ -91,3 +91,12 @@ def test_a_model_with_soft_capped_logits_falls_back_to_the_full_loss(tmp_path, c
 
 def test_a_plain_llama_keeps_the_fused_loss(tiny_model_dir):
     assert check_loss_path(_lora_model(tiny_model_dir), CPU, "fused") == "fused"
+
+
+def test_the_automatic_chunk_holds_a_fixed_number_of_logits_within_bounds():
+    from lite_sft.loss import AUTO_CHUNK_LOGITS, chunk_tokens
+
+    assert chunk_tokens(300, 128_256) == 300  # an explicit setting wins
+    assert chunk_tokens(0, 32_000) == AUTO_CHUNK_LOGITS // 32_000 == 1048
+    assert chunk_tokens(0, 128_256) * 128_256 <= AUTO_CHUNK_LOGITS
+    assert chunk_tokens(0, 305) == 4096 and chunk_tokens(0, 10**7) == 128
