@@ -101,7 +101,7 @@ def check_loss_path(model, device: torch.device, impl: str) -> str:
     """
     if impl == "full":
         return impl
-    vocab = _inner(model).get_input_embeddings().num_embeddings
+    vocab = _inner(model).config.get_text_config().vocab_size  # the embedding may be wrapped by peft
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, 12), generator=gen)
     labels = ids.clone()

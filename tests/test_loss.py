@@ -100,3 +100,34 @@ def test_the_automatic_chunk_holds_a_fixed_number_of_logits_within_bounds():
     assert chunk_tokens(0, 32_000) == AUTO_CHUNK_LOGITS // 32_000 == 1048
     assert chunk_tokens(0, 128_256) * 128_256 <= AUTO_CHUNK_LOGITS
     assert chunk_tokens(0, 305) == 4096 and chunk_tokens(0, 10**7) == 128
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_added_template_tokens_train_the_same_under_every_loss(tmp_path, tokenizer_factory, chat_jsonl, tied):
+    """Tokens the default template adds get trainable rows (peft trainable_token_indices); with a tied
+    output layer those rows are in the head too, so the fused loss must step aside for `trained`."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lite_sft.config import load_config
+    from lite_sft.train import tune
+
+    tokenizer = tokenizer_factory(chat_template=None, chatml=False)
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
+                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hello there how are you"},
+                                            {"role": "assistant", "content": "fine thanks"}]}) + "\n")
+    losses = {}
+    for impl in ("full", "fused"):
+        out = tmp_path / impl
+        tune(load_config(None, {"model.name_or_path": str(model_dir), "data.path": str(data), "train.loss": impl,
+                                "data.validation_fraction": 0.0, "train.max_steps": 2, "lora.r": 2, "train.lr": 1e-2,
+                                "train.save_every": 0, "output_dir": str(out)}))
+        losses[impl] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses["fused"] == pytest.approx(losses["full"], rel=1e-4)
