@@ -33,6 +33,11 @@ OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LOSS_CHOICES = ("fused", "trained", "full")
 
 
+def lite_sft_home() -> Path:
+    """Where lite-sft keeps what it builds and caches: $LITE_SFT_HOME, by default ~/.cache/lite-sft."""
+    return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser()
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message lists every problem found."""
 

@@ -22,13 +22,13 @@ from importlib import resources
 from pathlib import Path
 
 from lite_sft import __version__
-from lite_sft.config import BUILTIN_DATA, DataConfig
+from lite_sft.config import BUILTIN_DATA, DataConfig, lite_sft_home
 
 FORMAT_VERSION = 1
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser() / "cache" / "data"
+    return lite_sft_home() / "cache" / "data"
 
 
 def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str | None:

@@ -27,6 +27,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from lite_sft.config import lite_sft_home
+
 # Bump when anything that shapes the built model changes in code (not data or config: those are
 # hashed into the folder name), so a stale cached folder is never reused.
 RECIPE_VERSION = 1
@@ -173,7 +175,7 @@ def tiny_llama_config(vocab_size: int, *, pad_token_id: int | None = None, eos_t
 
 
 def builtin_home() -> Path:
-    return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser() / "builtin"
+    return lite_sft_home() / "builtin"
 
 
 def builtin_version(records: list[dict]) -> str:

@@ -47,6 +47,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
          on_step: Callable[[int, dict, torch.nn.Module], None] | None = None) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with LoRA and write the run directory; returns the summary."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import set_seed
 
     cfg.validate()
@@ -54,13 +55,11 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     _check_run_dir(run_dir, cfg, resume, overwrite)
 
     # --- setup: everything that can fail on bad input happens before the run directory is touched
-    # cpu=True without CUDA: that is what makes accelerate join a torchrun group over gloo on CPU.
-    from accelerate.state import AcceleratorState
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     # accelerate keeps its precision in a process-wide state and refuses a second one; a notebook or a
     # test suite may tune several models in one process. The distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
+    # cpu=True without CUDA: that is what makes accelerate join a torchrun group over gloo on CPU.
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device_type), cpu=device_type == "cpu")
     main = accelerator.is_main_process
     if cfg.model.offload_activations and accelerator.device.type != "cuda":
