@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lite_sft import data_cache
 from lite_sft.config import BUILTIN_DATA, DataConfig
 from lite_sft.masking import ROLES, DataError, DataStats, Example, Sample, build_examples, ensure_chat_template
 from lite_sft.packing import Row, pack, unpacked_rows
@@ -64,12 +65,10 @@ class PreparedData:
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Load, split, tokenise, mask and pack the training and validation data (cached when `cfg.cache`)."""
-    from lite_sft import data_cache
-
     key = data_cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
     cached = data_cache.load(key)
     if cached is not None:
-        if {cached.format} & set(CHAT_FORMATS):
+        if cached.format in CHAT_FORMATS or cached.added_tokens:
             ensure_chat_template(tokenizer, cfg.chat_template)  # the same change a fresh preparation makes
         return cached
     return data_cache.store(key, _prepare(cfg, tokenizer, seed))
