@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from workload import bpe_tokenizer, save_result, write_chat_data  # beside this script
+from workload import bpe_tokenizer, one_step_run, random_llama, save_result, write_chat_data  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
@@ -45,31 +45,13 @@ def make_export(name: str, work: Path, threads: int) -> Path:
     if (out / "onnx-int4" / "model.onnx").is_file():
         return out  # made by an earlier run of this script
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lite_sft.config import load_config
     from lite_sft.export.quantize import quantize
-    from lite_sft.train import tune
 
     torch.set_num_threads(threads)
-    data = write_chat_data(work / "chats.jsonl")
-    tokenizer = bpe_tokenizer()
-
-    hidden, layers, inter, heads, kv, vocab = SIZES[name]
     base = work / f"base-{name}"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    run = work / f"run-{name}"
-    tune(load_config(None, {
-        "model.name_or_path": str(base), "data.path": str(data), "data.max_seq_len": 64,
-        "data.validation_fraction": 0.1, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-        "train.max_steps": 1, "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_ratio": 0.0,
-        "train.eval_every": 0, "train.save_every": 0, "output_dir": str(run)}), overwrite=True)
+    random_llama(SIZES[name], base, bpe_tokenizer(), max_positions=1024)
+    run = one_step_run(base, write_chat_data(work / "chats.jsonl"), work / f"run-{name}")
     cmd = [sys.executable, "-m", "lite_sft", "export", str(run), "--out", str(out), "--overwrite", "--quantize", "int8"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode:

@@ -32,7 +32,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from workload import bpe_tokenizer, peak_rss, reset_peak, save_result, write_chat_data  # beside this script
+from workload import (bpe_tokenizer, one_step_run, peak_rss, random_llama, reset_peak, save_result,  # beside this script
+                      write_chat_data)
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> Llama dimensions: hidden, layers, intermediate, heads, key-value heads, vocabulary
@@ -83,35 +84,12 @@ def run_child(step: str, threads: int, **paths) -> dict:
 def make_runs(name: str, work: Path, threads: int) -> tuple[int, dict[str, Path]]:
     """A random-weight base of size `name` and two one-step runs on it: LoRA and 4-bit QLoRA."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lite_sft.config import load_config
-    from lite_sft.train import tune
 
     torch.set_num_threads(threads)
     data = write_chat_data(work / "chats.jsonl")
-    tokenizer = bpe_tokenizer()
-
-    hidden, layers, inter, heads, kv, vocab = SIZES[name]
     base = work / f"base-{name}"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    params = model.num_parameters()
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    del model
-    runs = {}
-    for quant in ("none", "4bit"):
-        out = work / f"run-{name}-{quant}"
-        tune(load_config(None, {
-            "model.name_or_path": str(base), "model.quant": quant, "data.path": str(data), "data.max_seq_len": 64,
-            "data.validation_fraction": 0.1, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-            "train.max_steps": 1, "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_ratio": 0.0,
-            "train.eval_every": 0, "train.save_every": 0, "output_dir": str(out)}), overwrite=True)
-        runs[quant] = out
+    params = random_llama(SIZES[name], base, bpe_tokenizer(), max_positions=512)
+    runs = {quant: one_step_run(base, data, work / f"run-{name}-{quant}", quant) for quant in ("none", "4bit")}
     return params, runs
 
 

@@ -47,6 +47,36 @@ def bpe_tokenizer():
     return tokenizer
 
 
+def random_llama(dims: tuple[int, ...], path: Path, tokenizer, max_positions: int) -> int:
+    """Save a random-weight Llama (hidden, layers, intermediate, heads, kv heads, vocabulary) with
+    `tokenizer` into `path`, seeded; returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, inter, heads, kv, vocab = dims
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model.num_parameters()
+
+
+def one_step_run(base: Path, data: Path, out: Path, quant: str = "none") -> Path:
+    """A real run directory from one LoRA step on `base`: what export and serving start from."""
+    from lite_sft.config import load_config
+    from lite_sft.train import tune
+
+    tune(load_config(None, {
+        "model.name_or_path": str(base), "model.quant": quant, "data.path": str(data), "data.max_seq_len": 64,
+        "data.validation_fraction": 0.1, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
+        "train.max_steps": 1, "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_ratio": 0.0,
+        "train.eval_every": 0, "train.save_every": 0, "output_dir": str(out)}), overwrite=True)
+    return out
+
+
 def _status(field: str) -> int | None:
     try:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
