@@ -24,6 +24,11 @@ def _losses(run):
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
+def _grad_norms(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in rows if "grad_norm" in r]
+
+
 def test_two_process_ddp_matches_single_process(tiny_model_dir, chat_jsonl, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     single, ddp = tmp_path / "single", tmp_path / "ddp"
@@ -41,6 +46,8 @@ def test_two_process_ddp_matches_single_process(tiny_model_dir, chat_jsonl, tmp_
     assert len(train_1) == len(train_2) == 3
     assert train_2 == pytest.approx(train_1, rel=1e-4)
     assert val_2 == pytest.approx(val_1, rel=1e-4)
+    # DDP averages gradients over processes; the loop must undo that exactly, not by a factor of the world size.
+    assert _grad_norms(ddp) == pytest.approx(_grad_norms(single), rel=1e-4)
     a = load_file(str(single / "adapter_model.safetensors"))
     b = load_file(str(ddp / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -63,17 +63,64 @@ def test_seeded_loss_regression(tiny_model_dir, chat_jsonl, tmp_path):
     assert len(first) == 4 and first[-1] < first[0]  # it learns something in four steps
 
 
+def grad_norms(run_dir):
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "grad_norm" in json.loads(line)]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, chat_jsonl, tmp_path):
-    """Loss is averaged per trained token across the whole optimiser step (transformers #34191)."""
+    """Loss is averaged per trained token across the whole optimiser step (transformers #34191). The
+    gradient norms are compared too: AdamW's update hardly moves when every gradient is scaled by the same
+    factor, and clipping hides it altogether, so equal losses alone would not catch a wrong scale."""
     runs = {}
     for micro, accum in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"m{micro}a{accum}"
         tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"train.micro_batch_size": micro, "train.grad_accum": accum,
                                                           "data.packing": False}))
-        runs[(micro, accum)] = losses(out)
-    reference = runs[(4, 1)]
-    for key, values in runs.items():
+        runs[(micro, accum)] = losses(out), grad_norms(out)
+    reference, reference_norms = runs[(4, 1)]
+    assert len(reference_norms) == 4 and all(n > 0 for n in reference_norms)
+    for key, (values, norms) in runs.items():
         assert values == pytest.approx(reference, rel=1e-4, abs=1e-5), key
+        assert norms == pytest.approx(reference_norms, rel=1e-4), key
+
+
+def test_logged_gradient_norm_is_the_norm_of_the_mean_token_loss_gradient(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch):
+    """The gradient a step applies is d(mean cross-entropy over the step's trained tokens): checked against
+    a plain full-logits loss on the same rows, so a constant factor anywhere in the loop would show."""
+    import torch.nn.functional as F
+
+    import lite_sft.data
+    import lite_sft.train as train
+    from lite_sft.masking import IGNORE_INDEX
+    from lite_sft.packing import collate
+
+    seen = {}
+    prepare, add_lora, step = lite_sft.data.prepare_data, train.add_lora, torch.optim.AdamW.step
+    monkeypatch.setattr(lite_sft.data, "prepare_data", lambda *a, **k: seen.setdefault("data", prepare(*a, **k)))
+    monkeypatch.setattr(train, "add_lora", lambda *a, **k: seen.setdefault("model", add_lora(*a, **k)))
+
+    def checked_step(self, *args, **kwargs):
+        if "reference" not in seen:
+            model, data = seen["model"], seen["data"]
+            params = [p for p in model.parameters() if p.requires_grad]
+            applied = [p.grad.clone() for p in params]
+            batch = collate([data.train[i] for i in train._rows_for_step(0, len(data.train), 4, 7)], pad_id=0)
+            targets = batch.pop("labels")[:, 1:]
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / (targets != IGNORE_INDEX).sum()
+            grads = torch.autograd.grad(loss, params)
+            seen["reference"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+            for p, g in zip(params, applied):
+                p.grad = g
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", checked_step)
+    out = tmp_path / "run"
+    tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"train.micro_batch_size": 2, "train.grad_accum": 2,
+                                                      "train.max_steps": 1, "model.dtype": "float32"}))
+    assert grad_norms(out)[0] == pytest.approx(seen["reference"], rel=1e-4)
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tiny_model_dir, chat_jsonl, tmp_path):
