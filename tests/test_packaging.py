@@ -26,7 +26,7 @@ def test_wheel_has_one_top_level_name(wheel):
     assert top == {"lite_sft"}
     for module in ("lite_sft/cli.py", "lite_sft/train.py", "lite_sft/export/__init__.py",
                    "lite_sft/serve/__init__.py", "lite_sft/assets/skill_train.jsonl",
-                   "lite_sft/assets/skill_eval.jsonl"):
+                   "lite_sft/assets/skill_eval.jsonl", "lite_sft/tasks/metrics.py"):
         assert module in names
     assert not any(n.startswith(("tests/", "benchmarks/", "export/", "serve/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
