@@ -41,6 +41,8 @@ def render_report(data: PreparedData | list[Example], tokenizer, n: int = 3, col
     lines.append(_counts("training", stats))
     if validation is not None and validation.examples:
         lines.append(_counts("validation", validation))
+    if stats.straddling:
+        lines.append(f"note: {stats.straddling_warning()}")
     return "\n".join(lines)
 
 
@@ -61,4 +63,5 @@ def _counts(split: str, s: DataStats) -> str:
     share = f" ({s.trained_tokens / s.tokens:.0%})" if s.tokens else ""
     return (f"{split}: {s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained tokens{share}; "
             f"truncated {s.truncated}, dropped {s.dropped} (overlong), {s.dropped_untrained} (nothing left to train); "
+            f"{s.straddling} with a token straddling the prompt/answer boundary (trained); "
             f"length p50 {s.length_p50}, p90 {s.length_p90}, p99 {s.length_p99}, max {s.length_max}")

@@ -10,9 +10,13 @@ How the trained tokens are found:
     span is found by rendering prefixes of the conversation: it starts where
     render(messages[:i], add_generation_prompt=True) ends and stops where render(messages[:i+1]) ends
     (trailing whitespace stripped), so it covers the reply and its end-of-turn token.
-  * The whole string is tokenised once with offsets; a token is trained iff its offset start lies
-    inside a trained span. Masking is by position, never by token id: when pad == eos, masking by pad
-    id would teach the model never to stop.
+  * The whole string is tokenised once with offsets; a token is trained iff its characters overlap a
+    trained span. A byte-level BPE (GPT-2, Llama-3, Qwen) joins a prompt's trailing space to the
+    answer's first word ("Answer: " + "Paris" -> 'Answer', ':', 'ĠParis'); that token starts in the
+    prompt but is how the answer begins, so it is trained, and the example is counted as straddling
+    (DataStats.straddling): at inference the prompt ends in a space the model never saw before an answer.
+    Masking is by position, never by token id: when pad == eos, masking by pad id would teach the
+    model never to stop.
   * The first token of every example is never trained: nothing before it in the example predicts it,
     and it keeps packed examples from training across their boundary.
 
@@ -70,6 +74,8 @@ class Example:
     labels: list[int]
     source: str = ""
     truncated: bool = False
+    straddling: bool = False
+    """A token crosses the edge of a trained span (a prompt that ends in a space, say); it is trained."""
 
     @property
     def num_trained(self) -> int:
@@ -89,10 +95,24 @@ class DataStats:
     """Examples longer than max_seq_len dropped because overlong = "drop"."""
     dropped_untrained: int = 0
     """Examples truncated until no trained token was left, and so dropped."""
+    straddling: int = 0
+    """Examples with a token that crosses the prompt/answer boundary (trained; see the module docstring)."""
     length_p50: int = 0
     length_p90: int = 0
     length_p99: int = 0
     length_max: int = 0
+
+    def straddling_warning(self) -> str:
+        """What to tell the user when some example straddles (see `straddling`); empty when none does."""
+        if not self.straddling:
+            return ""
+        return (f"{self.straddling} of {self.examples} examples have a token that straddles the prompt/answer "
+                "boundary: the prompt (or the chat template's generation prompt) ends in whitespace that the "
+                "answer's first token takes in, as 'Answer: ' + 'Paris' gives 'Answer', ':', ' Paris'. That token "
+                "is trained, but at inference the prompt ends in that whitespace as a token of its own, which the "
+                "model never saw before an answer. Move whitespace from the end of the prompts to the start of the "
+                "completions, strip it from the start of the replies, or use a chat template whose generation "
+                "prompt does not end in a space.")
 
 
 def ensure_chat_template(tokenizer, override: str | None = None) -> bool:
@@ -137,7 +157,8 @@ def tokenize_sample(sample: Sample, tokenizer, train_on_prompt: bool = False,
     # Completions and raw text start with BOS where the tokenizer adds one; chat templates write their own.
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    trained = [train_on_prompt or _inside(start, end, spans) for start, end in offsets]
+    trained = [train_on_prompt or _overlaps(start, end, spans) for start, end in offsets]
+    straddling = any(_crosses(start, end, spans) for start, end in offsets)
 
     eos_id, last_start, last_end = tokenizer.eos_token_id, *spans[-1]
     if ids and ids[-1] == eos_id and offsets[-1][0] == offsets[-1][1]:
@@ -150,12 +171,20 @@ def tokenize_sample(sample: Sample, tokenizer, train_on_prompt: bool = False,
     labels = [tok if train else IGNORE_INDEX for tok, train in zip(ids, trained)]
     if labels:
         labels[0] = IGNORE_INDEX
-    return Example(ids, labels, sample.source)
+    return Example(ids, labels, sample.source, straddling=straddling)
 
 
-def _inside(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+# Overlap, not TRL SFTTrainer's rule (leave untrained as many tokens as the prompt alone tokenises to,
+# warning when those differ): the prompt alone ends in a token of its own there ('Answer', ':', 'Ġ'),
+# so that rule leaves 'ĠParis' untrained as well, and it needs a second tokenisation per turn. Overlap
+# reads the answer off the one tokenisation, for every turn and at either edge of a span.
+def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
     # Zero-width tokens are ones the tokenizer inserted (BOS), never text that was written.
-    return end > start and any(s <= start < e for s, e in spans)
+    return end > start and any(start < e and s < end for s, e in spans)
+
+
+def _crosses(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start < edge < end for span in spans for edge in span)
 
 
 def _render_chat(sample: Sample, tokenizer, system_prompt: str | None) -> tuple[str, list[tuple[int, int]]]:
@@ -215,7 +244,8 @@ def build_examples(samples: list[Sample], tokenizer, cfg: DataConfig) -> tuple[l
             if cfg.overlong == "drop":
                 stats.dropped += 1
                 continue
-            ex = Example(ex.input_ids[:cfg.max_seq_len], ex.labels[:cfg.max_seq_len], ex.source, truncated=True)
+            ex = Example(ex.input_ids[:cfg.max_seq_len], ex.labels[:cfg.max_seq_len], ex.source, truncated=True,
+                         straddling=ex.straddling)
             if ex.num_trained == 0:
                 stats.dropped_untrained += 1
                 continue
@@ -229,6 +259,7 @@ def _finish_stats(stats: DataStats, examples: list[Example], lengths: list[int])
     stats.examples = len(examples)
     stats.tokens = sum(len(ex.input_ids) for ex in examples)
     stats.trained_tokens = sum(ex.num_trained for ex in examples)
+    stats.straddling = sum(ex.straddling for ex in examples)
     ordered = sorted(lengths)
     stats.length_p50, stats.length_p90, stats.length_p99 = (percentile(ordered, p) for p in (50, 90, 99))
     stats.length_max = ordered[-1] if ordered else 0

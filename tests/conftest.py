@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
@@ -77,6 +77,86 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
                                         unk_token="<unk>")
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
+
+
+# The pre-tokenizer patterns of Llama-3 (digits in runs of up to three) and Qwen2 (single digits), as in
+# their tokenizer.json. Unlike GPT-2's, they let a space or punctuation lead a word (" Paris", "?Paris") and
+# a run of newlines swallow the whitespace before it, so more tokens cross a prompt/answer boundary.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama-3-Instruct's template, less its date and tool handling: the reply is trimmed, and the generation
+# prompt ends in a blank line.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# Words the byte-level tokenizers below learn whole, so that expected token lists stay short.
+QA_CORPUS = ["Question: what is the capital of France? Answer: Paris", "Question: and of Italy?\nAnswer: Rome",
+             "Answer: 1\n\nAnswer: 42", "hello there, how are you?", "I am fine, thanks.",
+             "user\nassistant\nsystem", "\n\n"] * 20
+
+
+def byte_level_bpe(pattern: str | None, specials: list[str]) -> Tokenizer:
+    """A byte-level BPE trained on QA_CORPUS; `pattern` None splits words with GPT-2's own regex."""
+    tok = Tokenizer(models.BPE())
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(QA_CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def _llama3_json() -> str:
+    tok = byte_level_bpe(LLAMA3_PATTERN, LLAMA3_SPECIALS)
+    # Llama-3 offsets are untrimmed (trim_offsets=False), and every plain text starts with BOS.
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+            ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])])
+    return tok.to_str()
+
+
+@pytest.fixture(scope="session")
+def _qwen2_json() -> str:
+    tok = byte_level_bpe(QWEN2_PATTERN, ["<|endoftext|>"])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # and no BOS, as Qwen2
+    return tok.to_str()
+
+
+@pytest.fixture
+def llama3_tokenizer(_llama3_json) -> PreTrainedTokenizerFast:
+    """Llama-3 style: byte-level BPE with its pattern, BOS on plain text, eos <|eot_id|>, its own template."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_llama3_json),
+                                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        pad_token="<|end_of_text|>")
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def qwen2_tokenizer(_qwen2_json) -> PreTrainedTokenizerFast:
+    """Qwen2 style: byte-level BPE with its pattern, no BOS, eos <|endoftext|>, and no chat template or
+    ChatML tokens, so that conversations get the default ChatML template and its tokens are added."""
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_qwen2_json), eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture
+def gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2 style on QA_CORPUS: GPT-2's regex joins a space to the word or number after it ("Answer: 1" ->
+    'Answer', ':', 'Ġ1'), but never whitespace to a newline; no BOS, eos <|endoftext|>, no chat template."""
+    tok = byte_level_bpe(None, ["<|endoftext|>"])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -250,10 +250,23 @@ def test_report_marks_trained_text_and_shows_counts(tmp_path, tokenizer):
     assert "<|im_start|> user hello <|im_end|> <|im_start|> assistant«hi <|im_end|> </s>»" in plain
     assert "--- example 2" not in plain
     assert ("training: 2 examples, 18 tokens, 6 trained tokens (33%); truncated 0, dropped 0 (overlong), "
-            "0 (nothing left to train); length p50 9, p90 9, p99 9, max 9") in plain
+            "0 (nothing left to train); 0 with a token straddling the prompt/answer boundary (trained); "
+            "length p50 9, p90 9, p99 9, max 9") in plain
+    assert "note:" not in plain
     colored = render_report(prepared.train_examples, tokenizer, n=5, color=True)
     assert "\x1b[32mhi <|im_end|> </s>\x1b[0m" in colored and "--- example 2" in colored
     assert str(IGNORE_INDEX) in colored
+
+
+def test_report_shows_the_answers_first_token_trained_and_counts_the_straddling_example(tmp_path, gpt2_tokenizer):
+    # GPT-2's regex joins "Answer: " and "1" into 'Ġ1': it is trained, and the example counted.
+    path = jsonl(tmp_path / "d.jsonl", {"prompt": "Answer: ", "completion": "1"},
+                 {"prompt": "Answer:", "completion": " 1"})
+    plain = render_report(prepare_data(DataConfig(path=path, validation_fraction=0.0), gpt2_tokenizer, seed=0),
+                          gpt2_tokenizer, n=2)
+    assert plain.count("Answer:« 1<|endoftext|>»") == 2
+    assert "1 with a token straddling the prompt/answer boundary (trained)" in plain
+    assert "note: 1 of 2 examples have a token that straddles the prompt/answer boundary" in plain
 
 
 def test_prepared_data_is_cached_and_the_cache_follows_its_inputs(tmp_path, tokenizer, tokenizer_factory, data_cache_dir,
