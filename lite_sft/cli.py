@@ -225,12 +225,10 @@ def inspect_data(
         cfg.validate()
         from .data import prepare_data
         from .inspect_data import render_report
-        from .masking import ensure_chat_template
         from .model import load_tokenizer, resolve_model_path
 
         tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-        ensure_chat_template(tokenizer, cfg.data.chat_template)
-        prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)  # templates the tokenizer if needed
     except _expected_errors() as err:
         _fail(err)
     use_color = sys.stdout.isatty() if color is None else color

@@ -6,6 +6,10 @@
     data.train_stats, data.format            # counts for the log; the format that was read
     data.added_tokens                        # True: resize the model's embedding to len(tokenizer)
 
+prepare_data is the one place that gives the tokenizer a chat template, and only for conversational
+data (alpaca, messages, sharegpt): prompt_completion and text are tokenised as written, so a tokenizer
+without a template of its own gets no ChatML tokens added for them.
+
 Sources: a .jsonl/.json/.csv/.parquet file, a folder written by `datasets` save_to_disk, a hub data
 set id, or `builtin:skill` (the bundled offline set). Formats (named, or detected from every record's
 keys): alpaca, messages, sharegpt, prompt_completion, text. Every problem raises DataError naming the
@@ -60,16 +64,23 @@ class PreparedData:
     """The unpacked training examples, for `lite-sft inspect-data`."""
     validation_examples: list[Example] = field(repr=False, default_factory=list)
     added_tokens: bool = False
-    """The default chat template's tokens were added: resize the model's token embedding."""
+    """This call added the default chat template's tokens to the tokenizer: resize the model's token embedding."""
+    chat_template_used: bool = False
+    """A split is conversational, so the tokenizer was given its chat template (see ensure_chat_template)."""
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    """Load, split, tokenise, mask and pack the training and validation data (cached when `cfg.cache`)."""
+    """Load, split, tokenise, mask and pack the training and validation data (cached when `cfg.cache`).
+
+    Gives `tokenizer` its chat template when the data is conversational; `added_tokens` is True exactly
+    when that added tokens to `tokenizer`, from the cache as well as freshly prepared.
+    """
     key = data_cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
     cached = data_cache.load(key)
     if cached is not None:
-        if cached.format in CHAT_FORMATS or cached.added_tokens:
-            ensure_chat_template(tokenizer, cfg.chat_template)  # the same change a fresh preparation makes
+        # The key covers the tokenizer as given, so it is as the entry's was before preparing: make the
+        # change a fresh preparation made, and say what it did to this tokenizer.
+        cached.added_tokens = cached.chat_template_used and ensure_chat_template(tokenizer, cfg.chat_template)
         return cached
     return data_cache.store(key, _prepare(cfg, tokenizer, seed))
 
@@ -84,9 +95,8 @@ def _prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         validation_fmt, validation = load_samples(BUILTIN_DATA, cfg.format, cfg.split, role="validation")
     else:
         train, validation = split_validation(train, cfg.validation_fraction, seed)
-    added = False
-    if {fmt, validation_fmt} & set(CHAT_FORMATS):
-        added = ensure_chat_template(tokenizer, cfg.chat_template)
+    chat = bool({fmt, validation_fmt} & set(CHAT_FORMATS))
+    added = chat and ensure_chat_template(tokenizer, cfg.chat_template)
     train_examples, train_stats = _examples(train, tokenizer, cfg, "training")
     validation_examples, validation_stats = (_examples(validation, tokenizer, cfg, "validation")
                                              if validation else ([], DataStats()))
@@ -95,7 +105,7 @@ def _prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         return pack(examples, cfg.max_seq_len) if cfg.packing else unpacked_rows(examples)
 
     return PreparedData(rows(train_examples), rows(validation_examples), train_stats, validation_stats, fmt,
-                        train_examples, validation_examples, added)
+                        train_examples, validation_examples, added, chat)
 
 
 def _examples(samples: list[Sample], tokenizer, cfg: DataConfig, split: str) -> tuple[list[Example], DataStats]:

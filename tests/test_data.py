@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 
 import datasets
@@ -10,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from lite_sft import data as data_module
+from lite_sft import data_cache
 from lite_sft.config import BUILTIN_DATA, DataConfig
 from lite_sft.data import load_samples, prepare_data, split_validation
 from lite_sft.inspect_data import render_report
-from lite_sft.masking import IGNORE_INDEX, DataError, Sample
+from lite_sft.masking import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, DataError, Sample
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
 PC = {"prompt": "what is two plus two", "completion": " four"}
@@ -180,6 +182,10 @@ def test_missing_file_and_unsupported_extension(tmp_path):
 
 # --- prepare_data ---------------------------------------------------------------------------------
 
+def no_tokenising(*args, **kwargs):
+    raise AssertionError("tokenised again although the inputs did not change")
+
+
 def many(n: int) -> list[dict]:
     return [{"prompt": "what is two plus two", "completion": " four" * (i % 3 + 1)} for i in range(n)]
 
@@ -240,6 +246,56 @@ def test_chat_data_gets_the_default_template_and_reports_added_tokens(tmp_path, 
     assert prepared.train_examples[0].input_ids[:2] == [im_start, tok.convert_tokens_to_ids("system")]
 
 
+@pytest.mark.parametrize("record", [PC, {"text": "hello there"}])
+def test_plain_data_gets_no_template_and_no_tokens(tmp_path, tokenizer_factory, record):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", record), validation_fraction=0.0)
+    for _ in ("fresh", "from the cache"):
+        tok = tokenizer_factory(chat_template=None, chatml=False)
+        size = len(tok)
+        prepared = prepare_data(cfg, tok, seed=0)
+        assert (prepared.added_tokens, tok.chat_template, len(tok)) == (False, None, size)
+
+
+def test_a_cache_hit_templates_a_fresh_tokenizer_as_preparing_did(tmp_path, tokenizer_factory, monkeypatch):
+    cfg = DataConfig(path=jsonl(tmp_path / "d.jsonl", CHAT), validation_fraction=0.0)
+    first = tokenizer_factory(chat_template=None, chatml=False)
+    assert prepare_data(cfg, first, seed=0).added_tokens
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "build_examples", no_tokenising)
+        fresh = tokenizer_factory(chat_template=None, chatml=False)
+        assert prepare_data(cfg, fresh, seed=0).added_tokens
+    assert fresh.get_vocab() == first.get_vocab()
+    assert fresh.chat_template == first.chat_template == DEFAULT_CHAT_TEMPLATE
+
+    # Text to train on, a conversation to validate on: the template is needed though the format is text.
+    cfg = DataConfig(path=jsonl(tmp_path / "t.jsonl", {"text": "hello there"}),
+                     validation_path=jsonl(tmp_path / "v.jsonl", CHAT))
+    prepared = prepare_data(cfg, tokenizer_factory(chat_template=None), seed=0)  # has the ChatML tokens: none added
+    assert (prepared.format, prepared.added_tokens) == ("text", False)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "build_examples", no_tokenising)
+        fresh = tokenizer_factory(chat_template=None)
+        assert prepare_data(cfg, fresh, seed=0).added_tokens is False
+    assert fresh.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_inspect_data_adds_no_template_tokens_for_plain_data(tmp_path, gpt2_tokenizer, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lite_sft import model
+    from lite_sft.cli import app
+
+    gpt2_tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{}")  # a model folder; inspect-data reads only the tokenizer
+    loaded = []
+    load_tokenizer = model.load_tokenizer
+    monkeypatch.setattr(model, "load_tokenizer", lambda *args: loaded.append(load_tokenizer(*args)) or loaded[-1])
+    result = CliRunner().invoke(app, ["inspect-data", "--data", jsonl(tmp_path / "d.jsonl", PC), "--model",
+                                      str(tmp_path / "m"), "--validation-fraction", "0", "--no-color"])
+    assert result.exit_code == 0, result.output
+    assert (len(loaded[0]), loaded[0].chat_template) == (len(gpt2_tokenizer), None)
+
+
 # --- inspect-data report --------------------------------------------------------------------------
 
 def test_report_marks_trained_text_and_shows_counts(tmp_path, tokenizer):
@@ -278,33 +334,52 @@ def test_prepared_data_is_cached_and_the_cache_follows_its_inputs(tmp_path, toke
     first = prepare_data(cfg, tokenizer, seed=0)
     assert len(list(data_cache_dir.glob("*.pkl"))) == 1
 
-    def no_tokenising(*args, **kwargs):
-        raise AssertionError("tokenised again although the inputs did not change")
-
     monkeypatch.setattr(data_module, "build_examples", no_tokenising)
     again = prepare_data(cfg, tokenizer, seed=0)
-    assert again.train == first.train and again.train_stats == first.train_stats
+    assert (again.train, again.validation, again.train_examples, again.train_stats, again.format) == (
+        first.train, first.validation, first.train_examples, first.train_stats, first.format)
 
-    # Any input that changes the rows misses the cache: the file's bytes, a data setting, the tokenizer.
+    # Any input that changes the rows misses the cache: the file's bytes, a data setting, the tokenizer, the code.
     for changed_cfg, changed_tokenizer in (
         (DataConfig(path=str(path), validation_fraction=0.0, train_on_prompt=True), tokenizer),
         (cfg, tokenizer_factory(eos="<|im_end|>", pad="<|im_end|>")),
     ):
         with pytest.raises(AssertionError, match="tokenised again"):
             prepare_data(changed_cfg, changed_tokenizer, seed=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_cache, "code_digest", lambda: b"the labels are built another way")
+        with pytest.raises(AssertionError, match="tokenised again"):
+            prepare_data(cfg, tokenizer, seed=0)
     path.write_text(path.read_text().replace("hi how", "hi there how"))
     with pytest.raises(AssertionError, match="tokenised again"):
         prepare_data(cfg, tokenizer, seed=0)
 
 
-def test_a_damaged_cache_entry_is_rebuilt_and_cache_off_writes_nothing(tmp_path, tokenizer, data_cache_dir):
+def test_the_code_digest_follows_the_source_of_the_modules_that_build_rows(tmp_path):
+    for name in data_cache.CODE_FILES:
+        (tmp_path / name).write_bytes((Path(data_cache.__file__).parent / name).read_bytes())
+    assert data_cache.source_digest(tmp_path) == data_cache.source_digest(Path(data_cache.__file__).parent)
+    for name in data_cache.CODE_FILES:
+        before = data_cache.source_digest(tmp_path)
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "# a change\n")
+        assert data_cache.source_digest(tmp_path) != before
+
+
+def test_a_damaged_or_foreign_cache_entry_is_rebuilt_and_says_so(tmp_path, tokenizer, data_cache_dir, caplog):
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"prompt": "hello there", "completion": "hi"}) + "\n")
     cfg = DataConfig(path=str(path), validation_fraction=0.0)
     fresh = prepare_data(cfg, tokenizer, seed=0)
     (entry,) = data_cache_dir.glob("*.pkl")
-    entry.write_bytes(b"not a pickle")
-    assert prepare_data(cfg, tokenizer, seed=0).train == fresh.train
+    for content, why in ((b"not a pickle", "it cannot be read (UnpicklingError"),
+                         (pickle.dumps({"code": b"older", "data": fresh}), "other lite-sft code wrote it")):
+        entry.write_bytes(content)
+        caplog.clear()
+        assert prepare_data(cfg, tokenizer, seed=0).train == fresh.train
+        assert f"data cache: rebuilding {entry}: {why}" in caplog.text
+        caplog.clear()
+        prepare_data(cfg, tokenizer, seed=0)  # rebuilt, so read back without a word
+        assert caplog.text == ""
     entry.unlink()
     prepare_data(DataConfig(path=str(path), validation_fraction=0.0, cache=False), tokenizer, seed=0)
     assert not list(data_cache_dir.glob("*.pkl"))
