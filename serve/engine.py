@@ -9,7 +9,8 @@ rows) and runs them as one left-padded batch through generate(); while it runs, 
 the next batch. Batch 1 decode is bound by reading the weights once per token, so a batch of 8 costs
 little more per step than one and throughput grows with load (benchmarks/results/serve-*.json). Requests
 do not join a batch already running (no continuous batching): a short request that arrives during a long
-one waits for it, which `max_batch` and the request timeout bound.
+one waits for it, which `max_batch` and the request timeout bound. A waiting request that is cancelled (its
+client left or timed out) leaves the queue at once: `max_queue` counts only requests someone still waits for.
 
 One worker, one model: onnxruntime and torch release the GIL while they compute, so the asyncio loop keeps
 answering (health, metrics, new requests and 429s) while a batch runs.
@@ -23,6 +24,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import ServeError
 from .generate import Event, SamplingParams, generate
@@ -37,7 +39,7 @@ class QueueFull(ServeError):
     """Too many requests are waiting; the client should retry later."""
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity: the queue removes exactly the one cancelled
 class Job:
     """One request: its rows, and the events the worker sends back to the request's event loop."""
 
@@ -48,6 +50,8 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
+    withdraw: Callable[[Job], None] | None = field(default=None, repr=False)
+    """Takes the job out of its engine's queue (set by Engine.submit)."""
 
     def put(self, item) -> None:
         """From the worker thread: hand an (index, Event) or an exception to the waiting request."""
@@ -57,8 +61,11 @@ class Job:
             self.cancelled = True
 
     def cancel(self) -> None:
-        """The client went away or timed out: the worker drops these rows at its next step."""
+        """The client went away or timed out: a waiting job leaves the queue now (its place goes to the next
+        client), a running one's rows are dropped at the worker's next step."""
         self.cancelled = True
+        if self.withdraw is not None:
+            self.withdraw(self)
 
     def __aiter__(self):
         return self._events()
@@ -106,7 +113,7 @@ class Engine:
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], loop=None) -> Job:
         if len(prompts) > self.max_batch:
             raise ServeError(f"{len(prompts)} choices in one request: at most {self.max_batch} (the batch size)")
-        job = Job(prompts, params, loop or asyncio.get_running_loop())
+        job = Job(prompts, params, loop or asyncio.get_running_loop(), withdraw=self._withdraw)
         with self._cond:
             if self._stopping:
                 raise ServeError("the server is shutting down")
@@ -116,6 +123,13 @@ class Engine:
             self._waiting.append(job)
             self._cond.notify()
         return job
+
+    def _withdraw(self, job: Job) -> None:
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:  # already taken by the worker, or withdrawn before
+                pass
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking work, fail what waits, let the running batch end (its rows are cancelled)."""
