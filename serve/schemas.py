@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI-compatible endpoints, as pydantic models; FastAPI validates against them and
-publishes them in /openapi.json (which the fuzz test generates requests from).
+publishes them in /openapi.json (which the fuzz test generates requests from). And the one error body every
+failure answers with, OpenAI's {"error": {"message", "type", "param", "code"}} (ApiError).
 
     curl -s 127.0.0.1:8000/openapi.json | python -m json.tool | less
 
@@ -11,8 +12,11 @@ client sends them with extra_body).
 
 from __future__ import annotations
 
+import json
 from typing import Literal, Optional, Union
 
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
@@ -20,7 +24,9 @@ MAX_CHOICES = 8
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: a value is taken only as the type /openapi.json states; pydantic would otherwise read `true` as
+    # 1 in a token list or "yes" as stream, serving a request the schema (and OpenAI) calls invalid.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(Strict):
@@ -86,3 +92,29 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
+
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # ASCII JSON: a field name the client sent with a lone surrogate in it must not fail to encode.
+        return Response(json.dumps(body), status_code=self.status, headers=self.headers, media_type="application/json")
+
+
+def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in err.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"unknown or unsupported field {'.'.join(loc)!r}")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+        param = param or (".".join(loc) or None)
+    return "; ".join(dict.fromkeys(parts)) or "invalid request", param

@@ -9,7 +9,9 @@ GET /v1/models, /health, /metrics (Prometheus text) and /openapi.json. With an A
 `Authorization: Bearer KEY`. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
 400 for a request that cannot be served as asked (bad JSON, unknown field, value out of range, prompt over
 the context), 401 without the key, 404 for another model's name, 429 when the queue is full, 504 when a
-request outlives its timeout. A client that disconnects, streaming or not, has its rows dropped from the batch.
+request outlives its timeout. A client that disconnects, streaming or not, has its rows dropped from the batch,
+or its place in the queue given up if it was still waiting. Prompts are tokenised and chat templates rendered
+on a few threads of their own, so a long prompt never holds up the event loop (health, metrics, streams).
 """
 
 from __future__ import annotations
@@ -17,26 +19,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from . import ServeError
 from .engine import Engine, QueueFull
 from .generate import SamplingParams
-from .schemas import ChatRequest, CompletionRequest, Sampling
+from .schemas import ApiError, ChatRequest, CompletionRequest, Sampling, validation_message
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is refused before tokenising
+TOKENIZE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -54,32 +59,6 @@ class ServerSettings:
     max_queue: int = 32
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
-
-    def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        # ASCII JSON: a field name the client sent with a lone surrogate in it must not fail to encode.
-        return Response(json.dumps(body), status_code=self.status, headers=self.headers, media_type="application/json")
-
-
-def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
-    for e in err.errors():
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        if e.get("type") == "json_invalid":
-            return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-        if e.get("type") == "extra_forbidden":
-            parts.append(f"unknown or unsupported field {'.'.join(loc)!r}")
-        else:
-            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
-        param = param or (".".join(loc) or None)
-    return "; ".join(dict.fromkeys(parts)) or "invalid request", param
-
-
 def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int] | None = None) -> FastAPI:
     from contextlib import asynccontextmanager
 
@@ -93,10 +72,18 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     first_token = Histogram("lite_sft_time_to_first_token_seconds", "Request start to first token", registry=registry)
     latency = Histogram("lite_sft_request_seconds", "Request start to last token", registry=registry)
     routes = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    # The key as the bytes a client sends for it; a key from argv or the environment whose bytes are not UTF-8
+    # (Python holds those as surrogate escapes) becomes those very bytes again.
+    key = settings.api_key.encode("utf-8", "surrogateescape") if settings.api_key else None
+    # Tokenising a context's worth of text, or rendering a chat template over it, takes long enough to stall
+    # every other request if done on the event loop. A pool of its own bounds the threads: a flood of
+    # prompts waits here for one, it does not start a thread each.
+    tokenizing = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="lite-sft-tokenize")
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
+        tokenizing.shutdown(wait=False, cancel_futures=True)
         engine.close()
 
     app = FastAPI(title="lite-sft", summary="OpenAI-compatible completions over an exported model",
@@ -105,22 +92,16 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     bearer = HTTPBearer(auto_error=False)
 
     def auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not (credentials and secrets.compare_digest(credentials.credentials, settings.api_key)):
+        # Starlette decodes header bytes as latin-1, so encoding back gives the bytes the client sent; compared
+        # as bytes, since compare_digest refuses str holding anything but ASCII (a TypeError, so a 500).
+        sent = credentials.credentials.encode("latin-1") if credentials else b""
+        if not (credentials and secrets.compare_digest(sent, key)):
             raise ApiError(401, "missing or incorrect API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
 
     # Only a server with a key declares one in its OpenAPI schema: the schema describes this server as it runs.
     keyed = [Depends(auth)] if settings.api_key else []
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        route = request.url.path if request.url.path in routes else "other"
-        try:
-            response = await call_next(request)
-        except Exception:
-            requests.labels(route, "500").inc()  # the handler below answers it
-            raise
-        requests.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, counter=requests, routes=routes)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, err: ApiError):
@@ -128,7 +109,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, err: RequestValidationError):
-        message, param = _validation_message(err)
+        message, param = validation_message(err)
         return ApiError(400, message, param=param).response()
 
     @app.exception_handler(HTTPException)
@@ -160,20 +141,36 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
             raise ApiError(400, f"the prompt is {chars} characters, far over the context of {context} tokens",
                            param=param, code="context_length_exceeded")
 
-    def encode(text: str) -> list[int]:
-        check_chars(len(text), "prompt")
+    def begin(body: Sampling) -> tuple[float, float]:
+        """(start, deadline) of a request: its time runs from here, tokenising included."""
+        if body.model not in (None, settings.model_name):
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        return time.perf_counter(), asyncio.get_running_loop().time() + settings.timeout_s
+
+    async def off_loop(work, deadline: float):
+        """work() on a tokenizing thread; an ApiError it raises reaches the client as it would from here."""
+        loop = asyncio.get_running_loop()
         try:
-            return tokenizer(text)["input_ids"]
+            return await asyncio.wait_for(loop.run_in_executor(tokenizing, work), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "the request did not finish within the server's timeout", "timeout",
+                           code="timeout") from None
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        try:
+            return [tokenizer(text)["input_ids"] for text in texts]
         except Exception as err:  # noqa: BLE001  (the Rust tokenizer refuses e.g. lone surrogates)
             raise ApiError(400, f"the prompt cannot be tokenised: {err}", param="prompt") from err
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
-        p = body.prompt
-        if isinstance(p, str):
-            prompts = [encode(p)]
-        elif all(isinstance(x, str) for x in p):
-            prompts = [encode(x) for x in p]
+        start, deadline = begin(body)
+        p = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if all(isinstance(x, str) for x in p):
+            for text in p:
+                check_chars(len(text), "prompt")
+            prompts = await off_loop(lambda: encode(p), deadline)
         elif all(isinstance(x, int) for x in p):
             prompts = [list(p)]
         else:
@@ -183,30 +180,30 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
                 raise ApiError(400, "a prompt is empty (no tokens)", param="prompt")
             if any(not 0 <= t < backend.vocab_size for t in ids):
                 raise ApiError(400, f"token ids must lie in [0, {backend.vocab_size})", param="prompt")
-        return await respond(request, body, prompts, body.max_tokens or 16, "max_tokens", chat=False)
+        return await respond(request, body, prompts, body.max_tokens or 16, "max_tokens", False, start, deadline)
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
-    async def chat(body: ChatRequest, request: Request):
-        if not tokenizer.chat_template:
-            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        check_chars(sum(len(m["content"]) for m in messages), "messages")
+    def render(messages: list[dict]) -> list[int]:
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as err:  # noqa: BLE001  (jinja's TemplateError, or the template's raise_exception)
             raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from err
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat(body: ChatRequest, request: Request):
+        start, deadline = begin(body)
+        if not tokenizer.chat_template:
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        check_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = await off_loop(lambda: render(messages), deadline)
         asked = body.max_completion_tokens or body.max_tokens
         limit = asked or max(1, min(settings.default_max_tokens, context - len(ids)))
         return await respond(request, body, [ids], limit, "max_completion_tokens" if body.max_completion_tokens
-                             else "max_tokens", chat=True)
+                             else "max_tokens", True, start, deadline)
 
     async def respond(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int, field: str,
-                      chat: bool):
-        start = time.perf_counter()
-        if body.model not in (None, settings.model_name):
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
-                           param="model", code="model_not_found")
+                      chat: bool, start: float, deadline: float):
         for ids in prompts:
             if len(ids) + max_tokens > context:
                 raise ApiError(400, f"this model's maximum context length is {context} tokens; the request asks "
@@ -231,7 +228,6 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        deadline = asyncio.get_running_loop().time() + settings.timeout_s
         state = {"first": None}
 
         def on_token() -> None:
@@ -244,8 +240,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _stream(job, request, deadline, head, chat, len(rows), usage, include_usage, on_token,
                              lambda: latency.observe(time.perf_counter() - start))
-            return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(job, stream, media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, reasons = [""] * len(rows), ["length"] * len(rows)
 
         async def consume():
@@ -268,6 +264,46 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
         return {**head, "choices": choices, "usage": usage}
 
     return app
+
+
+class _CountRequests:
+    """Requests by route and status. Plain ASGI rather than @app.middleware("http"): Starlette's
+    BaseHTTPMiddleware wraps `receive` so that Request.is_disconnected() never sees a client leave, and a
+    client that gave up must free its place in the queue."""
+
+    def __init__(self, app, counter, routes: set[str]):
+        self.app, self.counter, self.routes = app, counter, routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = "500"  # unless a response starts: an exception reaches the crash handler, which answers 500
+
+        async def counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.counter.labels(scope["path"] if scope["path"] in self.routes else "other", status).inc()
+
+
+class _JobStream(StreamingResponse):
+    """A streamed answer that gives up its job however the response ends, even when the client left before the
+    body began (then the event generator never starts, and its own cleanup never runs)."""
+
+    def __init__(self, job, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 async def _watch(request: Request, job, task: asyncio.Task | None = None) -> None:

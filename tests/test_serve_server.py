@@ -148,6 +148,8 @@ def test_errors_have_openai_shape(server, client):
     status, error = post("/v1/completions", {"prompt": [5] * 300, "max_tokens": 1})
     assert status == 400 and error["code"] == "context_length_exceeded"
     assert post("/v1/completions", {"prompt": [10**9]})[0] == 400
+    for wrong_type in ({"prompt": [True]}, {"prompt": "hi", "stream": "yes"}, {"prompt": "hi", "n": True}):
+        assert post("/v1/completions", wrong_type)[0] == 400, wrong_type  # as typed in /openapi.json, no coercion
     assert post("/v1/completions", {"prompt": "hi", "temperature": 3})[0] == 400
     assert post("/v1/chat/completions", {"messages": []})[0] == 400
     assert post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})[0] == 400
@@ -173,6 +175,21 @@ def test_health_metrics_and_api_key(server, onnx_dir, tokenizer):
         assert httpx.get(url + "/health").status_code == 200
         keyed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        # Header bytes arrive decoded as latin-1: a non-ASCII key is a wrong key (401), never a crash (500).
+        for sent in ("Bearer sécret".encode(), "Bearer sécret".encode("latin-1"), b"Bearer \xff"):
+            assert httpx.post(url + "/v1/completions", json=body, headers={"Authorization": sent}).status_code == 401
+
+
+def test_a_non_ascii_api_key(onnx_dir, tokenizer):
+    with running(onnx_dir, tokenizer, api_key="clé-ключ") as (url, _):
+        def status(header: bytes) -> int:
+            body = {"prompt": "hi", "max_tokens": 2}
+            return httpx.post(url + "/v1/completions", json=body, headers={"Authorization": header}).status_code
+
+        assert status(b"Bearer nope") == 401 and status("Bearer clé".encode("latin-1")) == 401
+        assert status("Bearer clé-ключ".encode()) == 200  # the key's UTF-8 bytes, as curl sends them
+        r = httpx.get(url + "/v1/models", headers={"Authorization": b"Bearer cl\xc3"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_queue_full_is_429_and_a_slow_request_times_out(onnx_dir, tokenizer):
@@ -210,6 +227,86 @@ def test_client_disconnect_mid_stream_stops_generation(onnx_dir, tokenizer):
         generated = engine.tokens._value.get()
         assert generated < 100  # 200 were asked; the row left the batch when the client went away
         assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+class Held:
+    """A tokenizer that blocks in encoding and chat-template rendering until the test releases it, as a prompt of
+    a whole context's text does for a while: the server must answer other requests meanwhile."""
+
+    def __init__(self, inner):
+        self.inner, self.entered, self.released = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _hold(self):
+        self.entered.set()
+        self.released.wait(10)
+
+    def __call__(self, *args, **kwargs):
+        self._hold()
+        return self.inner(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self._hold()
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+
+def test_tokenising_does_not_hold_up_other_requests(onnx_dir, tokenizer):
+    held = Held(tokenizer)
+    with running(onnx_dir, held) as (url, _):
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for path, body in [("/v1/completions", {"prompt": "hello", "max_tokens": 2}), ("/v1/chat/completions", chat)]:
+            held.entered.clear(), held.released.clear()
+            answers = []
+            asker = threading.Thread(target=lambda: answers.append(httpx.post(url + path, json=body, timeout=30)))
+            asker.start()
+            assert held.entered.wait(10)
+            try:
+                start = time.monotonic()
+                assert httpx.get(url + "/health", timeout=3).json()["status"] == "ok"
+                assert httpx.get(url + "/metrics", timeout=3).status_code == 200
+                assert time.monotonic() - start < 1.5
+            finally:
+                held.released.set()
+                asker.join()
+            assert answers[0].status_code == 200, answers[0].text
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(onnx_dir):
+    strict = load_tokenizer(onnx_dir)
+    strict.chat_template = "{{ raise_exception('this model takes no system messages') }}"
+    with running(onnx_dir, strict) as (url, _):
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "system", "content": "be brief"}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages" and "no system messages" in error["message"]
+
+
+def test_clients_that_give_up_free_their_place_and_their_rows(onnx_dir, tokenizer):
+    with running(onnx_dir, tokenizer, delay=0.05, max_batch=1, max_queue=1) as (url, application):
+        engine = application.state.engine
+
+        def ask(max_tokens: int, timeout: float) -> httpx.Response:
+            body = {"prompt": "hello", "max_tokens": max_tokens, "ignore_eos": True}
+            return httpx.post(url + "/v1/completions", json=body, timeout=timeout)
+
+        # The first runs 60 tokens (3 s at 50 ms a token), but its client gives up after 1.5 s.
+        first = threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, ask, 60, 1.5))
+        first.start()
+        deadline = time.monotonic() + 5
+        while not engine.running_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the first, then its client gives up
+            ask(2, 0.5)
+        deadline = time.monotonic() + 1
+        while httpx.get(url + "/health").json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.running_rows == 1  # the first still runs: the place was freed, not reached
+        assert "lite_sft_queue_depth 0.0" in httpx.get(url + "/metrics").text
+        r = ask(2, 30)
+        assert r.status_code == 200, r.text  # queued, not refused with 429
+        first.join()
+        assert engine.tokens._value.get() < 50  # the first's rows left the batch when its client went away
 
 
 def test_concurrent_requests_are_batched_and_answered_as_alone(onnx_dir, tokenizer):
