@@ -148,7 +148,8 @@ def _kv_type(model_file: Path) -> str:
 
 
 def _adapter_backend(run_dir: Path, device: str, threads: int | None, merge: bool = False):
-    """Base + adapter as `lite-sft tune` left them (lite_sft.model's loader: loading code, not training code)."""
+    """Base + adapter as `lite-sft tune` left them, by tune's own loader (loading code, not training code: see
+    this package's docstring)."""
     import torch
 
     from lite_sft.model import ModelError, load_tuned
