@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .model import load_tuned
+from .model import ModelError, load_tuned
+from .stops import stop_ids_for
 
 RAW_FORMATS = ("prompt_completion", "text")
 
@@ -21,7 +22,11 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
     """One answer per prompt, in order. Chat-format runs go through the saved chat template."""
     model, tokenizer, cfg = load_tuned(run_dir)
     device = next(model.parameters()).device
-    stop_ids = _stop_ids(model, tokenizer)
+    try:
+        # The list the run saved when it started; a run from an older lite-sft has it decided the same way.
+        stop_ids = stop_ids_for(run_dir, tokenizer, model.generation_config)
+    except ValueError as err:
+        raise ModelError(str(err)) from err
     torch.manual_seed(seed)
     answers = []
     for prompt in prompts:
@@ -44,10 +49,3 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    """EOS from the tokenizer and from the generation config (chat models often have several)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)

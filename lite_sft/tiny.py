@@ -231,26 +231,21 @@ def materialize_builtin_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
-
-
 def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16,
-                     batch_size: int = 64) -> list[str]:
+                     batch_size: int = 64, stop_ids: list[int] | None = None) -> list[str]:
     """Greedy answers to each record's prompt (its messages but the last), stopped at end of turn.
 
-    Works on a plain Hugging Face model or a peft one; the model's train/eval mode and the
-    tokenizer's padding side are put back afterwards.
+    `stop_ids` defaults to what lite_sft.stops decides for this tokenizer and model, the list the run
+    saves in its generation_config.json. Works on a plain Hugging Face model or a peft one; the
+    model's train/eval mode and the tokenizer's padding side are put back afterwards.
     """
     import torch
 
+    from lite_sft.stops import stop_ids as decide_stop_ids
+
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False)
                for r in records]
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids or decide_stop_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = next(model.parameters()).device
     was_training, side = model.training, tokenizer.padding_side
@@ -276,11 +271,12 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int 
     return answers
 
 
-def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 64) -> float:
+def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 64,
+                stop_ids: list[int] | None = None) -> float:
     """Fraction of records whose greedy answer, stripped, equals the reference answer, stripped."""
     if not records:
         return 0.0
-    answers = generate_answers(model, tokenizer, records, max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, stop_ids)
     hits = sum(a.strip() == r["messages"][-1]["content"].strip() for a, r in zip(answers, records))
     return hits / len(records)
 

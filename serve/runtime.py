@@ -92,14 +92,23 @@ def load_tokenizer(folder: Path):
 
 
 def stop_ids(folder: Path, tokenizer) -> list[int]:
-    """End-of-sequence ids from generation_config.json, config.json and the tokenizer (chat models have several)."""
-    ids = {tokenizer.eos_token_id}
-    for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if path.is_file():
+    """The ids generation stops at: `eos_token_id` of generation_config.json, where `lite-sft export` writes
+    the run's one list (EOS, the generation config's and the chat template's end of turn: lite_sft/stops.py;
+    serving imports nothing outside lite_sft.serve, so the field is read here), and the tokenizer's EOS,
+    already in that list. A folder lite-sft did not write may have no such field: then config.json's EOS."""
+    def eos_of(name: str) -> list | None:
+        path = Path(folder) / name
+        if not path.is_file():
+            return None
+        try:
             eos = json.loads(path.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if isinstance(i, int))
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ServeError(f"{path} is not a JSON object ({err}): re-export the model") from err
+        return None if eos is None else eos if isinstance(eos, list) else [eos]
+
+    saved = eos_of("generation_config.json")
+    ids = (saved if saved is not None else eos_of("config.json") or []) + [tokenizer.eos_token_id]
+    return sorted({i for i in ids if isinstance(i, int)})
 
 
 def max_context(folder: Path) -> int:
