@@ -199,15 +199,19 @@ def stored_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def save_merged(model, tokenizer, out: Path, dtype: torch.dtype, max_shard_size: str | int = "5GB") -> None:
+def save_merged(model, tokenizer, out: Path, dtype: torch.dtype, max_shard_size: str | int = "5GB",
+                stop_ids: list[int] | None = None) -> None:
     """A folder AutoModelForCausalLM.from_pretrained loads unchanged: safetensors (sharded past
-    `max_shard_size`), config, generation config, tokenizer and chat template."""
+    `max_shard_size`), config, generation config (its eos_token_id the run's stop list, lite_sft.stops),
+    tokenizer and chat template."""
+    from lite_sft.stops import stop_ids as decide, write_stop_tokens
+
     gen = model.generation_config
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    stops = sorted({i for i in eos + [tokenizer.eos_token_id] if i is not None})
-    gen.eos_token_id = stops[0] if len(stops) == 1 else stops  # stop where the tuned model learned to stop
+    # Stop where the tuned model learned to stop: at EOS and at the chat template's end of turn.
+    gen.eos_token_id = list(stop_ids) if stop_ids else decide(tokenizer, gen)
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.to(dtype)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
+    write_stop_tokens(out, gen.eos_token_id)

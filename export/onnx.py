@@ -81,8 +81,12 @@ def _trace(model, out: Path, device: str) -> None:
         # matter, and the parity gate runs the graph at other lengths than the traced ones, so it would notice.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
-        # The tokenizer and chat template come from model.config._name_or_path, the merged/ folder.
-        onnx_export_from_model(model, out, task=TASK, do_validation=False, device=device)
+        try:
+            # The tokenizer and chat template come from model.config._name_or_path, the merged/ folder.
+            onnx_export_from_model(model, out, task=TASK, do_validation=False, device=device)
+        except Exception as err:  # noqa: BLE001  (optimum and torch.onnx raise anything from deep in a trace)
+            raise ExportError(f"optimum could not export this {model.config.model_type} model to ONNX "
+                              f"({one_line(err)}); the merged model is fine: export it alone with --no-onnx") from err
 
 
 def _to_fp16(model_file: Path) -> None:
@@ -106,8 +110,35 @@ def load_ort(folder: Path):
     # As many threads as torch uses (OMP_NUM_THREADS): onnxruntime would otherwise take every core and
     # spin-wait on them, which on a shared machine makes small models many times slower.
     options.intra_op_num_threads = torch.get_num_threads()
-    return ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_io_binding=False,
-                                               session_options=options)
+    try:
+        model = ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_io_binding=False,
+                                                    session_options=options)
+    except Exception as err:  # noqa: BLE001  (onnxruntime and optimum raise their own types)
+        raise ExportError(f"onnxruntime could not load the exported {folder.name}/ ({one_line(err)})") from err
+    _fix_cache_shape(model)
+    return model
+
+
+def _fix_cache_shape(model) -> None:
+    """Size the empty first-step cache as the graph declares it.
+
+    ORTModelForCausalLM (optimum-onnx 0.1.0) takes the key-value head count from the config only for the
+    model types it lists, and the head size as hidden / heads for most: Phi-3 with fewer key-value heads
+    than heads and Gemma-2 (whose head size is not hidden / heads) get a cache onnxruntime refuses. The
+    graph's own input shape (batch, kv heads, past, head size) says what it needs.
+    """
+    past = next((i for i in model.session.get_inputs() if i.name == "past_key_values.0.key"), None)
+    if past is None or not hasattr(model, "embed_size_per_head"):  # no cache, or separate key and value sizes
+        return
+    heads, size = past.shape[1], past.shape[3]
+    if isinstance(heads, int) and isinstance(size, int):
+        model.num_key_value_heads, model.embed_size_per_head = heads, size
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
 def is_model_file(name: str) -> bool:

@@ -10,14 +10,21 @@ the whole sequence (prompt + continuation) and we compare their logits position 
     candidate scores the sequence teacher-forced, so one early disagreement does not derail the rest.
 
 An ONNX candidate reads the prompt in one call and then the continuation one token at a time through
-its KV cache, so the gate checks the decoding path a server uses, not just one full forward pass.
-Thresholds per artefact precision are in THRESHOLDS, with the measurements behind them.
+its KV cache, so the gate checks the decoding path a server uses, not just one full forward pass; then
+the shortest and the longest prompt again, together, left-padded into one batch as a server runs them,
+judged with the same thresholds. Thresholds per artefact precision are in THRESHOLDS, with the
+measurements behind them.
+
+The prompts are the held-out examples `lite-sft tune` wrote to RUN_DIR/validation_split.json; a run
+without them re-derives its split from the data files, and the prompts' source says so.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 # that grows with vocabulary and length, and on a trained model one int4 logit moves by 0.65 of the logit
 # scale while 97% of tokens still agree. Differences are relative to max(1, the reference's largest
 # |logit|), so one rule serves logits of size 0.5 and of size 30. The thresholds leave a margin over what
-# was measured (the README's export section lists the figures: four tiny architectures in
+# was measured (the README's export section lists the figures: nine tiny architectures in
 # tests/test_export*.py, 10M-700M random-weight Llamas in benchmarks/export.py, the trained demo model).
 # --min-agreement overrides the agreement threshold of every gate.
 THRESHOLDS = {
@@ -39,7 +46,9 @@ THRESHOLDS = {
     "int4": {"min_agreement": 0.70, "mean_abs_rel": 5e-2},
 }
 
-# When the run's validation data cannot be found (or is too small): rendered with the run's chat template.
+# Written by `lite-sft tune` when a run starts: the held-out examples as validation tokenised them.
+SPLIT_FILE = "validation_split.json"
+# When a run has no such file and its validation data cannot be found: rendered with the run's chat template.
 FIXED_PROMPTS = (
     "What is two plus four?",
     "Write one sentence about the sea.",
@@ -67,6 +76,16 @@ class Reference:
     logits: list[torch.Tensor]  # each (seq, vocab), fp32, teacher-forced
     perplexity: float | None = None
 
+    def subset(self, rows: list[int]) -> "Reference":
+        return Reference([self.sequences[i] for i in rows], [self.prompt_lens[i] for i in rows],
+                         [self.logits[i] for i in rows], self.perplexity)
+
+    def batch_rows(self) -> list[int]:
+        """The two prompts a batched check runs together: the shortest and the longest, so the shorter
+        is left-padded (the first two when all are the same length; a single prompt runs alone)."""
+        order = sorted(range(len(self.prompt_lens)), key=lambda i: (self.prompt_lens[i], i))
+        return [order[0], order[-1]] if len(order) > 1 else order
+
 
 @dataclass
 class Gate:
@@ -93,8 +112,65 @@ class Gate:
         return d
 
 
-def held_out_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
-    """`n` prompts from the run's validation data, topped up from FIXED_PROMPTS; returns (prompts, source)."""
+def held_out_prompts(run_dir: Path, cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
+    """`n` held-out prompts and where they came from: the examples `lite-sft tune` wrote to
+    RUN_DIR/validation_split.json, exactly as validation tokenised them (topped up with FIXED_PROMPTS when
+    fewer were held out). A run without that file (an older lite-sft), or whose file holds no examples,
+    re-derives the split from the data files instead, and the source says so in its first words."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        prompts, source = _derived_prompts(cfg, tokenizer, n)
+        return prompts, f"no {SPLIT_FILE} in the run (made by an older lite-sft), so re-derived: {source}"
+    split = _read_split(path)
+    prompts = [p for p in (_split_prompt(ex) for ex in split["examples"]) if p][:n]
+    if not prompts:
+        prompts, source = _derived_prompts(cfg, tokenizer, n)
+        return prompts, (f"{SPLIT_FILE} holds no held-out example (split: {split.get('source')}), "
+                         f"so re-derived: {source}")
+    source = f"held-out examples in {SPLIT_FILE} ({split.get('source')})"
+    return _top_up(prompts, source, cfg, tokenizer, n)
+
+
+def _read_split(path: Path) -> dict:
+    """validation_split.json, checked field by field (a malformed file is named, never a traceback)."""
+    from . import ExportError
+
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path} cannot be read as JSON ({err}); delete it to have the parity gate re-derive "
+                          "the held-out split from the data files") from err
+    examples = split.get("examples") if isinstance(split, dict) else None
+    if not isinstance(examples, list):
+        raise ExportError(f"{path}: field 'examples' must be a list of held-out examples; delete the file to "
+                          "have the parity gate re-derive the split")
+    for i, ex in enumerate(examples):
+        ids, labels = (ex.get("input_ids"), ex.get("labels")) if isinstance(ex, dict) else (None, None)
+        if (not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels)
+                or not all(isinstance(t, int) for t in ids + labels)):
+            raise ExportError(f"{path}: examples[{i}] needs 'input_ids' and 'labels', lists of token ids of the "
+                              "same length; delete the file to have the parity gate re-derive the split")
+    return split
+
+
+def _split_prompt(example: dict) -> Prompt | None:
+    """Prompt = the ids before the example's last trained run (its last answer); text = the whole example."""
+    from lite_sft.masking import IGNORE_INDEX
+
+    ids, labels = example["input_ids"], example["labels"]
+    trained = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        return None
+    start = trained[-1]
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    if start == 0:
+        return None
+    return Prompt(ids[:start][-MAX_PROMPT_TOKENS:], ids[:MAX_TEXT_TOKENS])
+
+
+def _derived_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
+    """The split re-derived from the data files by seed, topped up from FIXED_PROMPTS (older runs)."""
     from lite_sft.config import BUILTIN_DATA
     from lite_sft.data import load_samples, split_validation
 
@@ -107,7 +183,7 @@ def held_out_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
             _, samples = load_samples(BUILTIN_DATA, d.format, d.split, role="validation")
             source = "the bundled validation set"
         elif d.validation_fraction > 0:
-            # The same seeded split training made, so these examples were never trained on.
+            # The same seeded split training made, if the data file has not changed since.
             samples = split_validation(load_samples(d.path, d.format, d.split)[1], d.validation_fraction,
                                        cfg.train.seed)[1]
             source = f"held-out split of {d.path} (fraction {d.validation_fraction}, seed {cfg.train.seed})"
@@ -116,16 +192,22 @@ def held_out_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
         prompts = [p for p in (_render(s, tokenizer, d.system_prompt) for s in samples[:n]) if p]
     except Exception as err:  # a moved data file, a hub set offline: the gate still runs, and says so
         prompts, source = [], f"fixed prompts (validation data unavailable: {err})"
-    if len(prompts) < n:  # too few held out (or none): top up with fixed prompts, and say so
-        from lite_sft.masking import Sample
+    return _top_up(prompts, source, cfg, tokenizer, n)
 
-        chat = bool(tokenizer.chat_template) and d.format not in ("prompt_completion", "text")
-        extra = [Sample("fixed", messages=[{"role": "user", "content": q}]) if chat else Sample("fixed", text=q)
-                 for q in FIXED_PROMPTS[:n - len(prompts)]]
-        source = (f"{len(prompts)} from {source} + {len(extra)} fixed prompts" if prompts
-                  else source if source.startswith("fixed") else "fixed prompts")
-        prompts += [_render(s, tokenizer, d.system_prompt) for s in extra]
-    return prompts, source
+
+def _top_up(prompts: list[Prompt], source: str, cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
+    """Too few held out (or none): make up the number with FIXED_PROMPTS, and say so in the source."""
+    if len(prompts) >= n:
+        return prompts, source
+    from lite_sft.masking import Sample
+
+    d = cfg.data
+    chat = bool(tokenizer.chat_template) and d.format not in ("prompt_completion", "text")
+    extra = [Sample("fixed", messages=[{"role": "user", "content": q}]) if chat else Sample("fixed", text=q)
+             for q in FIXED_PROMPTS[:n - len(prompts)]]
+    source = (f"{len(prompts)} from {source} + {len(extra)} fixed prompts" if prompts
+              else source if source.startswith("fixed") else "fixed prompts")
+    return prompts + [_render(s, tokenizer, d.system_prompt) for s in extra], source
 
 
 def _render(sample, tokenizer, system_prompt: str | None) -> Prompt | None:
@@ -199,6 +281,37 @@ def ort_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def ort_batch_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
+    """ort_logits for the reference's sequences run together as a server runs them: left-padded to one
+    length, positions counting real tokens only, the continuation one token per row per step. Every
+    sequence has the same number of continuation tokens (make_reference generates a fixed number)."""
+    seqs, lens = ref.sequences, ref.prompt_lens
+    new = {s.shape[1] - n for s, n in zip(seqs, lens)}
+    if len(new) != 1:
+        raise ValueError(f"batched parity needs continuations of one length, got {sorted(new)}")
+    width = max(lens)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, (seq, n) in enumerate(zip(seqs, lens)):
+        ids[row, width - n:], mask[row, width - n:] = seq[0, :n], 1
+    # Graphs without position_ids (Gemma) count padding as positions; rotary embeddings make that a shift.
+    positions = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if "position_ids" in ort_model.input_names else {}
+    step = ort_model(input_ids=ids, attention_mask=mask, use_cache=True, **positions)
+    rows = [[step.logits[row, width - n:].float()] for row, n in enumerate(lens)]
+    past = step.past_key_values
+    for t in range(new.pop()):
+        tokens = torch.stack([seq[0, n + t] for seq, n in zip(seqs, lens)]).unsqueeze(1)  # (batch, 1)
+        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
+        if positions:
+            positions = {"position_ids": mask.sum(1, keepdim=True) - 1}
+        step = ort_model(input_ids=tokens, attention_mask=mask, past_key_values=past, use_cache=True, **positions)
+        for row in range(len(seqs)):
+            rows[row].append(step.logits[row].float())
+        past = step.past_key_values
+    return [torch.cat(r) for r in rows]  # each (seq, vocab)
+
+
+@torch.no_grad()
 def perplexity(logits_of, prompts: list[Prompt]) -> float | None:
     """exp(mean next-token cross-entropy) over the held-out texts; logits_of(ids (1, seq)) -> (seq, vocab)."""
     total, count = 0.0, 0
@@ -213,10 +326,11 @@ def perplexity(logits_of, prompts: list[Prompt]) -> float | None:
 
 
 def compare(ref: Reference, candidate: list[torch.Tensor], *, stage: str, artefact: str, precision: str,
-            reference: str, min_agreement: float | None = None, tolerance: str | None = None) -> Gate:
-    """Judge `candidate` logits against the reference's with the THRESHOLDS of `tolerance` (default: the
-    candidate's precision); `min_agreement` overrides the agreement threshold."""
-    thresholds = dict(THRESHOLDS[tolerance or precision])
+            reference: str, min_agreement: float | None = None, tolerance: str | None = None,
+            thresholds: dict | None = None) -> Gate:
+    """Judge `candidate` logits against the reference's with `thresholds`, by default the THRESHOLDS of
+    `tolerance` (itself by default the candidate's precision); `min_agreement` overrides the agreement one."""
+    thresholds = dict(thresholds or THRESHOLDS[tolerance or precision])
     if min_agreement is not None:
         thresholds["min_agreement"] = min_agreement
     max_abs, abs_sum, cells, agree, positions, scale = 0.0, 0.0, 0, 0, 0, 0.0
@@ -237,15 +351,38 @@ def compare(ref: Reference, candidate: list[torch.Tensor], *, stage: str, artefa
                 passed)
 
 
+def batch_check(gate: Gate, ref: Reference, candidate: list[torch.Tensor]) -> None:
+    """Judge a batched run (ort_batch_logits on ref.batch_rows()) with the gate's own thresholds. The gate
+    passes only if the batch does too; gate.extra gets the batch's figures and whether it passed alone."""
+    rows = ref.batch_rows()
+    batch = compare(ref.subset(rows), candidate, stage=gate.stage, artefact=gate.artefact, precision=gate.precision,
+                    reference=gate.reference, thresholds=gate.thresholds)
+    lengths = [ref.prompt_lens[i] for i in rows]
+    gate.extra["passed_alone"] = gate.passed
+    gate.extra["batch"] = {"rows": len(rows), "prompt_lengths": lengths, "left_padding": max(lengths) - min(lengths),
+                           "max_abs_diff": batch.max_abs_diff, "mean_abs_diff": batch.mean_abs_diff,
+                           "greedy_agreement": batch.greedy_agreement, "positions": batch.positions,
+                           "passed": batch.passed}
+    gate.passed = gate.passed and batch.passed
+
+
 def format_report(gates: list[Gate], source: str) -> str:
     """The table printed after an export (and on failure, so the user sees why)."""
     lines = [f"parity on {source}:",
              f"  {'stage':<6} {'artefact':<11} {'precision':<9} {'max |dlogit|':>12} {'mean':>9} "
              f"{'greedy':>7} {'needs':>6}  result"]
     for g in gates:
+        batch = g.extra.get("batch")
+        alone = g.extra.get("passed_alone", g.passed)
         lines.append(f"  {g.stage:<6} {g.artefact:<11} {g.precision:<9} {g.max_abs_diff:>12.2e} "
                      f"{g.mean_abs_diff:>9.1e} {g.greedy_agreement:>7.1%} {g.thresholds['min_agreement']:>6.0%}  "
-                     + ("pass" if g.passed else "FAIL"))
+                     + ("pass" if alone else "FAIL"))
+        if batch:
+            lengths = " and ".join(map(str, batch["prompt_lengths"]))
+            lines.append(f"  {'':<6} {'batch of ' + str(batch['rows']):<21} {batch['max_abs_diff']:>12.2e} "
+                         f"{batch['mean_abs_diff']:>9.1e} {batch['greedy_agreement']:>7.1%} "
+                         f"{g.thresholds['min_agreement']:>6.0%}  {'pass' if batch['passed'] else 'FAIL'}"
+                         f"  (left-padded: prompts of {lengths} tokens)")
         for key in ("size_bytes_before", "perplexity_before"):
             if key in g.extra:
                 after = key.replace("before", "after")

@@ -7,13 +7,15 @@ OUT holds:
     onnx/                   ONNX with a KV cache, fp32 or fp16 (ORTModelForCausalLM loads it)
     onnx-int8/, onnx-int4/  the quantised ONNX, beside the graph it was made from
     parity.json             every gate's figures, written whether the gates passed or not
+The generation_config.json of each folder lists the run's stop ids (lite_sft/stops.py), as parity.json does.
 
 Each stage is gated before the next one starts: merged vs the adapter model, ONNX vs the merged model,
-quantised ONNX vs the merged model (parity.py). Everything is built in OUT.tmp-<pid> and renamed to OUT
-only when every gate passed. A failed gate renames the folder to OUT.parity-failed instead (replacing an
-earlier failed attempt) and raises ParityFailed; an error or an interruption removes the temporary
-folder, so nothing half-written is left looking finished. An existing OUT is replaced only with
-`overwrite`, only if it is an earlier export (it has a parity.json), and only after the new one passed.
+quantised ONNX vs the merged model (parity.py), each ONNX one alone and in a left-padded batch of two.
+Everything is built in OUT.tmp-<pid> and renamed to OUT only when every gate passed. A failed gate
+renames the folder to OUT.parity-failed instead (replacing an earlier failed attempt) and raises
+ParityFailed; an error or an interruption removes the temporary folder, so nothing half-written is left
+looking finished. An existing OUT is replaced only with `overwrite`, only if it is an earlier export (it
+has a parity.json), and only after the new one passed.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from typing import Callable
 
 import torch
 
+from lite_sft.stops import stop_ids_for, write_stop_tokens
+
 from . import ExportError
 from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, save_merged, stored_dtype,
                     unquantized_base)
 from .onnx import ONNX_DTYPES, check_supported, export_onnx, load_ort, onnx_bytes
-from .parity import Gate, compare, format_report, held_out_prompts, make_reference, ort_logits, perplexity, torch_logits
+from .parity import (Gate, batch_check, compare, format_report, held_out_prompts, make_reference, ort_batch_logits,
+                     ort_logits, perplexity, torch_logits)
 from .quantize import QUANTIZE_CHOICES, quantize
 
 PRECISION = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "fp32": "float32",
@@ -58,7 +63,7 @@ class ExportOptions:
     onnx: bool = True
     """Convert to ONNX after merging."""
     parity_prompts: int = 4
-    """Held-out prompts the parity gate compares on."""
+    """Held-out prompts the parity gate compares on; ONNX gates also run two of them as a left-padded batch."""
     parity_tokens: int = 16
     """Greedy tokens generated per prompt and compared."""
     min_agreement: float | None = None
@@ -80,8 +85,11 @@ class ExportOptions:
             problems.append(f"--merge-onto {self.merge_onto!r}: choose one of {', '.join(MERGE_ONTO)}")
         if self.quantize == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             problems.append(f"--block-size {self.block_size}: a power of two, at least 16")
-        if self.parity_prompts < 1 or self.parity_tokens < 1:
-            problems.append("--parity-prompts and --parity-tokens must be at least 1")
+        if self.parity_prompts < (2 if self.onnx else 1):
+            problems.append(f"--parity-prompts {self.parity_prompts}: at least 2 (ONNX also runs two as a batch)"
+                            if self.onnx else f"--parity-prompts {self.parity_prompts}: at least 1")
+        if self.parity_tokens < 1:
+            problems.append(f"--parity-tokens {self.parity_tokens}: at least 1")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             problems.append(f"--min-agreement {self.min_agreement}: a fraction between 0 and 1")
         if problems:
@@ -126,8 +134,9 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         tmp.mkdir(parents=True)
         say(f"loading the adapter model from {run_dir} (base {cfg.model.name_or_path}, quant {cfg.model.quant})")
         reference, tokenizer = load_reference(run_dir, cfg)
-        prompts, source = held_out_prompts(cfg, tokenizer, opts.parity_prompts)
-        stops = _stop_ids(reference, tokenizer)
+        prompts, source = held_out_prompts(run_dir, cfg, tokenizer, opts.parity_prompts)
+        say(f"parity prompts: {source}")
+        stops = run_stop_ids(run_dir, tokenizer, reference.generation_config)
         adapter_ref = make_reference(reference, prompts, opts.parity_tokens, stops, tokenizer.pad_token_id)
         lap("load_reference_s")
 
@@ -144,7 +153,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
             merged = merge(reference, cfg, run_dir)
             del reference
         _check_disk(tmp, merged.num_parameters(), save_dtype, opts)
-        save_merged(merged, tokenizer, tmp / "merged", save_dtype, opts.max_shard_size)
+        save_merged(merged, tokenizer, tmp / "merged", save_dtype, opts.max_shard_size, stops)
         del merged
         gc.collect()
         lap("merge_s")
@@ -170,6 +179,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
             say(f"exporting ONNX ({opts.dtype}, KV cache)")
             merged_ref = make_reference(model, prompts, opts.parity_tokens, stops, tokenizer.pad_token_id)
             export_onnx(model, tmp / "onnx", opts.dtype)
+            write_stop_tokens(tmp / "onnx", stops)  # optimum copies generation_config.json; make sure of the list
             del model
             gc.collect()
             lap("onnx_export_s")
@@ -189,7 +199,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
                 lap("quantize_gate_s")
 
         passed = all(g.passed for g in gates)
-        report = _report(run_dir, out, cfg, opts, save_dtype, source, len(prompts), gates, timings)
+        report = _report(run_dir, out, cfg, opts, save_dtype, source, len(prompts), stops, gates, timings)
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         text = format_report(gates, source)
         if passed:
@@ -215,6 +225,8 @@ def _ort_gate(folder: Path, ref, prompts, stage: str, precision: str, opts: Expo
     ort = load_ort(folder)
     gate = compare(ref, ort_logits(ort, ref), stage=stage, artefact=folder.name, precision=precision,
                    reference="merged PyTorch model (merged/), fp32", min_agreement=opts.min_agreement)
+    # The server's shape too: two prompts of different lengths, left-padded into one batch.
+    batch_check(gate, ref, ort_batch_logits(ort, ref.subset(ref.batch_rows())))
     ppl = perplexity(lambda ids: ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], prompts)
     gate.extra.update(perplexity_reference=ref.perplexity, perplexity=ppl, size_bytes=onnx_bytes(folder))
     del ort
@@ -260,13 +272,15 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
+def run_stop_ids(run_dir: Path, tokenizer, generation_config) -> list[int]:
+    """The stop ids the run saved when it started (lite_sft.stops), decided the same way for an older run."""
+    try:
+        return stop_ids_for(run_dir, tokenizer, generation_config)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
 
 
-def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, gates, timings) -> dict:
+def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, stops, gates, timings) -> dict:
     from lite_sft.report import peak_memory, versions
 
     import onnxruntime
@@ -285,6 +299,7 @@ def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, gates, timin
         "merged_dtype": PRECISION[save_dtype],
         "settings": settings,
         "prompts": {"source": source, "count": n_prompts, "new_tokens": opts.parity_tokens},
+        "stop_ids": stops,
         "gates": [g.to_dict() for g in gates],
         "timings_s": timings,
         **peak_memory(torch.device("cpu")),

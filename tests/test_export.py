@@ -1,5 +1,6 @@
-"""Export end to end: tune (LoRA and 4-bit) -> merge -> ONNX -> parity on four architectures, the CLI,
-quantisation, and the errors a user sees."""
+"""Export end to end: quantisation, the CLI, the serving runtime reading the export, and the errors a user
+sees. Every architecture, tuned with LoRA and on a 4-bit base, is in test_export_matrix.py; the tiny bases
+and the tuned runs are built here once per session and shared by every test_export*.py."""
 
 import json
 
@@ -16,15 +17,24 @@ from lite_sft.train import tune
 pytest.importorskip("bitsandbytes")
 runner = CliRunner()
 
-# Two layers, hidden 64, grouped-query attention where the architecture has it.
+# Two layers, hidden 64, grouped-query attention (4 heads, 2 key-value heads) where the architecture has it.
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256)
+# Every decoder family optimum exports with a KV cache that lite-sft is tested on, with the shapes that
+# make each one different: head size set apart from hidden / heads (Qwen3, Gemma-2 as in its 2B and 9B),
+# one key-value head (Gemma 2B), Phi-3 with and without grouped-query attention (mini / medium).
 ARCHS = {
     "llama": ("LlamaConfig", DECODER),
-    "qwen2": ("Qwen2Config", DECODER),
     "mistral": ("MistralConfig", DECODER),
+    "qwen2": ("Qwen2Config", DECODER),
+    "qwen3": ("Qwen3Config", {**DECODER, "head_dim": 16}),
+    "phi3": ("Phi3Config", {**DECODER, "num_key_value_heads": 4}),
+    "phi3-gqa": ("Phi3Config", DECODER),
+    "gemma": ("GemmaConfig", {**DECODER, "num_key_value_heads": 1, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**DECODER, "head_dim": 32}),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),  # Conv1D layers
 }
+_RUNS: dict = {}  # (session temp folder, arch, quant) -> run directory, shared by every test file
 
 
 def build_base(path, arch, tokenizer, **dims):
@@ -48,60 +58,23 @@ def run_config(base, data, out, **overrides):
     return load_config(None, {**values, **overrides})
 
 
+def tuned_run(factory, tokenizer, data, arch: str = "llama", quant: str = "none"):
+    """A finished two-step run of `arch` on a base built from ARCHS, made once per session."""
+    key = (factory.getbasetemp(), arch, quant)
+    if key not in _RUNS:
+        base = factory.getbasetemp() / f"base-{arch}"
+        if not base.exists():
+            build_base(base, arch, tokenizer)
+        out = factory.mktemp(f"run-{arch}-{quant}")
+        tune(run_config(base, data, out, **{"model.quant": quant}))
+        _RUNS[key] = out
+    return _RUNS[key]
+
+
 @pytest.fixture(scope="session")
 def tuned(tmp_path_factory, bpe_tokenizer, chat_jsonl):
     """tuned(arch, quant) -> a finished run directory, made once per session."""
-    runs = {}
-
-    def make(arch="llama", quant="none"):
-        if (arch, quant) not in runs:
-            base = tmp_path_factory.getbasetemp() / f"base-{arch}"
-            if not base.exists():
-                build_base(base, arch, bpe_tokenizer)
-            out = tmp_path_factory.mktemp(f"run-{arch}-{quant}")
-            tune(run_config(base, chat_jsonl, out, **{"model.quant": quant}))
-            runs[arch, quant] = out
-        return runs[arch, quant]
-
-    return make
-
-
-@pytest.mark.parametrize("quant", ["none", pytest.param("4bit", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
-def test_tune_merge_onnx_parity(arch, quant, tuned, tmp_path):
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path / "export"
-    report = export_run(tuned(arch, quant), out, say=lambda _: None)
-    assert report["passed"] and [g["stage"] for g in report["gates"]] == ["merge", "onnx"]
-    merge, onnx = report["gates"]
-    assert merge["precision"] == ("float32" if quant == "none" else "float16")
-    assert merge["greedy_agreement"] == 1.0 and onnx["greedy_agreement"] == 1.0
-    assert onnx["max_abs_diff"] < 1e-4 and report["prompts"]["count"] == 4
-    assert "held-out split" in report["prompts"]["source"]
-    assert json.loads((out / "parity.json").read_text()) == report
-    assert not list(tmp_path.glob("export.*"))  # no temporary or failed folder left beside it
-
-    # merged/: a plain Hugging Face folder, no quantisation left, the chat template kept
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    assert getattr(merged.config, "quantization_config", None) is None and merged.config.use_cache
-    assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert AutoTokenizer.from_pretrained(out / "merged").chat_template
-
-    # onnx/: KV cache in and out, dynamic batch and sequence axes, and ORTModelForCausalLM generates
-    # exactly what the merged PyTorch model generates.
-    import onnx as onnx_lib
-
-    graph = onnx_lib.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
-    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    assert "past_key_values.0.key" in inputs and any(o.name == "present.0.key" for o in graph.output)
-    assert all(isinstance(dim, str) for dim in inputs["input_ids"])  # (batch, sequence) both symbolic
-    ort = ORTModelForCausalLM.from_pretrained(out / "onnx")
-    ids = torch.tensor([[5, 40, 41, 42, 43]])
-    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(ort.generate(ids, attention_mask=torch.ones_like(ids), **kwargs),
-                       merged.float().generate(ids, attention_mask=torch.ones_like(ids), **kwargs))
+    return lambda arch="llama", quant="none": tuned_run(tmp_path_factory, bpe_tokenizer, chat_jsonl, arch, quant)
 
 
 @pytest.mark.parametrize("method, arch", [("int8", "llama"), ("int4", "llama"), ("int4", "gpt2")])
@@ -112,6 +85,9 @@ def test_quantized_onnx_is_smaller_and_gated(method, arch, tuned, tmp_path):
     report = export_run(tuned(arch), out, ExportOptions(quantize=method, block_size=32), say=lambda _: None)
     gate = report["gates"][-1]
     assert gate["stage"] == method and gate["passed"]
+    # Also run as the server runs it: two prompts of different lengths, left-padded into one batch.
+    assert gate["batch"]["passed"] and gate["batch"]["rows"] == 2 and gate["batch"]["left_padding"] > 0
+    assert gate["batch"]["greedy_agreement"] >= gate["thresholds"]["min_agreement"]
     assert gate["size_bytes_after"] < 0.6 * gate["size_bytes_before"]
     assert gate["perplexity_before"] > 0 and gate["perplexity_after"] > 0
     ops = {n.op_type for n in onnx_lib.load(str(out / f"onnx-{method}" / "model.onnx")).graph.node}
@@ -175,6 +151,7 @@ def test_cli_export_writes_every_artefact(tuned, tmp_path):
     result = runner.invoke(app, ["export", str(tuned("llama")), "--out", str(out), "--quantize", "int8"])
     assert result.exit_code == 0, result.output
     assert "parity on" in result.output and "FAIL" not in result.output and f"exported to {out}" in result.output
+    assert result.output.count("batch of 2") == 2  # onnx/ and onnx-int8/ were each run as a batch too
     assert {p.name for p in out.iterdir()} == {"merged", "onnx", "onnx-int8", "parity.json"}
     again = runner.invoke(app, ["export", str(tuned("llama")), "--out", str(out), "--no-onnx"])
     assert again.exit_code == 2 and "already exists" in again.output and "--overwrite" in again.output
@@ -266,19 +243,34 @@ def test_bad_run_directories(tuned, tmp_path, bpe_tokenizer):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
 
 
-def test_unsupported_architecture_names_it_and_what_is_supported(tuned, tmp_path):
+
+def test_parity_prompts_come_from_the_runs_split_file_or_the_console_says_they_do_not(tuned, tmp_path,
+                                                                                      bpe_tokenizer):
     import shutil
 
-    import yaml
-    from transformers import MambaConfig
-
-    base = tmp_path / "mamba"
-    MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1).save_pretrained(base)
     run = tmp_path / "run"
     shutil.copytree(tuned("llama"), run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["model"]["name_or_path"] = str(base)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ExportError, match=r"'mamba'.*Supported: .*gpt2.*llama.*mistral.*qwen2.*--no-onnx"):
-        export_run(run, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    examples = []
+    for line, (question, answer) in enumerate([("hello there", "how are you"), ("a plan", "a canal, panama")]):
+        prompt = bpe_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ids = bpe_tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}])
+        examples.append({"source": f"chats.jsonl line {line + 1}", "input_ids": ids,
+                         "labels": [-100] * len(prompt) + ids[len(prompt):]})
+    split = {"source": "validation file chats-val.jsonl", "data_sha256": None, "count": 2,
+             "sources": [ex["source"] for ex in examples], "examples": examples}
+    (run / "validation_split.json").write_text(json.dumps(split))
+
+    said = []
+    report = export_run(run, tmp_path / "a", ExportOptions(onnx=False, parity_prompts=2), say=said.append)
+    source = report["prompts"]["source"]
+    assert source == "held-out examples in validation_split.json (validation file chats-val.jsonl)"
+    assert f"parity prompts: {source}" in said
+
+    (run / "validation_split.json").unlink()  # as a run from an older lite-sft: no silent fallback
+    said = []
+    report = export_run(run, tmp_path / "b", ExportOptions(onnx=False, parity_prompts=2), say=said.append)
+    source = report["prompts"]["source"]
+    assert source.startswith("no validation_split.json in the run (made by an older lite-sft), so re-derived: "
+                             "held-out split of")
+    assert f"parity prompts: {source}" in said and f"parity on {source}:" in said[-1]

@@ -82,7 +82,9 @@ def test_merged_folder_is_sharded_when_large_and_loads_unchanged(runs, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, merged(input_ids=ids).logits)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tokenizer.chat_template
-    assert tokenizer.eos_token_id in [GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id]
+    # It stops where the tuned model learned to: EOS </s> and the chat template's end of turn <|im_end|>.
+    stops = sorted([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == stops
 
 
 def test_a_nan_adapter_is_refused(runs, tmp_path):

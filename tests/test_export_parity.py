@@ -1,10 +1,14 @@
-"""The parity gate's arithmetic and its choice of held-out prompts."""
+"""The parity gate's arithmetic, its batched run and its choice of held-out prompts."""
+
+import json
 
 import pytest
 import torch
 
 from lite_sft.config import load_config
-from lite_sft.export.parity import THRESHOLDS, Reference, compare, format_report, held_out_prompts
+from lite_sft.export import ExportError
+from lite_sft.export.parity import (THRESHOLDS, Reference, batch_check, compare, format_report, held_out_prompts,
+                                    make_reference, ort_batch_logits, ort_logits)
 
 
 def reference(prompt_len=4, length=10, vocab=8, seed=0):
@@ -61,13 +65,105 @@ def test_max_abs_threshold_scales_with_the_logits():
     assert judge(large, large.logits[0] + noise).passed  # 5e-3 < 1e-3 x max|logit| (about 60)
 
 
-def test_held_out_prompts_come_from_the_runs_own_validation_split(bpe_tokenizer, chat_jsonl):
+class LikeOrt:
+    """A PyTorch decoder called the way the gate calls ORTModelForCausalLM; `mask_padding=False` lets the
+    padding of a left-padded batch into attention, the bug a server's batches would show."""
+
+    input_names = ("input_ids", "attention_mask", "position_ids")
+
+    def __init__(self, model, mask_padding=True):
+        self.model, self.mask_padding = model, mask_padding
+
+    def __call__(self, input_ids, attention_mask, use_cache, past_key_values=None, position_ids=None):
+        mask = attention_mask if self.mask_padding else torch.ones_like(attention_mask)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=use_cache)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_batch_run_passes_a_model_that_masks_padding_and_fails_one_that_does_not(tiny_llama):
+    from lite_sft.export.parity import Prompt
+
+    prompts = [Prompt([5, 6, 7], [5, 6, 7]), Prompt([9, 10, 11, 12, 13, 14, 15, 16], [9]), Prompt([20, 21], [20])]
+    ref = make_reference(tiny_llama, prompts, new_tokens=5, pad_id=0)
+    assert ref.batch_rows() == [2, 1]  # the shortest and the longest prompt: 6 tokens of left padding
+
+    def gate_of(candidate):
+        gate = compare(ref, ort_logits(candidate, ref), stage="onnx", artefact="onnx", precision="float32",
+                       reference="test")
+        batch_check(gate, ref, ort_batch_logits(candidate, ref.subset(ref.batch_rows())))
+        return gate
+
+    good = gate_of(LikeOrt(tiny_llama))
+    assert good.passed and good.extra["batch"]["passed"] and good.extra["batch"]["greedy_agreement"] == 1.0
+    assert good.extra["batch"]["prompt_lengths"] == [2, 8] and good.extra["batch"]["left_padding"] == 6
+    leaky = gate_of(LikeOrt(tiny_llama, mask_padding=False))
+    assert leaky.extra["passed_alone"] and not leaky.extra["batch"]["passed"] and not leaky.passed
+    text = format_report([good, leaky], "test prompts")
+    alone, batched = text.splitlines()[-2:]
+    assert alone.endswith("pass") and "FAIL  (left-padded: prompts of 2 and 8 tokens)" in batched
+
+
+def split_file(run_dir, examples, source="held-out fraction 0.1 of data/train.jsonl, seed 42"):
+    """RUN_DIR/validation_split.json as `lite-sft tune` writes it."""
+    record = {"source": source, "data_sha256": None, "count": len(examples),
+              "sources": [ex["source"] for ex in examples], "examples": examples}
+    (run_dir / "validation_split.json").write_text(json.dumps(record))
+
+
+def labelled(ids, trained):
+    return [t if i in trained else -100 for i, t in enumerate(ids)]
+
+
+def test_held_out_prompts_are_the_examples_the_run_wrote_down(tmp_path, tokenizer):
+    # Word-level ids (conftest): <|im_start|> user hello <|im_end|> <|im_start|> assistant hi <|im_end|> ...
+    two_turns = [4, 6, 9, 5, 4, 7, 11, 5, 4, 6, 12, 13, 14, 5, 4, 7, 15, 16, 5]
+    one_turn = [4, 6, 19, 20, 21, 22, 23, 5, 4, 7, 25, 5]
+    split_file(tmp_path, [
+        {"source": "train.jsonl line 2", "input_ids": [4, 6, 9, 5], "labels": [-100] * 4},  # nothing trained
+        {"source": "train.jsonl line 7", "input_ids": two_turns, "labels": labelled(two_turns, {6, 7, 16, 17, 18})},
+        {"source": "train.jsonl line 9", "input_ids": one_turn, "labels": labelled(one_turn, {10, 11})},
+    ])
+    # The data file is gone, and the seed changed: the gate no longer needs either.
+    cfg = load_config(None, {"data.path": str(tmp_path / "moved.jsonl"), "train.seed": 7})
+    prompts, source = held_out_prompts(tmp_path, cfg, tokenizer, 2)
+    assert source == "held-out examples in validation_split.json (held-out fraction 0.1 of data/train.jsonl, seed 42)"
+    # The prompt ends where the last trained run (the last answer) starts; the text is the whole example.
+    assert [p.prompt_ids for p in prompts] == [two_turns[:16], one_turn[:10]]
+    assert [p.text_ids for p in prompts] == [two_turns, one_turn]
+    prompts, source = held_out_prompts(tmp_path, cfg, tokenizer, 3)  # fewer held out than asked for
+    assert len(prompts) == 3 and source.startswith("2 from held-out examples in validation_split.json")
+    assert source.endswith("+ 1 fixed prompts")
+
+
+def test_a_malformed_split_file_is_named_with_its_field(tmp_path, tokenizer):
+    cfg = load_config(None, {"data.path": str(tmp_path / "x.jsonl")})
+    split_file(tmp_path, [{"source": "a", "input_ids": [4, 6, 9], "labels": [-100, 9, 5]},
+                          {"source": "b", "input_ids": [4, 6, 9], "labels": [-100]}])
+    with pytest.raises(ExportError, match=r"validation_split.json: examples\[1\] needs 'input_ids' and 'labels'"):
+        held_out_prompts(tmp_path, cfg, tokenizer, 2)
+    (tmp_path / "validation_split.json").write_text("{not json")
+    with pytest.raises(ExportError, match="validation_split.json cannot be read as JSON"):
+        held_out_prompts(tmp_path, cfg, tokenizer, 2)
+
+
+def test_a_run_without_the_split_file_re_derives_it_and_says_so(tmp_path, bpe_tokenizer, chat_jsonl):
     from lite_sft.data import load_samples, split_validation
 
     cfg = load_config(None, {"data.path": str(chat_jsonl), "data.validation_fraction": 0.1, "train.seed": 3})
-    prompts, source = held_out_prompts(cfg, bpe_tokenizer, 3)
+    prompts, source = held_out_prompts(tmp_path, cfg, bpe_tokenizer, 3)
     held = split_validation(load_samples(str(chat_jsonl))[1], 0.1, 3)[1]
-    assert len(prompts) == 3 and "held-out split" in source and "seed 3" in source
+    assert len(prompts) == 3 and source.startswith("no validation_split.json in the run (made by an older lite-sft), "
+                                                   "so re-derived: held-out split of") and "seed 3" in source
     first = bpe_tokenizer.decode(prompts[0].prompt_ids)
     assert first.endswith("<|im_start|>assistant\n")  # rendered with the generation prompt
     assert held[0].messages[0]["content"] in first
@@ -75,10 +171,16 @@ def test_held_out_prompts_come_from_the_runs_own_validation_split(bpe_tokenizer,
     assert full.startswith(first[:-len("assistant\n")]) and held[0].messages[-1]["content"] in full
 
 
+def test_a_split_file_without_examples_falls_back_and_says_so(tmp_path, bpe_tokenizer):
+    cfg = load_config(None, {"data.path": str(tmp_path / "x.jsonl"), "data.validation_fraction": 0})
+    split_file(tmp_path, [], source="none")
+    prompts, source = held_out_prompts(tmp_path, cfg, bpe_tokenizer, 2)
+    assert len(prompts) == 2 and source == ("validation_split.json holds no held-out example (split: none), so "
+                                            "re-derived: fixed prompts (the run held out no validation data)")
+
+
 def test_missing_validation_data_falls_back_to_fixed_prompts_and_says_so(bpe_tokenizer, tmp_path):
     cfg = load_config(None, {"data.path": str(tmp_path / "moved.jsonl")})
-    prompts, source = held_out_prompts(cfg, bpe_tokenizer, 2)
+    prompts, source = held_out_prompts(tmp_path, cfg, bpe_tokenizer, 2)
     assert len(prompts) == 2 and "moved.jsonl" in source
-    assert source.startswith("fixed prompts (validation data unavailable")
-    cfg = load_config(None, {"data.path": str(tmp_path / "x.jsonl"), "data.validation_fraction": 0})
-    assert held_out_prompts(cfg, bpe_tokenizer, 2)[1] == "fixed prompts (the run held out no validation data)"
+    assert "so re-derived: fixed prompts (validation data unavailable" in source

@@ -60,15 +60,16 @@ def test_onnx_and_pytorch_greedy_agree_token_for_token_batched_and_alone(ort, me
     for prompt, tokens in zip(PROMPTS, batched):
         assert generate_ids(ort, [prompt], greedy()) == [tokens]  # left padding changed nothing
 
-    # transformers' own generate agrees, stopping at the same end-of-sequence token
+    # transformers' own generate agrees, stopping at the same tokens: the export's list in generation_config.json
     hf = AutoModelForCausalLM.from_pretrained(export_dir / "merged")
     eos = hf.generation_config.eos_token_id
-    ours = generate_ids(ort, PROMPTS, SamplingParams(max_new_tokens=12, stop_ids=[eos]))
+    ours = generate_ids(ort, PROMPTS, SamplingParams(max_new_tokens=12, stop_ids=eos))
     for prompt, tokens in zip(PROMPTS, ours):
         ids = torch.tensor([prompt])
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                           pad_token_id=0)[0, len(prompt):].tolist()
-        assert ref[:ref.index(eos) + 1 if eos in ref else None] == tokens
+        end = next((i + 1 for i, t in enumerate(ref) if t in eos), None)
+        assert ref[:end] == tokens
 
 
 def test_adapter_unmerged_backend_agrees_with_merged(export_dir, merged):
@@ -191,7 +192,9 @@ def test_model_folders_are_found_and_bad_ones_explained(export_dir, tmp_path, to
     assert resolve_model(export_dir) == ("onnx", export_dir / "onnx")
     assert resolve_model(export_dir, "int8") == ("onnx", export_dir / "onnx-int8")
     assert resolve_model(export_dir / "merged") == ("torch", export_dir / "merged")
-    assert stop_ids(export_dir / "onnx", tokenizer) == [tokenizer.eos_token_id]
+    # EOS </s> and the chat template's end of turn <|im_end|>, as the export wrote them
+    assert stop_ids(export_dir / "onnx", tokenizer) == sorted([tokenizer.eos_token_id,
+                                                               tokenizer.convert_tokens_to_ids("<|im_end|>")])
     with pytest.raises(ServeError, match="without onnx-int4/.*--quantize int4"):
         resolve_model(export_dir, "int4")
     run_dir = json.loads((export_dir / "parity.json").read_text())["run_dir"]

@@ -1,5 +1,5 @@
 """One list of stop tokens: decided by lite_sft.stops, saved in generation_config.json, and the same list in
-`lite-sft generate`, the demo evaluation and the server."""
+`lite-sft generate`, the demo evaluation, the parity gate and the server."""
 
 import json
 
@@ -85,10 +85,11 @@ class Recorder(torch.nn.Module):
         return torch.cat([input_ids, torch.full((input_ids.shape[0], 1), IM_END)], dim=1)
 
 
-def test_one_list_in_generate_the_demo_evaluation_and_the_server(tokenizer, tmp_path, monkeypatch):
+def test_one_list_in_generate_the_demo_evaluation_the_parity_gate_and_the_server(tokenizer, tmp_path, monkeypatch):
     import lite_sft.generate as generate_cmd
     from lite_sft import tiny
     from lite_sft.config import load_config
+    from lite_sft.export.pipeline import run_stop_ids
     from lite_sft.serve.runtime import stop_ids as served_stop_ids
 
     base_config = GenerationConfig(eos_token_id=[EOS, 7])  # a base whose generation config stops at 7 too
@@ -104,6 +105,7 @@ def test_one_list_in_generate_the_demo_evaluation_and_the_server(tokenizer, tmp_
     record = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
     tiny.generate_answers(model, tokenizer, [record])
     assert model.eos_token_ids == [expected] * 3
+    assert run_stop_ids(run, tokenizer, base_config) == run_stop_ids(old_run, tokenizer, base_config) == expected
     assert served_stop_ids(run, tokenizer) == expected
 
     # The saved list wins over what the function would decide today.

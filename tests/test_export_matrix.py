@@ -1,0 +1,141 @@
+"""Every decoder family optimum exports, tuned with LoRA and on a 4-bit base: export passes its gates, and
+the served ONNX model (lite-sft's OrtBackend through generate()) decodes what the merged PyTorch model
+decodes, alone and in a left-padded batch. An architecture optimum cannot export fails in one line."""
+
+import json
+
+import pytest
+import torch
+
+from lite_sft.export.pipeline import ExportOptions, export_run
+from test_export import ARCHS, run_config, runner, tuned_run
+
+pytest.importorskip("bitsandbytes")
+
+NEW_TOKENS = 8
+# Two chat prompts of different lengths: the shorter is left-padded when they run together.
+QUESTIONS = ("hello there", "the quick brown fox jumps over the lazy dog, how are you?")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, bpe_tokenizer, chat_jsonl):
+    """exported(arch, quant) -> an export OUT of that tuned run (two parity prompts, few tokens: fast)."""
+    done = {}
+
+    def make(arch, quant):
+        if (arch, quant) not in done:
+            run = tuned_run(tmp_path_factory, bpe_tokenizer, chat_jsonl, arch, quant)
+            out = tmp_path_factory.mktemp(f"matrix-{arch}-{quant}") / "export"
+            report = export_run(run, out, ExportOptions(parity_prompts=2, parity_tokens=6), say=lambda _: None)
+            done[arch, quant] = run, out, report
+        return done[arch, quant]
+
+    return make
+
+
+@pytest.mark.parametrize("quant", ["none", pytest.param("4bit", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_export_and_serve_every_architecture(arch, quant, exported):
+    import onnx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lite_sft.serve.generate import SamplingParams, generate_ids
+    from lite_sft.serve.runtime import OrtBackend, stop_ids
+    from lite_sft.stops import read_stop_tokens
+
+    run, out, report = exported(arch, quant)
+    assert report["passed"] and [g["stage"] for g in report["gates"]] == ["merge", "onnx"]
+    merge, fp = report["gates"]
+    assert merge["precision"] == ("float32" if quant == "none" else "float16")
+    assert merge["greedy_agreement"] == 1.0 and fp["greedy_agreement"] == 1.0 and fp["max_abs_diff"] < 1e-4
+    batch = fp["batch"]
+    assert batch["passed"] and batch["greedy_agreement"] == 1.0 and batch["left_padding"] > 0
+    assert json.loads((out / "parity.json").read_text()) == report
+
+    # merged/: a plain Hugging Face folder, no quantisation or adapter left, the chat template kept.
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    assert getattr(merged.config, "quantization_config", None) is None and merged.config.use_cache
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
+    assert tokenizer.chat_template
+
+    # onnx/: a KV cache in and out, batch and sequence axes symbolic.
+    graph = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert "past_key_values.0.key" in inputs and any(o.name == "present.0.key" for o in graph.output)
+    assert all(isinstance(dim, str) for dim in inputs["input_ids"])
+
+    # One stop list: the run's, in every folder, and what the server stops at (EOS </s> and <|im_end|>).
+    stops = stop_ids(out / "onnx", tokenizer)
+    assert stops == report["stop_ids"] == read_stop_tokens(out / "merged") == read_stop_tokens(run)
+    assert {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} <= set(stops)
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in QUESTIONS]
+    assert len(prompts[0]) < len(prompts[1])
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            new = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
+            expected.append(new[:cut])
+    backend = OrtBackend(out / "onnx", "cpu", threads=1)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_ids=stops)
+    assert [generate_ids(backend, [p], params)[0] for p in prompts] == expected  # alone
+    assert generate_ids(backend, prompts, params) == expected  # left-padded, in one batch
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_an_architecture_optimum_does_not_export_is_one_line_from_the_cli(tmp_path, tmp_path_factory,
+                                                                       bpe_tokenizer, chat_jsonl):
+    import shutil
+
+    import yaml
+    from transformers import MambaConfig
+
+    from lite_sft.cli import app
+
+    MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1).save_pretrained(tmp_path / "mamba")
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run(tmp_path_factory, bpe_tokenizer, chat_jsonl, "llama"), run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["name_or_path"] = str(tmp_path / "mamba")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    line = one_error_line(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "out")]))
+    assert "'mamba'" in line and "--no-onnx" in line
+    assert all(f" {arch}," in line for arch in ("gemma2", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
+
+
+def test_a_failure_inside_optimums_exporter_is_one_line_from_the_cli(tmp_path, bpe_tokenizer, chat_jsonl):
+    """optimum lists Phi(-1/2) but sizes its dummy cache from the attention heads, so a Phi with fewer
+    key-value heads fails deep inside the trace."""
+    from transformers import AutoModelForCausalLM, PhiConfig
+
+    from lite_sft.cli import app
+    from lite_sft.train import tune
+
+    config = PhiConfig(vocab_size=len(bpe_tokenizer), pad_token_id=bpe_tokenizer.pad_token_id,
+                       bos_token_id=bpe_tokenizer.bos_token_id, eos_token_id=bpe_tokenizer.eos_token_id,
+                       hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
+    bpe_tokenizer.save_pretrained(tmp_path / "phi")
+    tune(run_config(tmp_path / "phi", chat_jsonl, tmp_path / "run"))
+    line = one_error_line(runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+                                              "--parity-prompts", "2", "--parity-tokens", "2"]))
+    assert "optimum could not export this phi model to ONNX" in line and "--no-onnx" in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-onnx",
+                                 "--parity-prompts", "2", "--parity-tokens", "2"])
+    assert result.exit_code == 0, result.output  # the merged model alone, as the message says
