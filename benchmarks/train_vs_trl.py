@@ -159,15 +159,13 @@ def warm_cache(specs: list[dict]) -> None:
     """Prepare each cached row's data once before timing, so the rows run warm (as a second run would)."""
     from lite_sft.config import load_config
     from lite_sft.data import prepare_data
-    from lite_sft.masking import ensure_chat_template
     from lite_sft.model import load_tokenizer
 
     for spec in specs:
         cfg = load_config(None, spec["overrides"])
         if cfg.data.cache:
             tokenizer = load_tokenizer(cfg.model.name_or_path)
-            ensure_chat_template(tokenizer, cfg.data.chat_template)
-            prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+            prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)  # as tune prepares it, template and all
 
 
 def run(spec: dict, work: Path, threads: int) -> dict:

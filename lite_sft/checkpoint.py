@@ -4,10 +4,16 @@ A checkpoint is written to `checkpoints/.tmp-step-N`, then renamed to `checkpoin
 `os.replace`, so a folder named `step-N` is always complete: an interrupted write leaves only a
 `.tmp-` folder, which the next save removes. Only the newest `keep_last` complete checkpoints are kept,
 and an older one is deleted only after a newer one is complete.
+
+With early stopping, the adapter with the lowest validation loss so far lives in `best/` (its weights
+and `best.json`: step and loss), written the same way whenever validation improves, and every checkpoint
+carries a copy of the best as of its step. It is on disk, not in memory, so a run that is interrupted,
+resumed and then stops early still keeps the best adapter.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -20,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -75,6 +82,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loop_
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "loop": loop_state},
         tmp / "state.pt",
     )
+    best = read_best(run_dir)
+    if best is not None:  # the best as of this step, so that a resume from here knows it (restore_best)
+        shutil.copytree(best[0], tmp / BEST_DIR)
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
@@ -94,6 +104,68 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["loop"]
+
+
+def save_best(run_dir: Path, model, step: int, val_loss: float) -> Path:
+    """Write the trainable weights as RUN_DIR/best/, replacing the previous best only once complete."""
+    def fill(tmp: Path) -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+
+    return _replace_best(Path(run_dir), fill)
+
+
+def restore_best(checkpoint_dir: Path, run_dir: Path) -> None:
+    """Make RUN_DIR/best/ the best as of `checkpoint_dir`: one saved after it belongs to the steps a resumed
+    run replays (it re-earns it, or not, itself), and the best it replaced must come back."""
+    saved = Path(checkpoint_dir) / BEST_DIR
+    if (saved / "best.json").is_file():
+        _replace_best(Path(run_dir), lambda tmp: [shutil.copy2(f, tmp / f.name) for f in saved.iterdir()])
+    else:
+        discard_best(run_dir)
+
+
+def _replace_best(root: Path, fill) -> Path:
+    final, tmp, old = root / BEST_DIR, root / f".tmp-{BEST_DIR}", root / f".old-{BEST_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    _fsync_dir(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():  # a folder cannot be renamed over a non-empty one: move the old best aside first
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_best(run_dir: Path) -> tuple[Path, dict] | None:
+    """(folder, {"step", "val_loss"}) of the saved best adapter, or None. A crash between the two renames
+    of save_best leaves the previous best in .old-best, which is still a complete one."""
+    for folder in (Path(run_dir) / BEST_DIR, Path(run_dir) / f".old-{BEST_DIR}"):
+        try:
+            meta = json.loads((folder / "best.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (folder / "trainable.safetensors").is_file():
+            return folder, meta
+    return None
+
+
+def discard_best(run_dir: Path) -> None:
+    for name in (BEST_DIR, f".old-{BEST_DIR}", f".tmp-{BEST_DIR}"):
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+
+
+def load_best(run_dir: Path, model) -> dict:
+    """Put the saved best adapter into `model`; returns its {"step", "val_loss"}."""
+    found = read_best(run_dir)
+    if found is None:
+        raise RuntimeError(f"{run_dir} has no saved best adapter ({BEST_DIR}/)")
+    folder, meta = found
+    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
+    return meta
 
 
 def _fsync_dir(path: Path) -> None:

@@ -158,12 +158,29 @@ def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: lis
         bias="none",
         task_type="CAUSAL_LM",
         # Tokens the chat template needed but the vocabulary lacked: train just their rows.
-        trainable_token_indices=new_token_ids or None,
+        trainable_token_indices=_new_token_rows(model, new_token_ids),
     )
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as err:
         raise ModelError(f"lora.target_modules {targets}: {err}") from err
+
+
+def _new_token_rows(model, new_token_ids: list[int] | None) -> list[int] | dict[str, list[int]] | None:
+    """peft's trainable_token_indices for tokens added to the vocabulary.
+
+    A list targets the input embedding only, and peft carries it into an output layer tied to it. An
+    untied output layer has rows of its own for the new tokens, initialised at random by the resize:
+    they must train too, and be saved in the adapter, or every later load resizes them afresh and the
+    model's predictions of its template tokens change from one load to the next.
+    """
+    if not new_token_ids:
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return list(new_token_ids)
+    names = {module: name for name, module in model.named_modules()}
+    return {names[embedding]: list(new_token_ids), names[head]: list(new_token_ids)}
 
 
 def load_tuned(run_dir: str | Path, device: torch.device | None = None):

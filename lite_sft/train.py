@@ -25,9 +25,10 @@ import torch
 from . import checkpoint, report
 from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
 from .loss import check_loss_path, token_loss_sum
-from .masking import IGNORE_INDEX, ensure_chat_template
+from .masking import DEFAULT_TEMPLATE_TOKENS, IGNORE_INDEX
 from .model import ModelError, add_lora, cpu_has_fast_bf16, load_base_model, load_tokenizer, resolve_model_path
 from .packing import collate
+from .stops import save_stop_tokens
 
 
 class RunDirError(RuntimeError):
@@ -74,17 +75,24 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     set_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    added = ensure_chat_template(tokenizer, cfg.data.chat_template)
     from .data import prepare_data
 
+    # Conversational data gets a chat template here when the tokenizer has none (prompt_completion and
+    # text need none, so their vocabulary is never touched).
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     if cfg.data.format == "auto":
         cfg.data.format = data.format  # the saved config records what was detected
+    if main and (warning := data.train_stats.straddling_warning()):
+        print(f"warning: {warning}")
     model = load_base_model(cfg.model, model_path, accelerator.device)
     new_token_ids = None
-    if added:
-        model.resize_token_embeddings(len(tokenizer))
-        new_token_ids = tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)
+    if data.added_tokens:
+        new_token_ids = tokenizer.convert_tokens_to_ids(list(DEFAULT_TEMPLATE_TOKENS))
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        if main:
+            print(f"the tokenizer has no chat template: using ChatML, with {', '.join(DEFAULT_TEMPLATE_TOKENS)} added "
+                  "to the vocabulary; their embedding and output-layer rows train and are saved with the adapter")
     if cfg.data.packing:
         check_packing_isolation(model, accelerator.device)
     model = add_lora(model, cfg.lora, cfg.model, new_token_ids)
@@ -102,16 +110,20 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         _init_run_dir(run_dir, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save_pretrained(run_dir)
+        save_stop_tokens(run_dir, tokenizer, model.generation_config)  # where generation stops, for every later step
+        report.write_validation_split(run_dir, cfg, data)
     accelerator.wait_for_everyone()
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         model.compile(dynamic=True)  # in place: saving, unwrapping and the loss see the same module
-    loop = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "best_val": math.inf, "bad_evals": 0}
+    loop = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": None,
+            "bad_evals": 0}
     if resume:
         step, ckpt = checkpoint.list_checkpoints(run_dir)[-1]
-        loop = checkpoint.load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        loop = {**loop, **checkpoint.load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)}
         if main:
+            checkpoint.restore_best(ckpt, run_dir)
             print(f"resuming from {ckpt} (step {step})")
     log = report.MetricsLog(run_dir, resume_step=loop["step"] if resume else None) if main else None
     skill_before = _skill_score(cfg, accelerator, model, tokenizer) if not resume else None
@@ -122,7 +134,6 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     # Packed rows are nearly all full already; grouping matters for padded ones.
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length and not cfg.data.packing else None
     bar = tqdm(total=total_steps, initial=loop["step"], disable=not main, dynamic_ncols=True, desc="tune", mininterval=0.5)
-    best_state = None
     started = time.perf_counter() - loop["elapsed"]
     stopped_early = False
     if accelerator.device.type == "cuda":
@@ -177,9 +188,9 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                     log.log({"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
                     bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                 if val_loss < loop["best_val"]:
-                    loop.update(best_val=val_loss, bad_evals=0)
-                    if cfg.train.early_stopping_patience:
-                        best_state = checkpoint.trainable_state(accelerator.unwrap_model(model))
+                    loop.update(best_val=val_loss, best_step=step, bad_evals=0)
+                    if cfg.train.early_stopping_patience and main:
+                        checkpoint.save_best(run_dir, accelerator.unwrap_model(model), step, val_loss)
                 else:
                     loop["bad_evals"] += 1
                     if cfg.train.early_stopping_patience and loop["bad_evals"] >= cfg.train.early_stopping_patience:
@@ -191,7 +202,8 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
             if stopped_early:
                 if main:
                     bar.write(f"early stopping at step {step}: no better validation loss in "
-                              f"{cfg.train.early_stopping_patience} evaluations; keeping the best adapter")
+                              f"{cfg.train.early_stopping_patience} evaluations; keeping the best adapter, "
+                              f"from step {loop['best_step']} (validation loss {loop['best_val']:.4f})")
                 break
     finally:
         bar.close()
@@ -200,13 +212,16 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
 
     # --- save
     unwrapped = accelerator.unwrap_model(model)
-    if best_state is not None and stopped_early:
-        checkpoint.load_trainable_state(unwrapped, best_state)
+    # The last checkpoint holds the weights the optimiser state belongs to; the adapter kept may be the best.
     _save(accelerator, run_dir, loop["step"], model, optimizer, scheduler, loop, cfg.train.keep_last)
+    if stopped_early:
+        checkpoint.load_best(run_dir, unwrapped)  # every process: the skill score below uses the weights too
     skill_after = _skill_score(cfg, accelerator, model, tokenizer)
     summary = None
     if main:
-        unwrapped.save_pretrained(run_dir)
+        # Rows of added tokens are saved as peft trainable tokens; without this peft would also save the whole
+        # resized embedding and output layer (135 MB on a 30M model) because their size changed.
+        unwrapped.save_pretrained(run_dir, save_embedding_layers=False)
         summary = _summary(cfg, data, loop, total_steps, world, accelerator.device, run_dir, stopped_early,
                            skill_before, skill_after)
         report.write_summary(run_dir, summary)
@@ -354,6 +369,7 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool)
         if not checkpoint.list_checkpoints(run_dir):
             raise RunDirError(f"{run_dir} has no checkpoint to resume from; start afresh with --overwrite")
         saved = load_config(run_dir / "config.yaml")
+        _adopt_resolved(cfg, saved)
         changed = sorted(set(_flat(saved.to_dict()).items()) ^ set(_flat(cfg.to_dict()).items()))
         changed = sorted({k for k, _ in changed} - RESUMABLE_CHANGES)
         if changed:
@@ -361,6 +377,16 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool)
                               f"these fields differ from it: {', '.join(changed)}")
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunDirError(f"{run_dir} already exists: pass --overwrite to replace it or --resume to continue it")
+
+
+def _adopt_resolved(cfg: RunConfig, saved: RunConfig) -> None:
+    """Take what the run resolved at its start for what it was asked, so that resuming with the command
+    that started it is accepted: `format: auto` was saved as the format detected, `auto_batch` as the
+    micro-batch and accumulation it chose."""
+    if cfg.data.format == "auto":
+        cfg.data.format = saved.data.format
+    if cfg.train.auto_batch and saved.train.auto_batch:
+        cfg.train.micro_batch_size, cfg.train.grad_accum = saved.train.micro_batch_size, saved.train.grad_accum
 
 
 def _init_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -420,6 +446,8 @@ def _summary(cfg, data, loop, total_steps, world, device, run_dir, stopped_early
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_val_loss": val_losses[-1] if val_losses else None,
         "best_val_loss": loop["best_val"] if math.isfinite(loop["best_val"]) else None,
+        "best_step": loop["best_step"],
+        "adapter_step": loop["best_step"] if stopped_early else loop["step"],
         "skill_exact_match_before": skill_before,
         "skill_exact_match_after": skill_after,
         **report.peak_memory(device),
