@@ -5,10 +5,11 @@
     lite-sft inspect-data --data chats.jsonl --model Qwen/Qwen2.5-0.5B
     lite-sft plan --model Qwen/Qwen2.5-0.5B --quant 4bit --max-seq-len 2048 --gpu-memory 8GB
     lite-sft generate runs/qwen --prompt "Write a haiku about autumn"
+    lite-sft tune --task seq-cls --model bert-base-uncased --data train.csv --output-dir runs/sentiment
+    lite-sft eval runs/sentiment --data dev.csv
     lite-sft export runs/qwen --out exports/qwen --quantize int4
     lite-sft bench exports/qwen
     lite-sft serve exports/qwen
-    lite-sft export runs/qwen --out exports/qwen --quantize int4
 
 Heavy imports (torch, transformers, peft, bitsandbytes, optimum, onnxruntime) happen inside the
 commands so that `lite-sft --help` answers at once.
@@ -78,6 +79,12 @@ FLAG_FIELDS = {
     "loss": "train.loss", "loss_chunk_tokens": "train.loss_chunk_tokens", "group_by_length": "data.group_by_length",
     "cache": "data.cache", "compile": "model.compile", "auto_batch": "train.auto_batch",
     "gpu_memory": "train.memory_budget", "offload_activations": "model.offload_activations",
+    "task": "task.name", "text_column": "task.text_column", "validation_text_column": "task.validation_text_column",
+    "text_pair_column": "task.text_pair_column", "label_column": "task.label_column",
+    "class_weights": "task.class_weights", "tag_column": "task.tag_column", "tokens_key": "task.tokens_key",
+    "tags_key": "task.tags_key", "tag_scheme": "task.tag_scheme", "source_column": "task.source_column",
+    "target_column": "task.target_column", "max_target_len": "task.max_target_len",
+    "max_new_tokens": "task.max_new_tokens", "num_beams": "task.num_beams",
 }
 
 
@@ -111,6 +118,18 @@ GradAccum = Annotated[Optional[int], _opt("train.grad_accum", "--grad-accum")]
 Loss = Annotated[Optional[str], _opt("train.loss", "--loss")]
 LossChunkTokens = Annotated[Optional[int], _opt("train.loss_chunk_tokens", "--loss-chunk-tokens")]
 GpuMemory = Annotated[Optional[str], _opt("train.memory_budget", "--gpu-memory")]
+Task = Annotated[Optional[str], _opt("task.name", "--task")]
+TextColumn = Annotated[Optional[str], _opt("task.text_column", "--text-column")]
+ValidationTextColumn = Annotated[Optional[str], _opt("task.validation_text_column", "--validation-text-column")]
+TextPairColumn = Annotated[Optional[str], _opt("task.text_pair_column", "--text-pair-column")]
+LabelColumn = Annotated[Optional[str], _opt("task.label_column", "--label-column")]
+TagColumn = Annotated[Optional[int], _opt("task.tag_column", "--tag-column")]
+TokensKey = Annotated[Optional[str], _opt("task.tokens_key", "--tokens-key")]
+TagsKey = Annotated[Optional[str], _opt("task.tags_key", "--tags-key")]
+TagScheme = Annotated[Optional[str], _opt("task.tag_scheme", "--tag-scheme")]
+SourceColumn = Annotated[Optional[str], _opt("task.source_column", "--source-column")]
+TargetColumn = Annotated[Optional[str], _opt("task.target_column", "--target-column")]
+MaxTargetLen = Annotated[Optional[int], _opt("task.max_target_len", "--max-target-len")]
 
 
 @app.command()
@@ -163,10 +182,27 @@ def tune(
     save_every: Annotated[Optional[int], _opt("train.save_every", "--save-every")] = None,
     keep_last: Annotated[Optional[int], _opt("train.keep_last", "--keep-last")] = None,
     log_every: Annotated[Optional[int], _opt("train.log_every", "--log-every")] = None,
+    task: Task = None,
+    text_column: TextColumn = None,
+    validation_text_column: ValidationTextColumn = None,
+    text_pair_column: TextPairColumn = None,
+    label_column: LabelColumn = None,
+    class_weights: Annotated[Optional[str], _opt("task.class_weights", "--class-weights")] = None,
+    tag_column: TagColumn = None,
+    tokens_key: TokensKey = None,
+    tags_key: TagsKey = None,
+    tag_scheme: TagScheme = None,
+    source_column: SourceColumn = None,
+    target_column: TargetColumn = None,
+    max_target_len: MaxTargetLen = None,
+    max_new_tokens: Annotated[Optional[int], _opt("task.max_new_tokens", "--max-new-tokens")] = None,
+    num_beams: Annotated[Optional[int], _opt("task.num_beams", "--num-beams")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its newest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output-dir (only once setup has succeeded).")] = False,
 ):
-    """Fine-tune a model with LoRA / QLoRA. With no --model and --data: the embedded offline default."""
+    """Fine-tune a model with LoRA / QLoRA: a causal LM on chat or instruction data (the default task), or an
+    encoder / encoder-decoder for --task seq-cls, token-cls or seq2seq. With no --model and --data: the
+    embedded offline default."""
     from .config import load_config
 
     overrides = _overrides(locals())
@@ -187,16 +223,25 @@ def tune(
     if summary is None:  # not the main process
         return
     typer.echo(f"\nrun directory: {cfg.output_dir}")
+    unit = next(k for k in ("trained_tokens", "labelled_tokens", "target_tokens", "examples") if k in summary)
     # A run shorter than --log-every logged no training loss.
-    typer.echo(f"  steps {summary['steps']}, trained tokens {summary['trained_tokens']}, "
+    typer.echo(f"  steps {summary['steps']}, {unit.replace('_', ' ')} {summary[unit]:g}, "
                f"{summary['tokens_per_s']:.0f} tokens/s"
                + (f", final train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
                + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else ""))
     if summary.get("skill_exact_match_after") is not None:
         typer.echo(f"  held-out exact match: {summary['skill_exact_match_before']:.1%} before -> "
                    f"{summary['skill_exact_match_after']:.1%} after tuning")
-    example = "Write 90210 backwards." if summary.get("skill_exact_match_after") is not None else "..."
-    typer.echo(f"  try it: lite-sft generate {cfg.output_dir} --prompt \"{example}\"")
+    if summary.get("final_evaluation"):
+        from .evaluate import format_report
+
+        typer.echo(format_report({"task": cfg.task.name, "data": "the validation data",
+                                  "examples": summary["validation_examples"], **summary["final_evaluation"]}))
+    if cfg.task.name == "causal-lm":
+        example = "Write 90210 backwards." if summary.get("skill_exact_match_after") is not None else "..."
+        typer.echo(f"  try it: lite-sft generate {cfg.output_dir} --prompt \"{example}\"")
+    else:
+        typer.echo(f"  evaluate it on a file: lite-sft eval {cfg.output_dir} --data FILE")
 
 
 @app.command("inspect-data")
@@ -299,6 +344,35 @@ def generate(
             typer.echo(text)
     except _expected_errors() as err:
         _fail(err)
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="A `lite-sft tune` output directory.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="The file to evaluate on, in the run's format.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the metrics JSON (default RUN_DIR/eval-<file>.json).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 16,
+    text_column: TextColumn = None,
+    text_pair_column: TextPairColumn = None,
+    label_column: LabelColumn = None,
+    tag_column: TagColumn = None,
+    tokens_key: TokensKey = None,
+    tags_key: TagsKey = None,
+    source_column: SourceColumn = None,
+    target_column: TargetColumn = None,
+):
+    """The run's task metrics on a data file (accuracy / F1 / BLEU / loss), printed and written as JSON.
+    Columns default to the run's own (its config.yaml); name them when the file differs."""
+    try:
+        from .evaluate import evaluate_run, format_report
+
+        report = evaluate_run(run_dir, data, out, batch_size, text_column=text_column, text_pair_column=text_pair_column,
+                              label_column=label_column, tag_column=tag_column, tokens_key=tokens_key,
+                              tags_key=tags_key, source_column=source_column, target_column=target_column)
+    except _expected_errors() as err:
+        _fail(err)
+    typer.echo(format_report(report))
+    typer.echo(f"written to {report['written_to']}")
 
 
 @app.command()

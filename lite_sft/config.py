@@ -31,6 +31,9 @@ OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LOSS_CHOICES = ("fused", "trained", "full")
+TASK_CHOICES = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
+CLASS_WEIGHT_CHOICES = ("none", "balanced")
+TAG_SCHEMES = ("iob2", "iob1")
 
 
 def lite_sft_home() -> Path:
@@ -93,11 +96,12 @@ class DataConfig:
     validation_fraction: float = 0.05
     """Fraction of the training examples held out for validation when no file is given (0 for none)."""
     max_seq_len: int = 1024
-    """Longest example in tokens; also the packed row length."""
+    """Longest example in tokens (seq2seq: longest source); also the packed row length."""
     overlong: str = "truncate"
     """What to do with longer examples: `truncate` them or `drop` them (both are counted)."""
     packing: bool = True
-    """Pack several examples into one row; packed examples never attend to each other."""
+    """Pack several examples into one row; packed examples never attend to each other (causal-lm; the other
+    tasks pad each example)."""
     group_by_length: bool = True
     """Without packing: put rows of similar length in the same micro-batch, so little is padding."""
     cache: bool = True
@@ -158,11 +162,49 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "causal-lm"
+    """What to fine-tune for: `causal-lm` (instruction or chat tuning of a decoder), `seq-cls` (a text or a
+    text pair to a label), `token-cls` (a tag per word: named entities) or `seq2seq` (a source text to a target
+    text with an encoder-decoder such as T5 or BART)."""
+    text_column: str = "text"
+    """seq-cls: the column (CSV/TSV header, JSONL key) holding the text."""
+    validation_text_column: str | None = None
+    """seq-cls: the validation file's text column, when it differs from text_column."""
+    text_pair_column: str | None = None
+    """seq-cls: the column holding a second text, for pair tasks (entailment, paraphrase)."""
+    label_column: str = "label"
+    """seq-cls: the column holding the label, as a name or an integer id."""
+    class_weights: str = "none"
+    """seq-cls: `none`, `balanced` (each class weighted by examples / (classes x its examples) in the training
+    data), or one weight per label id, comma-separated; the loss is the weighted mean."""
+    tag_column: int = -1
+    """token-cls, CoNLL files: the whitespace-separated column holding the tag (-1: the last one)."""
+    tokens_key: str = "tokens"
+    """token-cls, JSONL files: the key holding the list of words."""
+    tags_key: str = "tags"
+    """token-cls, JSONL files: the key holding the list of tags."""
+    tag_scheme: str = "iob2"
+    """token-cls: the tags' scheme: `iob2` (every entity starts with B-), or `iob1` (converted to IOB2 on reading)."""
+    source_column: str = "source"
+    """seq2seq: the column holding the input text."""
+    target_column: str = "target"
+    """seq2seq: the column holding the text to generate."""
+    max_target_len: int = 128
+    """seq2seq: longest target in tokens; longer targets are truncated (and counted)."""
+    max_new_tokens: int = 128
+    """seq2seq: most tokens generated when evaluating; saved as the model's generation setting."""
+    num_beams: int = 1
+    """seq2seq: beams when generating (1: greedy); saved as the model's generation setting."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     output_dir: str = "runs/latest"
     """Run directory: adapter, tokenizer, config, checkpoints, metrics."""
 
@@ -174,7 +216,7 @@ class RunConfig:
             if not ok:
                 problems.append(f"{name}: {message}")
 
-        m, lo, d, t = self.model, self.lora, self.data, self.train
+        m, lo, d, t, k = self.model, self.lora, self.data, self.train, self.task
         check(m.quant in QUANT_CHOICES, "model.quant", f"{m.quant!r} is not one of {QUANT_CHOICES}")
         check(m.dtype in DTYPE_CHOICES, "model.dtype", f"{m.dtype!r} is not one of {DTYPE_CHOICES}")
         check(lo.r > 0, "lora.r", f"must be positive, got {lo.r}")
@@ -204,11 +246,33 @@ class RunConfig:
         check(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
         check(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
         check(bool(self.output_dir), "output_dir", "must not be empty")
+        check(k.name in TASK_CHOICES, "task.name", f"{k.name!r} is not one of {TASK_CHOICES}")
+        if k.name != "causal-lm":
+            check(m.name_or_path != BUILTIN_MODEL, "model.name_or_path",
+                  f"the built-in model is a tiny causal LM for the demo; task {k.name} needs --model (an encoder "
+                  "such as BERT for seq-cls and token-cls, T5 or BART for seq2seq)")
+            check(d.path != BUILTIN_DATA, "data.path", f"the bundled data is chat data; task {k.name} needs --data")
+            check(not t.auto_batch, "train.auto_batch", "lite-sft plan sizes causal-LM training only; set the "
+                  "micro-batch yourself")
+        check(k.class_weights in CLASS_WEIGHT_CHOICES or _weights(k.class_weights) is not None, "task.class_weights",
+              f"{k.class_weights!r}: none, balanced, or numbers separated by commas (one per label id)")
+        check(k.tag_scheme in TAG_SCHEMES, "task.tag_scheme", f"{k.tag_scheme!r} is not one of {TAG_SCHEMES}")
+        for name in ("max_target_len", "max_new_tokens", "num_beams"):
+            check(getattr(k, name) >= 1, f"task.{name}", f"must be at least 1, got {getattr(k, name)}")
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _weights(text: str) -> list[float] | None:
+    """Class weights given as numbers separated by commas, or None when `text` is not that."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        return None
+    return weights if weights and all(w >= 0 for w in weights) and any(weights) else None
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
@@ -339,7 +403,8 @@ def field_docs() -> dict[str, str]:
     import sys
 
     tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    sections = {"ModelConfig": "model.", "LoraConfig": "lora.", "DataConfig": "data.", "TrainConfig": "train.", "RunConfig": ""}
+    sections = {"ModelConfig": "model.", "LoraConfig": "lora.", "DataConfig": "data.", "TrainConfig": "train.",
+                "TaskConfig": "task.", "RunConfig": ""}
     docs = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name in sections:

@@ -91,13 +91,28 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(cfg: ModelConfig, path: str, device: torch.device):
-    """The frozen backbone, quantised as asked, on `device`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def check_task_model(task, path: str, cfg: ModelConfig) -> None:
+    """Refuse, before anything is loaded, a base whose architecture cannot do `task` (its config.json is read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not read the config of model {cfg.name_or_path} ({path}): {err}") from err
+    task.check_model(config, cfg.name_or_path)
+
+
+def load_base_model(cfg: ModelConfig, path: str, device: torch.device, task=None, **model_kwargs):
+    """The frozen backbone, quantised as asked, on `device`, with `task`'s head (default: a causal LM).
+    `model_kwargs` go to from_pretrained (a classifier's num_labels and id2label)."""
+    import transformers
+    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(cfg, device)
     check_bitsandbytes(cfg.quant, device)
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    auto = getattr(transformers, task.auto_class if task is not None else "AutoModelForCausalLM")
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+                  **model_kwargs)
     if cfg.quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -110,7 +125,7 @@ def load_base_model(cfg: ModelConfig, path: str, device: torch.device):
     if cfg.quant != "none":
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _from_pretrained(auto, path, kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"could not load model {cfg.name_or_path} ({path}): {err}") from err
     if cfg.quant == "none":
@@ -119,6 +134,27 @@ def load_base_model(cfg: ModelConfig, path: str, device: torch.device):
         _keep_4bit_trainable_on_cpu(model)
     model.config.use_cache = False  # training never reuses a KV cache
     return model
+
+
+def _from_pretrained(auto, path: str, kwargs: dict):
+    import logging as stdlib_logging
+
+    from transformers.utils import logging as hf_logging
+
+    # A fresh task head is expected here ("Some weights ... newly initialized"): the adapter trains it.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(stdlib_logging.ERROR)
+    try:
+        try:
+            return auto.from_pretrained(path, **kwargs)
+        except ValueError as err:
+            if "attn_implementation" not in str(err) and "does not support" not in str(err):
+                raise
+            # Older encoders (BERT's own attention, T5) have no SDPA path; their eager one is what they run.
+            kwargs = {**kwargs, "attn_implementation": "eager"}
+            return auto.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _keep_4bit_trainable_on_cpu(model) -> None:
@@ -136,8 +172,9 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: list[int] | None = None):
-    """Wrap `model` in peft LoRA adapters; only the adapters (and any newly added token rows) train."""
+def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: list[int] | None = None, task=None):
+    """Wrap `model` in peft LoRA adapters; only the adapters, any newly added token rows and `task`'s new head
+    (trained whole and saved with the adapter) train."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -147,7 +184,12 @@ def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: lis
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = lora.target_modules
+    heads = [name for name in (task.head_names if task is not None else ()) if hasattr(model, name)]
     target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
+    if target_modules == "all-linear" and task is not None and task.name != "causal-lm":
+        # peft keeps the head out of "all-linear" for causal LMs and sequence classifiers only (a token
+        # classifier's head would be wrapped twice and peft raises), so name the layers ourselves.
+        target_modules = linear_layer_names(model, exclude=heads)
     peft_cfg = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -156,7 +198,8 @@ def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: lis
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task.peft_task_type if task is not None else "CAUSAL_LM",
+        modules_to_save=heads or None,
         # Tokens the chat template needed but the vocabulary lacked: train just their rows.
         trainable_token_indices=_new_token_rows(model, new_token_ids),
     )
@@ -183,11 +226,27 @@ def _new_token_rows(model, new_token_ids: list[int] | None) -> list[int] | dict[
     return {names[embedding]: list(new_token_ids), names[head]: list(new_token_ids)}
 
 
+def linear_layer_names(model, exclude: list[str]) -> list[str]:
+    """The last name of every linear layer (plain, bitsandbytes or GPT-2's Conv1D) outside `exclude`'s modules
+    and the output layer: what peft's "all-linear" means, for any head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if name.split(".")[0] in exclude or module is head or name == "":
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no linear layers for LoRA; name them with --target-modules")
+    return sorted(names)
+
+
 def load_tuned(run_dir: str | Path, device: torch.device | None = None):
-    """Base model + adapter from a run directory, ready for generation (adapter kept unmerged)."""
+    """Base model (with the run's task head) + adapter from a run directory, ready for inference (unmerged)."""
     from peft import PeftModel
 
     from .config import load_config
+    from .tasks.base import get_task
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapter_config.json").is_file():
@@ -195,7 +254,11 @@ def load_tuned(run_dir: str | Path, device: torch.device | None = None):
     cfg = load_config(run_dir / "config.yaml")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(str(run_dir), cfg.model.trust_remote_code)
-    base = load_base_model(cfg.model, resolve_model_path(cfg.model.name_or_path), device)
+    task = get_task(cfg.task.name)
+    base = load_base_model(cfg.model, resolve_model_path(cfg.model.name_or_path), device, task,
+                           **task.saved_model_kwargs(run_dir))
+    if base.config.pad_token_id is None:  # as training set it
+        base.config.pad_token_id = tokenizer.pad_token_id
     if base.get_input_embeddings().num_embeddings < len(tokenizer):
         base.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(base, str(run_dir))

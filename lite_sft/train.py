@@ -1,13 +1,17 @@
-"""The training loop: setup, fit, save, top to bottom.
+"""The training loop: setup, fit, evaluate, save, top to bottom, the same for every task.
 
     lite-sft tune --model Qwen/Qwen2.5-0.5B --data chats.jsonl --quant 4bit --output-dir runs/qwen
+    lite-sft tune --task seq-cls --model bert-base-uncased --data train.csv --output-dir runs/sentiment
     torchrun --nproc-per-node 2 -m lite_sft tune ...      # the same loop under DDP
 
+    run = setup(cfg); stopped_early = fit(run); summary = save(run, stopped_early)     # what tune() does
+
+What differs per task (data, model class, collation, loss, metrics) sits behind lite_sft.tasks.base.Task.
 One optimiser step consumes a fixed block of `micro_batch_size * grad_accum * world_size` rows from a
 seeded stream of epoch permutations, so the data a step sees depends only on the step number: resume
 and multi-process runs follow the same trajectory as a single uninterrupted run. The loss is summed over
-trained tokens and divided by the trained-token count of the whole optimiser step (all micro-batches,
-all processes), so accumulation and DDP give the same gradient as one big batch.
+the task's units (trained tokens, or examples) and divided by the units of the whole optimiser step (all
+micro-batches, all processes), so accumulation and DDP give the same gradient as one big batch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +29,11 @@ import torch
 
 from . import checkpoint, report
 from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
-from .loss import check_loss_path, token_loss_sum
-from .masking import DEFAULT_TEMPLATE_TOKENS, IGNORE_INDEX
-from .model import ModelError, add_lora, cpu_has_fast_bf16, load_base_model, load_tokenizer, resolve_model_path
-from .packing import collate
-from .stops import save_stop_tokens
+from .loss import check_loss_path
+from .masking import DEFAULT_TEMPLATE_TOKENS
+from .model import (ModelError, add_lora, check_task_model, cpu_has_fast_bf16, load_base_model, load_tokenizer,
+                    resolve_model_path)
+from .tasks.base import Task, TaskData, all_sum, get_task
 
 
 class RunDirError(RuntimeError):
@@ -44,18 +49,57 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "tra
                      "train.keep_last", "train.log_every", "train.early_stopping_patience"}
 
 
+@dataclass
+class Run:
+    """Everything a run needs between setup, fit and save."""
+
+    cfg: RunConfig
+    task: Task
+    accelerator: object
+    tokenizer: object
+    data: TaskData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_impl: str
+    total_steps: int
+    rows_per_step: int
+    loop: dict
+    log: report.MetricsLog | None
+    skill_before: float | None = None
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
 def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
          on_step: Callable[[int, dict, torch.nn.Module], None] | None = None) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with LoRA and write the run directory; returns the summary."""
+    run = setup(cfg, resume=resume, overwrite=overwrite)
+    try:
+        stopped_early = fit(run, on_step)
+    finally:
+        if run.log is not None:
+            run.log.close()
+    return save(run, stopped_early)
+
+
+def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+    """Load, prepare and check everything; only then create (or continue) the run directory."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from transformers import set_seed
 
     cfg.validate()
+    task = get_task(cfg.task.name)
     run_dir = Path(cfg.output_dir)
     _check_run_dir(run_dir, cfg, resume, overwrite)
-
-    # --- setup: everything that can fail on bad input happens before the run directory is touched
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     # accelerate keeps its precision in a process-wide state and refuses a second one; a notebook or a
     # test suite may tune several models in one process. The distributed state (PartialState) is kept.
@@ -74,17 +118,18 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(1)
     set_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name_or_path)
+    check_task_model(task, model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    from .data import prepare_data
-
-    # Conversational data gets a chat template here when the tokenizer has none (prompt_completion and
-    # text need none, so their vocabulary is never touched).
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    if cfg.data.format == "auto":
+    # causal-lm: conversational data gets a chat template here when the tokenizer has none (prompt_completion
+    # and text need none, so their vocabulary is never touched).
+    data = task.prepare(cfg, tokenizer)
+    if cfg.data.format == "auto" and task.name == "causal-lm":
         cfg.data.format = data.format  # the saved config records what was detected
-    if main and (warning := data.train_stats.straddling_warning()):
+    if main and data.train_stats is not None and (warning := data.train_stats.straddling_warning()):
         print(f"warning: {warning}")
-    model = load_base_model(cfg.model, model_path, accelerator.device)
+    model = load_base_model(cfg.model, model_path, accelerator.device, task, **task.model_kwargs(data))
+    if model.config.pad_token_id is None:  # a classifier finds each row's last real token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     new_token_ids = None
     if data.added_tokens:
         new_token_ids = tokenizer.convert_tokens_to_ids(list(DEFAULT_TEMPLATE_TOKENS))
@@ -93,158 +138,164 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         if main:
             print(f"the tokenizer has no chat template: using ChatML, with {', '.join(DEFAULT_TEMPLATE_TOKENS)} added "
                   "to the vocabulary; their embedding and output-layer rows train and are saved with the adapter")
-    if cfg.data.packing:
+    if cfg.data.packing and task.name == "causal-lm":
         check_packing_isolation(model, accelerator.device)
-    model = add_lora(model, cfg.lora, cfg.model, new_token_ids)
-    loss_impl = check_loss_path(model, accelerator.device, cfg.train.loss)
+    model = add_lora(model, cfg.lora, cfg.model, new_token_ids, task)
+    loss_impl = check_loss_path(model, accelerator.device, cfg.train.loss) if task.name == "causal-lm" else "full"
     optimizer = _optimizer(cfg, model, accelerator.device)
-    world = accelerator.num_processes
-    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(data.train) / rows_per_step)
     scheduler = _scheduler(cfg, optimizer, total_steps)
 
     if main:
         print(config_to_yaml(cfg), end="")
-        print(f"data: {data.train_stats.examples} train / {data.validation_stats.examples} validation examples "
-              f"({data.format}), {len(data.train)} rows, {total_steps} steps of {rows_per_step} rows")
+        print(f"data: {data.summary}; {total_steps} steps of {rows_per_step} rows")
         _init_run_dir(run_dir, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save_pretrained(run_dir)
-        save_stop_tokens(run_dir, tokenizer, model.generation_config)  # where generation stops, for every later step
-        report.write_validation_split(run_dir, cfg, data)
+        task.write_run_files(run_dir, cfg, tokenizer, model, data)
     accelerator.wait_for_everyone()
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         model.compile(dynamic=True)  # in place: saving, unwrapping and the loss see the same module
-    loop = {"step": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": None,
+    loop = {"step": 0, "tokens": 0, "units": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": None,
             "bad_evals": 0}
     if resume:
         step, ckpt = checkpoint.list_checkpoints(run_dir)[-1]
         loop = {**loop, **checkpoint.load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)}
+        if "trained_tokens" in loop:  # written before the loop counted any task's units
+            loop["units"] = loop.pop("trained_tokens")
         if main:
             checkpoint.restore_best(ckpt, run_dir)
             print(f"resuming from {ckpt} (step {step})")
     log = report.MetricsLog(run_dir, resume_step=loop["step"] if resume else None) if main else None
-    skill_before = _skill_score(cfg, accelerator, model, tokenizer) if not resume else None
+    run = Run(cfg, task, accelerator, tokenizer, data, model, optimizer, scheduler, loss_impl, total_steps,
+              rows_per_step, loop, log)
+    if not resume:
+        run.skill_before = _skill_score(run)
+    return run
 
-    # --- fit
+
+def fit(run: Run, on_step: Callable[[int, dict, torch.nn.Module], None] | None = None) -> bool:
+    """Train until the last step or early stopping (returned True); evaluates and checkpoints on the way."""
     from tqdm.auto import tqdm
 
+    cfg, task, accelerator, model, loop = run.cfg, run.task, run.accelerator, run.model, run.loop
+    world, micro = accelerator.num_processes, cfg.train.micro_batch_size
+    packed = cfg.data.packing and task.name == "causal-lm"
     # Packed rows are nearly all full already; grouping matters for padded ones.
-    lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length and not cfg.data.packing else None
-    bar = tqdm(total=total_steps, initial=loop["step"], disable=not main, dynamic_ncols=True, desc="tune", mininterval=0.5)
+    lengths = tuple(len(r) for r in run.data.train) if cfg.data.group_by_length and not packed else None
+    bar = tqdm(total=run.total_steps, initial=loop["step"], disable=not run.main, dynamic_ncols=True, desc="tune",
+               mininterval=0.5)
     started = time.perf_counter() - loop["elapsed"]
-    stopped_early = False
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     try:
-        while loop["step"] < total_steps:
+        while loop["step"] < run.total_steps:
             step = loop["step"] + 1
-            rows = _rows_for_step(step - 1, len(data.train), rows_per_step, cfg.train.seed, lengths)
-            per_rank = rows_per_step // world
-            mine = [data.train[i] for i in rows[accelerator.process_index * per_rank:][:per_rank]]
-            batches = [collate(mine[i:i + cfg.train.micro_batch_size], tokenizer.pad_token_id)
-                       for i in range(0, per_rank, cfg.train.micro_batch_size)]
-            trained = _all_sum(accelerator, sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
-            tokens = _all_sum(accelerator, sum(len(r.input_ids) for r in mine))
+            rows = _rows_for_step(step - 1, len(run.data.train), run.rows_per_step, cfg.train.seed, lengths)
+            per_rank = run.rows_per_step // world
+            mine = [run.data.train[i] for i in rows[accelerator.process_index * per_rank:][:per_rank]]
+            batches = [task.collate(mine[i:i + micro], run.tokenizer) for i in range(0, per_rank, micro)]
+            # The step's loss is the mean over its units (trained tokens, or examples), all micro-batches and
+            # processes together: accumulation and DDP give the gradient of one big batch.
+            units = all_sum(accelerator, sum(task.units(b) for b in batches))
+            tokens = all_sum(accelerator, sum(len(r) for r in mine))
             model.train()
             loss_sum = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with nullcontext() if last else accelerator.no_sync(model):
+                with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
                     with accelerator.autocast(), _saved_tensors(cfg):  # autocast: the loss's own matmul too
-                        ce = token_loss_sum(model, batch, accelerator.device, loss_impl, cfg.train.loss_chunk_tokens)
+                        part = task.loss_sum(model, batch, accelerator.device, run.loss_impl, cfg.train.loss_chunk_tokens)
                     # DDP averages gradients over processes, hence the `* world`.
-                    accelerator.backward(ce * world / max(trained, 1))
-                loss_sum += ce.detach()
-            loss = _all_sum(accelerator, loss_sum).item() / max(trained, 1)
+                    accelerator.backward(part * world / max(units, 1e-9))
+                loss_sum += part.detach()
+            loss = all_sum(accelerator, loss_sum).item() / max(units, 1e-9)
             if not math.isfinite(loss):
-                kept = checkpoint.list_checkpoints(run_dir)
+                kept = checkpoint.list_checkpoints(run.run_dir)
                 where = f"the last good checkpoint is {kept[-1][1]} (continue with --resume)" if kept else "no checkpoint was written yet"
                 raise TrainingDiverged(f"loss became {loss} at step {step}; stopped before applying it, {where}. "
                                        "Lower --lr, check the data, or use a wider compute dtype.")
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) \
                 if cfg.train.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
 
-            loop.update(step=step, tokens=loop["tokens"] + tokens, trained_tokens=loop["trained_tokens"] + trained,
+            loop.update(step=step, tokens=loop["tokens"] + tokens, units=loop["units"] + units,
                         elapsed=time.perf_counter() - started)
-            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": loop["tokens"] / max(loop["elapsed"], 1e-9), "trained_tokens": trained,
-                      "epoch": step * rows_per_step / len(data.train)}
-            if main and step % cfg.train.log_every == 0:
-                log.log(record)
+                      "tokens_per_s": loop["tokens"] / max(loop["elapsed"], 1e-9), task.unit_name: units,
+                      "epoch": step * run.rows_per_step / len(run.data.train)}
+            if run.main and step % cfg.train.log_every == 0:
+                run.log.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-            if data.validation and (step == total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                val_loss = evaluate(model, data.validation, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator,
-                                    loss_impl, cfg.train.loss_chunk_tokens)
-                if main:
-                    log.log({"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-                if val_loss < loop["best_val"]:
-                    loop.update(best_val=val_loss, best_step=step, bad_evals=0)
-                    if cfg.train.early_stopping_patience and main:
-                        checkpoint.save_best(run_dir, accelerator.unwrap_model(model), step, val_loss)
-                else:
-                    loop["bad_evals"] += 1
-                    if cfg.train.early_stopping_patience and loop["bad_evals"] >= cfg.train.early_stopping_patience:
-                        stopped_early = True
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-                _save(accelerator, run_dir, step, model, optimizer, scheduler, loop, cfg.train.keep_last)
+            stop = False
+            if run.data.validation and (step == run.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                stop = _record_evaluation(run, step, evaluate(run), bar.write)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < run.total_steps:
+                _save(run, step)
             if on_step is not None:
                 on_step(step, record, accelerator.unwrap_model(model))
-            if stopped_early:
-                if main:
+            if stop:
+                if run.main:
                     bar.write(f"early stopping at step {step}: no better validation loss in "
                               f"{cfg.train.early_stopping_patience} evaluations; keeping the best adapter, "
                               f"from step {loop['best_step']} (validation loss {loop['best_val']:.4f})")
-                break
+                return True
     finally:
         bar.close()
-        if log is not None:
-            log.close()
+    return False
 
-    # --- save
-    unwrapped = accelerator.unwrap_model(model)
+
+def evaluate(run: Run) -> dict:
+    """The task's validation figures: {"val_loss", and its metrics (perplexity, accuracy, F1, BLEU, ...)}."""
+    return run.task.evaluate(run.model, run.data.validation, run.tokenizer, run.accelerator,
+                             run.cfg.train.micro_batch_size, run.loss_impl, run.cfg.train.loss_chunk_tokens)
+
+
+def _record_evaluation(run: Run, step: int, figures: dict, say: Callable[[str], None]) -> bool:
+    """Log and print an evaluation, keep the best adapter; True when early stopping's patience ran out."""
+    loop, val_loss = run.loop, figures["val_loss"]
+    run.last_eval = {"step": step, **figures}
+    scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if run.main:
+        run.log.log({"step": step, **{k if k.startswith("val_") else f"val_{k}": v for k, v in scalars.items()}})
+        say(f"step {step}: validation " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
+                                                 for k, v in scalars.items()))
+    if val_loss < loop["best_val"]:
+        loop.update(best_val=val_loss, best_step=step, bad_evals=0)
+        if run.cfg.train.early_stopping_patience and run.main:
+            checkpoint.save_best(run.run_dir, run.accelerator.unwrap_model(run.model), step, val_loss)
+        return False
+    loop["bad_evals"] += 1
+    patience = run.cfg.train.early_stopping_patience
+    return bool(patience) and loop["bad_evals"] >= patience
+
+
+def save(run: Run, stopped_early: bool) -> dict | None:
+    """Write the adapter (the best one after early stopping), the summary and the loss plot."""
+    accelerator = run.accelerator
+    unwrapped = accelerator.unwrap_model(run.model)
     # The last checkpoint holds the weights the optimiser state belongs to; the adapter kept may be the best.
-    _save(accelerator, run_dir, loop["step"], model, optimizer, scheduler, loop, cfg.train.keep_last)
+    _save(run, run.loop["step"])
     if stopped_early:
-        checkpoint.load_best(run_dir, unwrapped)  # every process: the skill score below uses the weights too
-    skill_after = _skill_score(cfg, accelerator, model, tokenizer)
+        checkpoint.load_best(run.run_dir, unwrapped)  # every process: the skill score below uses the weights too
+    skill_after = _skill_score(run)
     summary = None
-    if main:
+    if run.main:
         # Rows of added tokens are saved as peft trainable tokens; without this peft would also save the whole
         # resized embedding and output layer (135 MB on a 30M model) because their size changed.
-        unwrapped.save_pretrained(run_dir, save_embedding_layers=False)
-        summary = _summary(cfg, data, loop, total_steps, world, accelerator.device, run_dir, stopped_early,
-                           skill_before, skill_after)
-        report.write_summary(run_dir, summary)
-        report.plot_losses(run_dir)
+        unwrapped.save_pretrained(run.run_dir, save_embedding_layers=False)
+        summary = _summary(run, stopped_early, skill_after)
+        report.write_summary(run.run_dir, summary)
+        report.plot_losses(run.run_dir)
     accelerator.wait_for_everyone()
     return summary
-
-
-@torch.no_grad()
-def evaluate(model, rows, micro_batch_size: int, pad_id: int, accelerator, loss: str = "full",
-             loss_chunk: int = 0) -> float:
-    """Validation loss per trained token over all rows (sharded across processes)."""
-    model.eval()
-    mine = rows[accelerator.process_index::accelerator.num_processes]
-    total = torch.zeros((), device=accelerator.device)
-    count = 0
-    for i in range(0, len(mine), micro_batch_size):
-        batch = collate(mine[i:i + micro_batch_size], pad_id)
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
-        with accelerator.autocast():
-            total += token_loss_sum(model, batch, accelerator.device, loss, loss_chunk)
-    count = _all_sum(accelerator, count)
-    return _all_sum(accelerator, total).item() / max(count, 1)
 
 
 @torch.no_grad()
@@ -304,14 +355,6 @@ def _epoch_order(seed: int, epoch: int, n_rows: int, rows_per_step: int = 0,
         for k in torch.randperm(len(steps), generator=gen).tolist():
             grouped += steps[k]
     return grouped
-
-
-def _all_sum(accelerator, value):
-    if accelerator.num_processes == 1:
-        return value
-    t = value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value), device=accelerator.device)
-    t = accelerator.reduce(t.to(accelerator.device), reduction="sum")
-    return t if torch.is_tensor(value) else int(round(t.item()))
 
 
 def _saved_tensors(cfg: RunConfig):
@@ -405,51 +448,58 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _save(accelerator, run_dir, step, model, optimizer, scheduler, loop, keep_last) -> None:
-    if accelerator.is_main_process:
-        checkpoint.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, loop, keep_last)
-    accelerator.wait_for_everyone()
+def _save(run: Run, step: int) -> None:
+    if run.main:
+        checkpoint.save_checkpoint(run.run_dir, step, run.accelerator.unwrap_model(run.model), run.optimizer,
+                                   run.scheduler, run.loop, run.cfg.train.keep_last)
+    run.accelerator.wait_for_everyone()
 
 
-def _skill_score(cfg: RunConfig, accelerator, model, tokenizer) -> float | None:
+def _skill_score(run: Run) -> float | None:
     """Held-out exact match on the bundled skill data (the embedded default only)."""
-    if cfg.data.path != BUILTIN_DATA:
+    if run.cfg.data.path != BUILTIN_DATA:
         return None
     score = None
-    if accelerator.is_main_process:
+    if run.main:
+        from .stops import read_stop_tokens
         from .tiny import exact_match, load_skill_eval
 
-        score = exact_match(accelerator.unwrap_model(model), tokenizer, load_skill_eval())
+        # Stopped where generation stops after export and in the server: the list the run directory records.
+        score = exact_match(run.accelerator.unwrap_model(run.model), run.tokenizer, load_skill_eval(),
+                            stop_ids=read_stop_tokens(run.run_dir))
         print(f"held-out exact match: {score:.1%}")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return score
 
 
-def _summary(cfg, data, loop, total_steps, world, device, run_dir, stopped_early, skill_before, skill_after) -> dict:
-    metrics = report.read_metrics(run_dir)
+def _summary(run: Run, stopped_early: bool, skill_after: float | None) -> dict:
+    loop, unit = run.loop, run.task.unit_name
+    metrics = report.read_metrics(run.run_dir)
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     elapsed = max(loop["elapsed"], 1e-9)
     return {
+        "task": run.task.name,
         "steps": loop["step"],
-        "planned_steps": total_steps,
+        "planned_steps": run.total_steps,
         "stopped_early": stopped_early,
-        "processes": world,
-        "device": str(device),
-        "train_examples": data.train_stats.examples,
-        "validation_examples": data.validation_stats.examples,
+        "processes": run.accelerator.num_processes,
+        "device": str(run.accelerator.device),
+        "train_examples": run.data.examples[0],
+        "validation_examples": run.data.examples[1],
         "tokens": loop["tokens"],
-        "trained_tokens": loop["trained_tokens"],
+        unit: loop["units"],
         "tokens_per_s": loop["tokens"] / elapsed,
-        "trained_tokens_per_s": loop["trained_tokens"] / elapsed,
+        f"{unit}_per_s": loop["units"] / elapsed,
         "wall_s": loop["elapsed"],
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_val_loss": val_losses[-1] if val_losses else None,
         "best_val_loss": loop["best_val"] if math.isfinite(loop["best_val"]) else None,
         "best_step": loop["best_step"],
         "adapter_step": loop["best_step"] if stopped_early else loop["step"],
-        "skill_exact_match_before": skill_before,
+        "final_evaluation": run.last_eval or None,
+        "skill_exact_match_before": run.skill_before,
         "skill_exact_match_after": skill_after,
-        **report.peak_memory(device),
+        **report.peak_memory(run.accelerator.device),
         "versions": report.versions(),
     }

@@ -222,3 +222,151 @@ def data_cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "data-cache"
     monkeypatch.setattr(data_cache, "cache_dir", lambda: folder)
     return folder
+
+
+# Words of the classic-task fixtures: sentiment words, names and places, filler.
+ENCODER_WORDS = ("good great fine nice love bad awful poor sad hate the movie was film plot is a very not quite "
+                 "peter mary john paris london berlin acme globex visited met in at and works for").split()
+
+
+def make_wordpiece(extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], token_type_ids, lowercasing) on ENCODER_WORDS."""
+    from tokenizers import normalizers
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ENCODER_WORDS, *extra, "##s", "##ed", "."]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A Hugging Face folder: a random-weight 2-layer BERT encoder (no head) and a WordPiece tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = make_wordpiece()
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory):
+    """120 short reviews labelled pos / neg by their sentiment word; 24 more in a dev file whose text column
+    is named `content` (as SST-2's dev.tsv names it)."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("sentiment")
+    for name, n, column in (("train.csv", 120, "text"), ("dev.csv", 24, "content")):
+        with open(folder / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([column, "label"])
+            for i in range(n):
+                label = "pos" if i % 2 else "neg"
+                word = rng.choice(("good", "great", "nice", "love") if label == "pos" else ("bad", "awful", "poor", "hate"))
+                filler = rng.sample(("the", "movie", "was", "film", "plot", "is", "very", "quite"), k=3)
+                words = filler[:rng.randint(0, 3)] + [word] + filler[rng.randint(0, 3):]
+                writer.writerow([" ".join(words), label])
+    return folder
+
+
+SEQ2SEQ_WORDS = "zero one two three four five six seven eight nine reverse copy translate : null un deux trois".split()
+
+
+def make_t5_tokenizer() -> PreTrainedTokenizerFast:
+    """T5's conventions on a word-level vocabulary: <pad> 0, </s> 1, <unk> 2, EOS appended to every text."""
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *SEQ2SEQ_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   model_max_length=128)
+
+
+def make_bart_tokenizer() -> PreTrainedTokenizerFast:
+    """BART's conventions on a byte-level BPE: <s> 0, <pad> 1, </s> 2, <unk> 3, texts as <s> ... </s>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(SEQ2SEQ_WORDS)] * 10, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    """A Hugging Face folder: a random-weight 2+2-layer T5 and a word-level tokenizer with T5's special ids."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = make_t5_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-t5")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_dir(tmp_path_factory):
+    """A Hugging Face folder: a random-weight 2+2-layer BART and a byte-level BPE tokenizer with BART's ids."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tokenizer = make_bart_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-bart")
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=128, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=2)
+    BartForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ner_conll(tmp_path_factory):
+    """A CoNLL-2003-style train.txt / valid.txt (`token TAG 0` lines, tag in column 1): people, places and
+    companies in short sentences, IOB2."""
+    import random
+
+    rng = random.Random(0)
+    people, places, orgs = (["peter"], ["mary"], ["john"]), (["paris"], ["london"], ["berlin"]), (["acme"], ["globex"])
+    folder = tmp_path_factory.mktemp("ner")
+    for name, n in (("train.txt", 160), ("valid.txt", 32)):
+        lines = ["-DOCSTART- -X- O", ""]
+        for _ in range(n):
+            who, where, org = rng.choice(people), rng.choice(places), rng.choice(orgs)
+            shape = rng.randrange(3)
+            if shape == 0:
+                words = [(w, "PER") for w in who] + [("visited", None)] + [(w, "LOC") for w in where]
+            elif shape == 1:
+                words = [(w, "PER") for w in who] + [("works", None), ("for", None)] + [(w, "ORG") for w in org]
+            else:
+                words = [(w, "PER") for w in who] + [("met", None)] + [(w, "PER") for w in rng.choice(people)] + \
+                        [("in", None)] + [(w, "LOC") for w in where]
+            previous = None
+            for word, kind in words:
+                tag = "O" if kind is None else ("I-" if previous == kind else "B-") + kind
+                previous = kind
+                lines.append(f"{word} {tag} 0")
+            lines.append("")
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder

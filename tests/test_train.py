@@ -243,9 +243,9 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, chat_jsonl, tmp_p
     scores = iter([1.0, 0.5, 0.9, 0.95, 0.97, 0.99])
     kept = {}
 
-    def fake_evaluate(model, *args):
-        kept[len(kept)] = checkpoint.trainable_state(model.module if hasattr(model, "module") else model)
-        return next(scores)
+    def fake_evaluate(run):
+        kept[len(kept)] = checkpoint.trainable_state(run.accelerator.unwrap_model(run.model))
+        return {"val_loss": next(scores)}
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     run = tmp_path / "run"

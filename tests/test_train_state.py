@@ -27,9 +27,9 @@ def test_early_stopping_after_resume_keeps_the_best_adapter(tiny_model_dir, chat
     calls = []
     states = {}
 
-    def fake_evaluate(model, *args):
+    def fake_evaluate(run):
         calls.append(len(calls) + 1)
-        return scores[calls[-1]]
+        return {"val_loss": scores[calls[-1]]}
 
     def on_step(step, record, model):
         states[step] = checkpoint.trainable_state(model)
@@ -64,7 +64,7 @@ def test_a_best_adapter_saved_after_the_resumed_checkpoint_is_not_kept(tiny_mode
     tune(make_cfg(tiny_model_dir, chat_jsonl, run, **overrides))
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 4
     (run / "checkpoints" / "step-0000004").rename(run / "checkpoints" / "gone")  # as if cut before step 4 saved
-    monkeypatch.setattr(train, "evaluate", lambda *args: 10.0)  # no better validation after step 2 this time
+    monkeypatch.setattr(train, "evaluate", lambda run: {"val_loss": 10.0})  # no better validation after step 2 now
     tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{**overrides, "train.max_steps": 3}), resume=True)
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 2
 

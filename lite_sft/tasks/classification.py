@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_sft.tasks.labels import LabelMap, build_label_map, parse_label
+from lite_sft.tasks.base import Task, TaskData
+from lite_sft.tasks.labels import LabelMap, build_label_map, load_labels, parse_label, save_labels
 from lite_sft.tasks.table import read_table, text_field
 
 
@@ -50,3 +51,165 @@ def read_classification(path: str | Path, *, text_column: str = "text", label_co
         pair = text_field(row, pair_column) if pair_column is not None else None
         records.append(ClassificationRecord(where, text_field(row, text_column), label, pair))
     return records, label_map
+
+
+@dataclass
+class ClassificationRow:
+    """One tokenised example: what the model reads, and its label id."""
+
+    input_ids: list[int]
+    label: int
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def label_kwargs(labels: LabelMap) -> dict:
+    """from_pretrained arguments that size the head and name its outputs (saved in the model's config)."""
+    return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
+
+
+def class_weights(setting: str, labels: list[int], n_classes: int) -> list[float] | None:
+    """The loss weight of each label id: None for `none`; `balanced` weighs class c by n / (classes x n_c),
+    scikit-learn's rule, so rare classes count as much in total as common ones; else the given list."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = [labels.count(c) for c in range(n_classes)]
+        return [len(labels) / (n_classes * count) if count else 0.0 for count in counts]
+    from lite_sft.config import ConfigError
+
+    weights = [float(w) for w in setting.split(",")]
+    if len(weights) != n_classes:
+        raise ConfigError(f"task.class_weights gives {len(weights)} weights for {n_classes} labels; give one per "
+                          "label id, in id order")
+    return weights
+
+
+class SequenceClassificationTask(Task):
+    """seq-cls: a text (or a text pair) to one of a fixed set of labels, with a fresh classification head."""
+
+    name = "seq-cls"
+    peft_task_type = "SEQ_CLS"
+    auto_class = "AutoModelForSequenceClassification"
+    head_names = ("classifier", "score")  # BERT-style encoders, and decoders' sequence-classification heads
+    unit_name = "examples"
+
+    def __init__(self):
+        self.weights: list[float] | None = None
+        self.labels: LabelMap | None = None
+
+    def model_kwargs(self, data: TaskData) -> dict:
+        return label_kwargs(data.labels)
+
+    def saved_model_kwargs(self, run_dir) -> dict:
+        from lite_sft.model import ModelError
+
+        labels = load_labels(run_dir)
+        if labels is None:
+            raise ModelError(f"{run_dir} has no labels.json: it was not written by `lite-sft tune --task {self.name}`")
+        return label_kwargs(labels)
+
+    def prepare(self, cfg, tokenizer) -> TaskData:
+        from lite_sft.data import split_validation
+
+        k, d = cfg.task, cfg.data
+        records, labels = read_classification(d.path, text_column=k.text_column, label_column=k.label_column,
+                                              pair_column=k.text_pair_column)
+        if d.validation_path:
+            held, _ = read_classification(d.validation_path, text_column=k.validation_text_column or k.text_column,
+                                          label_column=k.label_column, pair_column=k.text_pair_column,
+                                          label_map=labels)
+        else:
+            records, held = split_validation(records, d.validation_fraction, cfg.train.seed)
+        self.labels = labels
+        self.weights = class_weights(k.class_weights, [r.label for r in records], len(labels.names))
+        train, cut = self.tokenize(records, tokenizer, d.max_seq_len)
+        validation, cut_val = self.tokenize(held, tokenizer, d.max_seq_len)
+        counts = ", ".join(f"{name} {sum(r.label == i for r in records)}" for i, name in enumerate(labels.names))
+        summary = (f"{len(train)} train / {len(validation)} validation examples, {len(labels.names)} labels ({counts}); "
+                   f"{cut + cut_val} truncated to data.max_seq_len={d.max_seq_len}")
+        return TaskData(train, validation, "classification", summary, (len(train), len(validation)), labels=labels)
+
+    def write_run_files(self, run_dir, cfg, tokenizer, model, data: TaskData) -> None:
+        save_labels(run_dir, data.labels)
+
+    def eval_rows(self, cfg, tokenizer, path: str, run_dir) -> list:
+        from lite_sft.model import ModelError
+
+        self.labels = load_labels(run_dir)
+        if self.labels is None:
+            raise ModelError(f"{run_dir} has no labels.json: it was not written by `lite-sft tune --task {self.name}`")
+        k = cfg.task
+        records, _ = read_classification(path, text_column=k.validation_text_column or k.text_column,
+                                         label_column=k.label_column, pair_column=k.text_pair_column,
+                                         label_map=self.labels)
+        return self.tokenize(records, tokenizer, cfg.data.max_seq_len)[0]
+
+    @staticmethod
+    def tokenize(records: list[ClassificationRecord], tokenizer, max_len: int) -> tuple[list[ClassificationRow], int]:
+        rows, truncated = [], 0
+        for r in records:
+            full = tokenizer(r.text, r.text_pair, truncation=False, verbose=False)
+            enc = tokenizer(r.text, r.text_pair, truncation=True, max_length=max_len) if len(full["input_ids"]) > max_len else full
+            truncated += enc is not full
+            rows.append(ClassificationRow(list(enc["input_ids"]), r.label, enc.get("token_type_ids")))
+        return rows, truncated
+
+    def collate(self, rows: list[ClassificationRow], tokenizer) -> dict:
+        import torch
+
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id
+        batch = {"input_ids": torch.tensor([r.input_ids + [pad] * (width - len(r)) for r in rows]),
+                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+                 "labels": torch.tensor([r.label for r in rows])}
+        if rows[0].token_type_ids is not None:
+            batch["token_type_ids"] = torch.tensor([r.token_type_ids + [0] * (width - len(r)) for r in rows])
+        return batch
+
+    def units(self, batch: dict) -> float:
+        if self.weights is None:
+            return len(batch["labels"])
+        return float(sum(self.weights[i] for i in batch["labels"].tolist()))
+
+    def logits(self, model, batch: dict, device):
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.float()  # (batch, labels)
+
+    def loss_sum(self, model, batch: dict, device, loss_impl: str = "full", chunk: int = 0):
+        return self._loss(self.logits(model, batch, device), batch["labels"].to(device))
+
+    def _loss(self, logits, labels):
+        """Cross-entropy summed over the examples, each weighted by its class's weight when there are weights."""
+        import torch
+        import torch.nn.functional as F
+
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        if self.weights is None:
+            return ce.sum()
+        return (ce * torch.tensor(self.weights, device=logits.device)[labels]).sum()
+
+    def evaluate(self, model, rows: list, tokenizer, accelerator, micro_batch_size: int,
+                 loss_impl: str = "full", chunk: int = 0) -> dict:
+        import torch
+
+        from lite_sft.tasks.base import all_sum, gather
+        from lite_sft.tasks.metrics import classification_metrics
+
+        model.eval()
+        mine = rows[accelerator.process_index::accelerator.num_processes]
+        total, units, predicted, truth = 0.0, 0.0, [], []
+        with torch.no_grad():
+            for i in range(0, len(mine), micro_batch_size):
+                batch = self.collate(mine[i:i + micro_batch_size], tokenizer)
+                with accelerator.autocast():
+                    logits = self.logits(model, batch, accelerator.device)
+                total += float(self._loss(logits, batch["labels"].to(accelerator.device)))
+                units += self.units(batch)
+                predicted += logits.argmax(-1).tolist()
+                truth += batch["labels"].tolist()
+        predicted, truth = gather(accelerator, predicted), gather(accelerator, truth)
+        metrics = classification_metrics(truth, predicted, self.labels.names)
+        return {"val_loss": all_sum(accelerator, total) / max(all_sum(accelerator, units), 1e-9), **metrics}

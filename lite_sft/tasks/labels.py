@@ -88,3 +88,26 @@ def build_label_map(labels: Sequence[tuple[str, object]], name: str, column: str
         return LabelMap(tuple(str(i) for i in range(max(distinct) + 1)), ids=True)
     # Plain code-point order: the same on every machine and locale, so the ids never depend on row order.
     return LabelMap(tuple(sorted(distinct)))
+
+
+LABELS_FILE = "labels.json"
+
+
+def save_labels(folder, labels: LabelMap) -> None:
+    """The run's label mapping, for eval and export to rebuild the same head (the model's id2label)."""
+    import json
+    from pathlib import Path
+
+    (Path(folder) / LABELS_FILE).write_text(json.dumps({"names": list(labels.names), "ids": labels.ids}) + "\n")
+
+
+def load_labels(folder) -> LabelMap | None:
+    """The mapping save_labels wrote, or None when the folder has none (a causal-lm or seq2seq run)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return LabelMap(tuple(saved["names"]), ids=bool(saved["ids"]))

@@ -1,0 +1,146 @@
+"""What differs between the tasks the training loop runs: data, model class, collation, loss, metrics.
+
+    task = get_task("seq-cls")
+    data = task.prepare(cfg, tokenizer)                      # TaskData: rows and counts
+    model = load_base_model(cfg.model, path, device, task, data.labels)
+    batch = task.collate(rows, tokenizer)                    # tensors for one micro-batch
+    loss_sum, units = task.loss_sum(model, batch, device), task.units(batch)
+    task.predict(model, batch, device) / task.metrics(...)   # what evaluation reports
+
+The loop (train.py) sums `loss_sum` over a whole optimiser step and divides by the step's `units`
+(trained tokens for causal-lm and seq2seq, labelled sub-words for token-cls, examples, or their class
+weights, for seq-cls), so every task gets the gradient of its mean loss whatever the micro-batch split.
+Everything else, from optimiser to checkpoints, is the same loop for every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TASK_NAMES = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
+
+
+@dataclass
+class TaskData:
+    """A task's prepared data: rows its collate takes (each `len(row)` = its tokens) and what to report."""
+
+    train: list
+    validation: list
+    format: str
+    """The data format read (causal-lm: alpaca, messages, ...; the other tasks: their file kind)."""
+    summary: str
+    """One line about the data for the log: examples, labels, what was dropped."""
+    examples: tuple[int, int] = (0, 0)
+    """Training and validation examples (causal-lm packs several into a row)."""
+    labels: Any = None
+    """The LabelMap of seq-cls and token-cls (saved with the run, and into the model's config)."""
+    added_tokens: bool = False
+    """causal-lm: the default chat template's tokens were added to the tokenizer."""
+    validation_examples: list = field(default_factory=list)
+    """causal-lm: the unpacked held-out examples, recorded in validation_split.json for export."""
+    train_stats: Any = None
+    validation_stats: Any = None
+
+
+class Task:
+    """The interface; each task module implements it (causal_lm.py, classification.py, ner.py, seq2seq.py)."""
+
+    name: str
+    peft_task_type: str
+    """peft's TaskType name: CAUSAL_LM, SEQ_CLS, TOKEN_CLS or SEQ_2_SEQ_LM."""
+    auto_class: str
+    """The transformers Auto class that loads the base with this task's head."""
+    head_names: tuple[str, ...] = ()
+    """Modules that are the task head: new, so trained whole and saved with the adapter (peft modules_to_save)."""
+    unit_name: str = "trained_tokens"
+    """What the loss is averaged over, as metrics.jsonl and summary.json name it."""
+
+    def check_model(self, config, name: str) -> None:
+        """Raise ModelError when the architecture cannot do this task (the base's config.json is given)."""
+
+    def model_kwargs(self, data: TaskData) -> dict:
+        """Extra from_pretrained arguments (num_labels, id2label, ...)."""
+        return {}
+
+    def saved_model_kwargs(self, run_dir) -> dict:
+        """model_kwargs as a finished run saved them (write_run_files), to load its base again."""
+        return {}
+
+    def prepare(self, cfg, tokenizer) -> TaskData:
+        raise NotImplementedError
+
+    def write_run_files(self, run_dir, cfg, tokenizer, model, data: TaskData) -> None:
+        """What later steps (eval, export, serve) need besides config.yaml, the tokenizer and the adapter."""
+
+    def eval_rows(self, cfg, tokenizer, path: str, run_dir) -> list:
+        """Rows of an evaluation file (`lite-sft eval RUN_DIR --data FILE`), read as the run read its data."""
+        raise NotImplementedError
+
+    def collate(self, rows: list, tokenizer) -> dict:
+        raise NotImplementedError
+
+    def units(self, batch: dict) -> float:
+        """What the loss of `batch` is averaged over (its share of the step's denominator)."""
+        raise NotImplementedError
+
+    def loss_sum(self, model, batch: dict, device, loss_impl: str = "full", chunk: int = 0):
+        """The loss summed over `batch`'s units, a 0-d tensor with a gradient."""
+        raise NotImplementedError
+
+    def evaluate(self, model, rows: list, tokenizer, accelerator, micro_batch_size: int,
+                 loss_impl: str = "full", chunk: int = 0) -> dict:
+        """{"val_loss": mean loss over the validation units, and the task's metrics}, on every process."""
+        raise NotImplementedError
+
+
+def get_task(name: str) -> Task:
+    from lite_sft.config import ConfigError
+
+    if name == "causal-lm":
+        from lite_sft.tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask()
+    if name == "seq-cls":
+        from lite_sft.tasks.classification import SequenceClassificationTask
+
+        return SequenceClassificationTask()
+    if name == "token-cls":
+        from lite_sft.tasks.ner import TokenClassificationTask
+
+        return TokenClassificationTask()
+    if name == "seq2seq":
+        from lite_sft.tasks.seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask()
+    raise ConfigError(f"task.name {name!r}: choose one of {', '.join(TASK_NAMES)}")
+
+
+def is_decoder_only(config) -> bool:
+    """A causal language model (GPT-2, Llama, ...): it reads left to right and has no encoder."""
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def all_sum(accelerator, value):
+    """`value` (a number or a tensor) summed over every process; returned as it came (int, float, tensor)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+
+    t = value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value), device=accelerator.device)
+    t = accelerator.reduce(t.to(accelerator.device), reduction="sum")
+    if torch.is_tensor(value):
+        return t
+    return int(round(t.item())) if isinstance(value, int) else t.item()
+
+
+def gather(accelerator, values: list) -> list:
+    """Every process's list, concatenated in process order (evaluation shards rows across processes)."""
+    if accelerator.num_processes == 1:
+        return values
+    from accelerate.utils import gather_object
+
+    return gather_object(values)

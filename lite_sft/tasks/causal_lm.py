@@ -1,0 +1,84 @@
+"""causal-lm, the default task: instruction and chat tuning of a decoder on its trained tokens.
+
+    lite-sft tune --model Qwen/Qwen2.5-0.5B --data chats.jsonl
+
+Its data pipeline is lite_sft.data (formats, masking, packing, cache) and its loss lite_sft.loss (the
+fused output layer); this module only puts them behind the Task interface.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lite_sft.masking import IGNORE_INDEX
+from lite_sft.tasks.base import Task, TaskData
+
+
+class CausalLMTask(Task):
+    name = "causal-lm"
+    peft_task_type = "CAUSAL_LM"
+    auto_class = "AutoModelForCausalLM"
+
+    def check_model(self, config, name: str) -> None:
+        from lite_sft.model import ModelError
+
+        if getattr(config, "is_encoder_decoder", False):
+            raise ModelError(f"{name} is an encoder-decoder ({config.model_type}): tune it with --task seq2seq")
+
+    def prepare(self, cfg, tokenizer) -> TaskData:
+        from lite_sft.data import prepare_data
+
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        s, v = data.train_stats, data.validation_stats
+        summary = (f"{s.examples} train / {v.examples} validation examples ({data.format}), {len(data.train)} rows, "
+                   f"{s.trained_tokens} trained tokens")
+        return TaskData(data.train, data.validation, data.format, summary, (s.examples, v.examples),
+                        added_tokens=data.added_tokens, validation_examples=data.validation_examples,
+                        train_stats=s, validation_stats=v)
+
+    def write_run_files(self, run_dir, cfg, tokenizer, model, data: TaskData) -> None:
+        from lite_sft.report import write_validation_split
+        from lite_sft.stops import save_stop_tokens
+
+        save_stop_tokens(run_dir, tokenizer, model.generation_config)  # where generation stops, for every later step
+        write_validation_split(run_dir, cfg, data)
+
+    def eval_rows(self, cfg, tokenizer, path: str, run_dir) -> list:
+        from lite_sft.data import load_samples
+        from lite_sft.masking import build_examples
+        from lite_sft.packing import unpacked_rows
+
+        _, samples = load_samples(path, cfg.data.format, cfg.data.split, role="validation")
+        return unpacked_rows(build_examples(samples, tokenizer, cfg.data)[0])
+
+    def collate(self, rows: list, tokenizer) -> dict:
+        from lite_sft.packing import collate
+
+        return collate(rows, tokenizer.pad_token_id)
+
+    def units(self, batch: dict) -> float:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model, batch: dict, device, loss_impl: str = "full", chunk: int = 0):
+        from lite_sft.loss import token_loss_sum
+
+        return token_loss_sum(model, batch, device, loss_impl, chunk)
+
+    @torch.no_grad()
+    def evaluate(self, model, rows: list, tokenizer, accelerator, micro_batch_size: int,
+                 loss_impl: str = "full", chunk: int = 0) -> dict:
+        import math
+
+        from lite_sft.tasks.base import all_sum
+
+        model.eval()
+        mine = rows[accelerator.process_index::accelerator.num_processes]
+        total = torch.zeros((), device=accelerator.device)
+        count = 0
+        for i in range(0, len(mine), micro_batch_size):
+            batch = self.collate(mine[i:i + micro_batch_size], tokenizer)
+            count += self.units(batch)
+            with accelerator.autocast():
+                total += self.loss_sum(model, batch, accelerator.device, loss_impl, chunk)
+        loss = all_sum(accelerator, total).item() / max(all_sum(accelerator, count), 1)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
