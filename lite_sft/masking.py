@@ -21,7 +21,8 @@ How the trained tokens are found:
     and it keeps packed examples from training across their boundary.
 
 This module sits at the bottom of the data pipeline (data.py loads files into Samples; packing.py
-packs Examples), so the one error type for bad data, DataError, is defined here.
+packs Examples); the one error type for bad data, DataError, and IGNORE_INDEX come from
+lite_sft.tasks.base, where every task (and the server, which must not import training code) finds them.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import math
 from dataclasses import dataclass
 
 from lite_sft.config import DataConfig
+# Defined beside the task interface, which every task shares and serving may import without training code.
+from lite_sft.tasks.base import IGNORE_INDEX, DataError  # noqa: F401  (re-exported: the data pipeline's names)
 
-# The label value the loss ignores (torch.nn.CrossEntropyLoss and transformers' default ignore_index).
-IGNORE_INDEX = -100
 
 # ChatML, used when the tokenizer has no chat template of its own and the config names none:
 #   <|im_start|>{role}\n{content}<|im_end|>\n    for each message
@@ -46,10 +47,6 @@ DEFAULT_CHAT_TEMPLATE = (
 DEFAULT_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file, the record and what to do."""
 
 
 @dataclass

@@ -7,7 +7,8 @@ folder, and never imports lite_sft's training code (train, data, masking, loss, 
 One path reaches outside the package: `lite-sft bench` given a tune run directory, or an export whose run
 directory is still there, measures base + adapter as tune left them (the torch-adapter row, and torch-merged
 merged in memory from a run directory). It loads them with lite_sft.model.load_tuned, which reads the run's
-config.yaml with lite_sft.config (and builds the built-in base with lite_sft.tiny): the base, its
+config.yaml with lite_sft.config and its task (head, labels) with lite_sft.tasks (and builds the built-in
+base with lite_sft.tiny): the base, its
 quantisation and the tokenizer's added rows come back exactly as tune set them up, which a second loader
 here could only drift from. Those are loading modules; tests/test_serve_imports.py checks that neither the
 serve modules nor that bench path leave a training module imported.

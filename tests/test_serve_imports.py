@@ -11,8 +11,10 @@ import pytest
 
 TRAINING = {"lite_sft.train", "lite_sft.data", "lite_sft.masking", "lite_sft.loss", "lite_sft.packing",
             "lite_sft.checkpoint", "lite_sft.plan"}
-# All serve may use outside itself, and only to load a tune run for the bench (see lite_sft/serve's docstring).
-LOADING = {"lite_sft", "lite_sft.model", "lite_sft.config", "lite_sft.tiny"}
+# All serve may use outside itself, and only to load a tune run for the bench (see lite_sft/serve's docstring):
+# the loader, the config, the built-in base, and the run's task definition (lite_sft.tasks: heads, labels).
+LOADING = {"lite_sft", "lite_sft.model", "lite_sft.config", "lite_sft.tiny", "lite_sft.tasks", "lite_sft.tasks.base",
+           "lite_sft.tasks.causal_lm"}
 SERVE = ["runtime", "generate", "engine", "server", "schemas", "torch_backend", "loadtest", "bench", "bench_report"]
 # The last line a probe prints: every lite_sft module the interpreter holds when the probe's code is done.
 REPORT = "import json, sys; print(json.dumps(sorted(m for m in sys.modules if m.startswith('lite_sft'))))"

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lite_sft.masking import IGNORE_INDEX
-from lite_sft.tasks.base import Task, TaskData
+from lite_sft.tasks.base import IGNORE_INDEX, Task, TaskData
 
 
 class CausalLMTask(Task):

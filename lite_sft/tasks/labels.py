@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lite_sft.masking import DataError
+from lite_sft.tasks.base import DataError
 
 _INTEGER = re.compile(r"-?\d+")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lite_sft.masking import DataError
+from lite_sft.tasks.base import DataError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
