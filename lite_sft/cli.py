@@ -249,6 +249,7 @@ def inspect_data(
     config: ConfigPath = None,
     data: Data = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model whose tokenizer and chat template to use.")] = None,
+    task: Task = None,
     format: Format = None,
     max_seq_len: MaxSeqLen = None,
     overlong: Overlong = None,
@@ -258,26 +259,50 @@ def inspect_data(
     system_prompt: SystemPrompt = None,
     validation_data: ValidationPath = None,
     validation_fraction: ValidationFraction = None,
+    text_column: TextColumn = None,
+    validation_text_column: ValidationTextColumn = None,
+    text_pair_column: TextPairColumn = None,
+    label_column: LabelColumn = None,
+    tag_column: TagColumn = None,
+    tokens_key: TokensKey = None,
+    tags_key: TagsKey = None,
+    tag_scheme: TagScheme = None,
+    source_column: SourceColumn = None,
+    target_column: TargetColumn = None,
+    max_target_len: MaxTargetLen = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="How many examples to show.")] = 3,
     color: Annotated[Optional[bool], typer.Option("--color/--no-color", help="Colour trained tokens (default: when printing to a terminal).")] = None,
 ):
-    """Show rendered examples with trained and ignored tokens told apart, and data set counts."""
+    """Show examples as they are trained (trained and ignored tokens, a text's label, each sub-token's tag,
+    a target's tokens) and the data set's counts."""
     from .config import load_config
 
     overrides = _overrides(locals())
     try:
         cfg = load_config(config, overrides)
         cfg.validate()
-        from .data import prepare_data
-        from .inspect_data import render_report
-        from .model import load_tokenizer, resolve_model_path
+        from .inspect_data import render_report, render_task_report
+        from .model import check_task_model, load_tokenizer, resolve_model_path
+        from .tasks.base import get_task
 
-        tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-        prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)  # templates the tokenizer if needed
+        chosen = get_task(cfg.task.name)
+        path = resolve_model_path(cfg.model.name_or_path)
+        if chosen.name == "causal-lm":  # needs only the tokenizer: a folder may hold nothing else
+            from .data import prepare_data
+
+            tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+            prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)  # templates the tokenizer if needed
+        else:
+            check_task_model(chosen, path, cfg.model)  # a base that cannot do the task is refused, as tune refuses it
+            tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+            prepared = chosen.prepare(cfg, tokenizer)
     except _expected_errors() as err:
         _fail(err)
     use_color = sys.stdout.isatty() if color is None else color
-    typer.echo(render_report(prepared, tokenizer, n=examples, color=use_color))
+    if chosen.name == "causal-lm":
+        typer.echo(render_report(prepared, tokenizer, n=examples, color=use_color))
+    else:
+        typer.echo(render_task_report(chosen, prepared, tokenizer, n=examples, color=use_color))
 
 
 @app.command()
