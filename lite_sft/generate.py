@@ -19,9 +19,22 @@ RAW_FORMATS = ("prompt_completion", "text")
 
 def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None, max_new_tokens: int = 128,
            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """One answer per prompt, in order. Chat-format runs go through the saved chat template."""
+    """One answer per prompt, in order. Chat-format runs go through the saved chat template; a seq2seq run
+    takes each prompt as its source text."""
+    from .config import ConfigError, load_config
+
+    try:
+        task = load_config(Path(run_dir) / "config.yaml").task.name
+    except ConfigError as err:
+        raise ModelError(str(err)) from err
+    if task in ("seq-cls", "token-cls"):
+        endpoint = "/v1/classify" if task == "seq-cls" else "/v1/ner"
+        raise ModelError(f"{run_dir} is a {task} run: it labels text rather than writing it. Score it with "
+                         f"`lite-sft eval {run_dir} --data FILE`, or export it and POST to the server's {endpoint}")
     model, tokenizer, cfg = load_tuned(run_dir)
     device = next(model.parameters()).device
+    if task == "seq2seq":
+        return _transduce(model, tokenizer, run_dir, prompts, max_new_tokens, temperature, top_p, seed, device)
     try:
         # The list the run saved when it started; a run from an older lite-sft has it decided the same way.
         stop_ids = stop_ids_for(run_dir, tokenizer, model.generation_config)
@@ -49,3 +62,22 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 
+
+
+def _transduce(model, tokenizer, run_dir, sources: list[str], max_new_tokens: int, temperature: float, top_p: float,
+               seed: int, device) -> list[str]:
+    """An encoder-decoder's output for each source, with the generation settings the run saved."""
+    from transformers import GenerationConfig
+
+    config = (GenerationConfig.from_pretrained(run_dir) if (Path(run_dir) / "generation_config.json").is_file()
+              else model.generation_config)
+    torch.manual_seed(seed)
+    answers = []
+    for source in sources:
+        enc = tokenizer(source, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=config, max_new_tokens=max_new_tokens,
+                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                                 top_p=top_p if temperature > 0 else None)
+        answers.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())  # the decoder's output only
+    return answers

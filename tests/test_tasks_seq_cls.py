@@ -111,3 +111,13 @@ def test_the_cli_tunes_then_evaluates_a_file(tiny_bert_dir, sentiment_csv, tmp_p
     assert len(report["confusion_matrix"]) == 2 and "macro f1" in result.output
     result = runner.invoke(app, ["eval", str(out), "--data", str(sentiment_csv / "dev.csv")])  # text column is `content`
     assert result.exit_code == 2 and "no column 'text'" in result.output and "text_column" in result.output
+
+
+def test_generate_refuses_a_classifier_run_and_says_what_to_use(seq_cls_run):
+    from typer.testing import CliRunner
+
+    from lite_sft.cli import app
+
+    out, _ = seq_cls_run
+    result = CliRunner().invoke(app, ["generate", str(out), "--prompt", "a good film"])
+    assert result.exit_code == 2 and "seq-cls run" in result.output and "lite-sft eval" in result.output
