@@ -1,7 +1,8 @@
 """`lite-sft inspect-data --task ...`: each classic task's examples shown as they are trained, with exact output.
 
 The fixtures' vocabularies are small and word-level enough that every line below can be written by hand:
-the WordPiece of tiny_bert_dir splits "Marys" into mary ##s and "Londoned" into london ##ed.
+the WordPiece of tiny_bert_dir splits "Marys" into mary ##s and "Londoned" into london ##ed; the T5-style
+tokenizer of tiny_t5_dir has one token a word and appends </s> to every text.
 """
 
 import json
@@ -84,6 +85,17 @@ def test_long_sentences_wrap_and_cut_off_words_are_named(tiny_bert_dir, tmp_path
     assert [len(line) <= 100 for line in table] == [True] * 5 and table[2] == ""
     assert table[0].split() + table[3].split() == ["[CLS]", *"peter visited paris".split() * 7, "peter", "[SEP]"]
     assert table[1].split() + table[4].split() == ["-100", *"B-PER O B-LOC".split() * 7, "B-PER", "-100"]
+
+
+def test_seq2seq_shows_the_source_and_the_target_tokens_trained(tiny_t5_dir, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"source": "translate : one two", "target": "un deux"}) + "\n")
+    code, output = inspect("--task", "seq2seq", "--model", str(tiny_t5_dir), "--data", str(path))
+    assert code == 0, output
+    assert output.splitlines()[3:6] == [
+        "--- example 1: source 5 tokens, target 3 tokens trained",
+        "source: translate : one two </s>",
+        "target: «un deux </s>»"]
 
 
 def test_a_causal_lm_is_refused_for_token_cls(tiny_model_dir, conll):
