@@ -12,6 +12,10 @@ base with lite_sft.tiny): the base, its
 quantisation and the tokenizer's added rows come back exactly as tune set them up, which a second loader
 here could only drift from. Those are loading modules; tests/test_serve_imports.py checks that neither the
 serve modules nor that bench path leave a training module imported.
+
+/v1/ner reads entities with lite_sft.tasks.ner's split_words, word_predictions and entity_spans (and checks a
+token classifier's labels with lite_sft.tasks.iob), the functions training and `lite-sft eval` read them with,
+so a served model finds the very entities it was scored on; tests/test_serve_imports.py checks that path too.
 """
 
 

@@ -12,6 +12,10 @@ What it finds in MODEL_OR_RUN_DIR (find_backends):
     an ONNX folder       that one backend;   a Hugging Face folder   torch-merged
 A backend that is not there gets a row saying why (re-export with --quantize int4 for an int4 row).
 
+An encoder classifier (a seq-cls or token-cls export, or its folders) is measured as it is served: one forward
+pass per batch of `batch` random sequences of each `prompt_lens` length (output lengths do not apply), giving
+latency per batch (p50/p95/p99) and sequences/s, for torch-merged, onnx-fp32 (fp16) and onnx-int8 (int4).
+
 For each backend and each (batch, prompt length, output length): `warmup` untimed runs, then `runs` timed
 ones on seeded random prompt ids, greedy, no stop token (every run makes exactly the output length).
 Per run: TTFT (start to first token: prefill and one sample), TPOT (mean time per later token), ITL (every
@@ -44,6 +48,8 @@ from .generate import SamplingParams, generate
 
 BACKENDS = ("torch-adapter", "torch-merged", "onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4")
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "decode_tok_s", "tok_s")
+ENCODER_METRICS = ("latency_ms", "seq_s")
+ENCODER_TASKS = ("seq-cls", "token-cls")
 
 
 @dataclass
@@ -84,7 +90,20 @@ class Candidate:
     skip: str | None = None
 
 
-def find_backends(path: Path, device: str, threads: int | None) -> list[Candidate]:
+def bench_task(path: Path) -> str:
+    """The task of what `path` holds (runtime.TASKS); a tune run directory's from its adapter's peft task type."""
+    from .runtime import model_task
+
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        task_type = json.loads((path / "adapter_config.json").read_text()).get("task_type")
+        return {"SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls", "SEQ_2_SEQ_LM": "seq2seq"}.get(task_type, "causal-lm")
+    if not any((path / name).is_file() for name in ("parity.json", "config.json")):
+        return "causal-lm"  # nothing to read a task from: find_backends says what the folder lacks
+    return model_task(path)
+
+
+def find_backends(path: Path, device: str, threads: int | None, task: str = "causal-lm") -> list[Candidate]:
+    from .encoder import OrtEncoderBackend, TorchEncoderBackend
     from .runtime import ONNX_FILE, OrtBackend, check_tokenizer
     from .torch_backend import TorchBackend, pick_device
 
@@ -93,6 +112,15 @@ def find_backends(path: Path, device: str, threads: int | None) -> list[Candidat
         raise ServeError(f"{path} does not exist or is not a folder")
     gpu = pick_device(device).type == "cuda"
     out: list[Candidate] = []
+    encoder = task in ENCODER_TASKS
+
+    def ort(folder: Path):
+        return OrtEncoderBackend(folder, task, device, threads) if encoder else OrtBackend(folder, device, threads)
+
+    def torch_merged(folder: Path):
+        if encoder:
+            return TorchEncoderBackend.from_folder(folder, task, device, threads=threads)
+        return TorchBackend.from_folder(folder, device, threads=threads)
 
     def onnx(folder: Path, names=("onnx-fp32", "onnx-fp16")) -> None:
         if not (folder / ONNX_FILE).is_file():
@@ -100,7 +128,7 @@ def find_backends(path: Path, device: str, threads: int | None) -> list[Candidat
                 out.append(Candidate(name, str(folder), skip=f"not exported (no {folder.name}/{ONNX_FILE})"))
             return
         check_tokenizer(folder)
-        fp16 = "float16" in _kv_type(folder / ONNX_FILE)
+        fp16 = "float16" in _float_type(folder / ONNX_FILE)
         for name in names:
             if name.endswith("fp16") != fp16 and len(names) > 1:
                 out.append(Candidate(name, str(folder), skip=f"not exported (onnx/ is {'fp16' if fp16 else 'fp32'}; "
@@ -108,17 +136,20 @@ def find_backends(path: Path, device: str, threads: int | None) -> list[Candidat
             elif fp16 and not gpu:
                 out.append(Candidate(name, str(folder), skip="GPU only: onnxruntime's CPU fp16 kernels are slower than fp32"))
             else:
-                out.append(Candidate(name, str(folder), lambda f=folder: OrtBackend(f, device, threads)))
+                out.append(Candidate(name, str(folder), lambda f=folder: ort(f)))
 
     if (path / "parity.json").is_file():
         run_dir = Path(json.loads((path / "parity.json").read_text()).get("run_dir", ""))
-        if (run_dir / "adapter_config.json").is_file():
+        if encoder:
+            out.append(Candidate("torch-adapter", str(run_dir), skip="base + adapter are measured for causal LMs; "
+                                 "torch-merged is this classifier's PyTorch row"))
+        elif (run_dir / "adapter_config.json").is_file():
             out.append(Candidate("torch-adapter", str(run_dir), lambda: _adapter_backend(run_dir, device, threads)))
         else:
             out.append(Candidate("torch-adapter", str(run_dir), skip=f"the run directory {run_dir} named in "
                                  "parity.json is not there (bench the run directory itself, or restore it)"))
         merged = path / "merged"
-        out.append(Candidate("torch-merged", str(merged), lambda: TorchBackend.from_folder(merged, device, threads=threads))
+        out.append(Candidate("torch-merged", str(merged), lambda: torch_merged(merged))
                    if (merged / "config.json").is_file() else Candidate("torch-merged", str(merged), skip="no merged/"))
         onnx(path / "onnx")
         onnx(path / "onnx-int8", ("onnx-int8",))
@@ -129,21 +160,24 @@ def find_backends(path: Path, device: str, threads: int | None) -> list[Candidat
         for name in BACKENDS[2:]:
             out.append(Candidate(name, str(path), skip=f"a run directory: `lite-sft export {path} --out OUT`, then bench OUT"))
     elif (path / ONNX_FILE).is_file():
-        onnx(path, ("onnx-" + ("fp16" if "float16" in _kv_type(path / ONNX_FILE) else path.name.split("-")[-1]
+        onnx(path, ("onnx-" + ("fp16" if "float16" in _float_type(path / ONNX_FILE) else path.name.split("-")[-1]
                                if path.name.startswith("onnx-") else "fp32"),))
     elif (path / "config.json").is_file():
         check_tokenizer(path)
-        out.append(Candidate("torch-merged", str(path), lambda: TorchBackend.from_folder(path, device, threads=threads)))
+        out.append(Candidate("torch-merged", str(path), lambda: torch_merged(path)))
     else:
         raise ServeError(f"{path} is not an export OUT, a tune run directory, an ONNX folder or a Hugging Face folder")
     return out
 
 
-def _kv_type(model_file: Path) -> str:
+def _float_type(model_file: Path) -> str:
+    """The graph's float type, as its KV cache (a decoder) or its logits (a classifier) have it."""
     import onnx
 
     graph = onnx.load(str(model_file), load_external_data=False).graph
     past = next((i for i in graph.input if i.name.startswith("past_key_values")), None)
+    if past is None:
+        past = next((o for o in graph.output if o.name == "logits"), None)
     return onnx.TensorProto.DataType.Name(past.type.tensor_type.elem_type).lower() if past is not None else ""
 
 
@@ -242,9 +276,7 @@ def time_run(backend, prompts: list[list[int]], new_tokens: int) -> list[float]:
 
 
 def summarize(runs: list[list[float]], batch: int) -> dict:
-    def pct(values) -> dict:
-        return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
-
+    pct = _percentiles
     ttft = [t[0] * 1e3 for t in runs]
     e2e = [t[-1] * 1e3 for t in runs]
     itl = [(b - a) * 1e3 for t in runs for a, b in zip(t, t[1:])]
@@ -273,6 +305,34 @@ def bench_backend(backend, opts: BenchOptions, vocab: int) -> list[dict]:
     return rows
 
 
+def bench_encoder(backend, opts: BenchOptions) -> list[dict]:
+    """Latency of one forward pass per (batch, sequence length), and sequences/s, for an encoder classifier."""
+    rng = np.random.default_rng(opts.seed)
+    vocab = backend.vocab_size or 1000
+    rows = []
+    for batch in opts.batch_sizes:
+        for length in opts.prompt_lens:
+            if length > backend.max_context:
+                rows.append({"batch": batch, "seq_len": length, "skip": f"over the context ({backend.max_context})"})
+                continue
+            # Ids from the upper part of the vocabulary: ordinary tokens, not the specials at its start.
+            inputs = [{"input_ids": r} for r in rng.integers(min(16, vocab // 2), vocab, size=(batch, length)).tolist()]
+            for _ in range(opts.warmup):
+                backend.logits(inputs)
+            seconds = []
+            for _ in range(opts.runs):
+                start = time.perf_counter()
+                backend.logits(inputs)
+                seconds.append(time.perf_counter() - start)
+            rows.append({"batch": batch, "seq_len": length, "latency_ms": _percentiles([t * 1e3 for t in seconds]),
+                         "seq_s": _percentiles([batch / t for t in seconds])})
+    return rows
+
+
+def _percentiles(values) -> dict:
+    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+
 def bench(path: str | Path, opts: BenchOptions | None = None, say: Callable[[str], None] = print) -> dict:
     """Measure every backend found in `path`; returns the report (see module docstring)."""
     import torch
@@ -284,9 +344,19 @@ def bench(path: str | Path, opts: BenchOptions | None = None, say: Callable[[str
     threads = opts.threads or torch.get_num_threads()
     opts.threads = threads
     device = pick_device(opts.device)
-    candidates = [c for c in find_backends(Path(path), opts.device, threads)
+    if not Path(path).is_dir():
+        raise ServeError(f"{path} does not exist or is not a folder")
+    task = bench_task(Path(path))
+    encoder = task in ENCODER_TASKS
+    if task == "seq2seq":
+        raise ServeError(f"{path} is a seq2seq model: bench measures causal LMs and encoder classifiers; serve it "
+                         "(`lite-sft serve`) and load-test the server with `lite-sft bench --url`")
+    if encoder and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        raise ServeError(f"{path} is a {task} run directory: export it (`lite-sft export {path} --out OUT`) and "
+                         "bench OUT, which measures the merged PyTorch model against its ONNX exports")
+    candidates = [c for c in find_backends(Path(path), opts.device, threads, task)
                   if not opts.backends or c.name in opts.backends]
-    bandwidth = copy_bandwidth(device)
+    bandwidth = None if encoder else copy_bandwidth(device)
     results = []
     for c in candidates:
         entry = {"backend": c.name, "source": c.source}
@@ -302,14 +372,17 @@ def bench(path: str | Path, opts: BenchOptions | None = None, say: Callable[[str
         start = time.perf_counter()
         backend = c.load()
         load_s = time.perf_counter() - start
-        rows = bench_backend(backend, opts, backend.vocab_size)
-        read = backend.decode_bytes()
+        if encoder:
+            rows, roof = bench_encoder(backend, opts), {}
+        else:
+            rows, read = bench_backend(backend, opts, backend.vocab_size), backend.decode_bytes()
+            roof = {"decode_bytes": read, "roofline_tok_s": bandwidth / read}
         entry.update(provider=backend.provider, precision=backend.precision, load_s=round(load_s, 3),
-                     weight_bytes=backend.weight_bytes(), decode_bytes=read, roofline_tok_s=bandwidth / read,
-                     rows=rows, rss_before_load_bytes=before, **_peak_memory(device))
+                     weight_bytes=backend.weight_bytes(), **roof, rows=rows, rss_before_load_bytes=before,
+                     **_peak_memory(device))
         results.append(entry)
         del backend
-    report = {"benchmark": "serve", "path": str(path), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    report = {"benchmark": "serve", "task": task, "path": str(path), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": _device_info(device, threads), "copy_bandwidth_bytes_s": bandwidth,
               "options": asdict(opts), "backends": results, "versions": _versions()}

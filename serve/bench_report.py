@@ -13,6 +13,8 @@ from pathlib import Path
 def targets(report: dict) -> list[dict]:
     """The issue's targets on decode tokens/s (p50) at batch 1, for every (prompt, output) shape measured:
     met only where met at all of them. fp16 on a GPU; fp32 and int8 on CPU."""
+    if report.get("task", "causal-lm") != "causal-lm":
+        return []  # the targets are on decode speed; an encoder classifier has none
     gpu = report["device"]["type"] == "cuda"
     rate = {}
     for b in report["backends"]:
@@ -38,7 +40,35 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
+def format_encoder_table(report: dict) -> str:
+    """An encoder classifier's rows: latency per batch and sequences/s, and each against torch-merged's."""
+    head = (f"{'backend':<14} {'precision':<10} {'batch':>5} {'seq':>6} {'ms p50':>8} {'p95':>8} {'p99':>8} "
+            f"{'seq/s':>9} {'x torch':>7} {'peak MiB':>8}")
+    lines = [f"{report['device']['type']} ({report['device']['processor']}, {report['device']['threads']} threads); "
+             f"{report['task']}: one forward pass per batch", head]
+    torch_rate = {(r["batch"], r["seq_len"]): r["seq_s"]["p50"] for b in report["backends"]
+                  if b["backend"] == "torch-merged" for r in b.get("rows", []) if "skip" not in r}
+    for b in report["backends"]:
+        if "skip" in b:
+            lines.append(f"{b['backend']:<14} skipped: {b['skip']}")
+            continue
+        peak = b.get("peak_rss_bytes", b.get("peak_gpu_allocated_bytes", 0)) / 2**20
+        for r in b["rows"]:
+            start = f"{b['backend']:<14} {b['precision'][:10]:<10} {r['batch']:>5} {r['seq_len']:>6}"
+            if "skip" in r:
+                lines.append(f"{start} skipped: {r['skip']}")
+                continue
+            base = torch_rate.get((r["batch"], r["seq_len"]))
+            speedup = f"{r['seq_s']['p50'] / base:>7.2f}" if base else f"{'-':>7}"
+            ms = r["latency_ms"]
+            lines.append(f"{start} {ms['p50']:>8.2f} {ms['p95']:>8.2f} {ms['p99']:>8.2f} {r['seq_s']['p50']:>9.1f} "
+                         f"{speedup} {peak:>8.0f}")
+    return "\n".join(lines)
+
+
 def format_table(report: dict) -> str:
+    if report.get("task", "causal-lm") != "causal-lm":
+        return format_encoder_table(report)
     head = (f"{'backend':<14} {'precision':<10} {'batch':>5} {'prompt':>6} {'output':>6} {'TTFT ms':>8} "
             f"{'TPOT ms':>8} {'ITL p95':>8} {'e2e ms':>8} {'decode/s':>9} {'p95':>8} {'tok/s':>8} {'roof %':>6} "
             f"{'peak MiB':>8}")
@@ -71,24 +101,31 @@ def format_table(report: dict) -> str:
 
 
 def plot(report: dict, out: Path) -> Path:
-    """Decode tokens/s and TTFT per backend, one bar group per (batch, prompt, output) shape."""
+    """Decode tokens/s and TTFT per backend, one bar group per (batch, prompt, output) shape; an encoder's
+    sequences/s and latency per (batch, sequence length)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    encoder = report.get("task", "causal-lm") != "causal-lm"
+    keys = ("batch", "seq_len") if encoder else ("batch", "prompt_len", "output_len")
+    metrics = (("seq_s", "sequences/s (p50, higher is better)"), ("latency_ms", "latency per batch, ms (p50)")) \
+        if encoder else (("decode_tok_s", "decode tokens/s (p50, higher is better)"),
+                         ("ttft_ms", "time to first token, ms (p50)"))
     measured = [b for b in report["backends"] if "rows" in b]
-    shapes = sorted({(r["batch"], r["prompt_len"], r["output_len"]) for b in measured for r in b["rows"] if "skip" not in r})
+    shapes = sorted({tuple(r[k] for k in keys) for b in measured for r in b["rows"] if "skip" not in r})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(len(measured), 1)
     for k, b in enumerate(measured):
-        by_shape = {(r["batch"], r["prompt_len"], r["output_len"]): r for r in b["rows"] if "skip" not in r}
+        by_shape = {tuple(r[key] for key in keys): r for r in b["rows"] if "skip" not in r}
         xs = [i + k * width for i, s in enumerate(shapes) if s in by_shape]
-        for ax, metric in zip(axes, ("decode_tok_s", "ttft_ms")):
+        for ax, (metric, _) in zip(axes, metrics):
             ax.bar(xs, [by_shape[s][metric]["p50"] for s in shapes if s in by_shape], width, label=b["backend"])
-    for ax, title in zip(axes, ("decode tokens/s (p50, higher is better)", "time to first token, ms (p50)")):
+    for ax, (_, title) in zip(axes, metrics):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
-        ax.set_xticklabels([f"b{b} p{p} o{o}" for b, p, o in shapes], rotation=20)
+        ax.set_xticklabels([" ".join(f"{p}{v}" for p, v in zip("bpo" if not encoder else "bs", s)) for s in shapes],
+                           rotation=20)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)

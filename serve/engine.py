@@ -14,6 +14,9 @@ client left or timed out) leaves the queue at once: `max_queue` counts only requ
 
 One worker, one model: onnxruntime and torch release the GIL while they compute, so the asyncio loop keeps
 answering (health, metrics, new requests and 429s) while a batch runs.
+
+ScoreEngine is the same queue and worker for an encoder classifier: a request's rows are its tokenised texts,
+and a batch (the waiting requests' rows, up to `max_batch`) is one forward pass whose logits go back per row.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import numpy as np
 
 from . import ServeError
 from .generate import Event, SamplingParams, generate
@@ -43,8 +48,9 @@ class QueueFull(ServeError):
 class Job:
     """One request: its rows, and the events the worker sends back to the request's event loop."""
 
-    prompts: list[list[int]]
-    params: list[SamplingParams]
+    prompts: list
+    """Its rows: token ids to generate from (Engine), or a text's encoding to classify (ScoreEngine)."""
+    params: list[SamplingParams | None]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -178,19 +184,44 @@ class Engine:
         self._last_rows = len(rows)
         self.running_rows = len(rows)
         try:
-            events = generate(self.backend, [job.prompts[i] for job, i in rows], [job.params[i] for job, i in rows],
-                              self.tokenizer, cancelled=lambda r: self._stopping or rows[r][0].cancelled)
-            for event in events:
-                job, i = rows[event.index]
-                if event.finish_reason is not None:
+            for index, result in self._results(rows):
+                job, i = rows[index]
+                if result.finish_reason is not None:
                     self.running_rows -= 1
-                if event.token_id is not None:
-                    self.tokens.inc()
                 if not job.cancelled:
-                    job.put((i, Event(i, event.token_id, event.text, event.finish_reason)))
+                    job.put((i, replace(result, index=i)))  # numbered within its own request
         except Exception as err:  # noqa: BLE001  (a failed batch fails its requests, never the worker)
             log.exception("a batch of %d rows failed", len(rows))
             for job in jobs:
                 job.put(err if isinstance(err, ServeError) else ServeError(f"generation failed: {err}"))
         finally:
             self.running_rows = 0
+
+    def _results(self, rows: list[tuple[Job, int]]) -> Iterator[tuple[int, Event]]:
+        """(the row's place in the batch, what it produced), as produced; a row's last has a finish_reason."""
+        events = generate(self.backend, [job.prompts[i] for job, i in rows], [job.params[i] for job, i in rows],
+                          self.tokenizer, cancelled=lambda r: self._stopping or rows[r][0].cancelled)
+        for event in events:
+            if event.token_id is not None:
+                self.tokens.inc()
+            yield event.index, event
+
+
+@dataclass
+class Scored:
+    """One row's logits from an encoder classifier: (labels,) for seq-cls, (tokens, labels) for token-cls."""
+
+    index: int
+    logits: np.ndarray
+    finish_reason: str = "stop"  # a row is done in one pass
+
+
+class ScoreEngine(Engine):
+    """The engine of an encoder classifier: each batch is one forward pass over the rows still wanted."""
+
+    def _results(self, rows: list[tuple[Job, int]]) -> Iterator[tuple[int, Scored]]:
+        wanted = [r for r, (job, _) in enumerate(rows) if not job.cancelled]
+        if wanted:
+            logits = self.backend.logits([rows[r][0].prompts[rows[r][1]] for r in wanted])
+            for r, row_logits in zip(wanted, logits):
+                yield r, Scored(r, row_logits)

@@ -200,6 +200,22 @@ def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     return ids, mask
 
 
+def over_context(prompt: int, new_tokens: int, backend) -> str | None:
+    """Why `prompt` tokens + `new_tokens` do not fit the model, or None. A decoder-only model holds both in one
+    context; an encoder-decoder reads the prompt with its encoder and writes the output with its decoder, each
+    up to the context (after the tokens its decoder starts from)."""
+    limit = backend.max_context
+    start = getattr(backend, "decoder_prompt", None)
+    if start is None:
+        if prompt + new_tokens > limit:
+            return f"{prompt} tokens + max_new_tokens {new_tokens} exceed the model's context of {limit} tokens"
+    elif prompt > limit:
+        return f"{prompt} tokens exceed the encoder's limit of {limit} tokens"
+    elif len(start) + new_tokens > limit:
+        return f"max_new_tokens {new_tokens} exceeds the decoder's limit of {limit - len(start)} tokens"
+    return None
+
+
 def generate(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], tokenizer=None,
              cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
     """Events for every prompt, in step order, until each has finished.
@@ -210,14 +226,17 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams | list[Sa
     if not prompts:
         return
     params = params if isinstance(params, list) else [params] * len(prompts)
+    # An encoder-decoder reads the prompt (its source) with the encoder; its decoder starts from its own tokens.
+    decoder_prompt = getattr(backend, "decoder_prompt", None)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         sp.validate()
         if not p:
             raise ServeError(f"prompt {i} is empty: give at least one token")
-        if len(p) + sp.max_new_tokens > backend.max_context:
-            raise ServeError(f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} exceed the "
-                             f"model's context of {backend.max_context} tokens")
-    rows = [_Row(i, p, sp, tokenizer) for i, (p, sp) in enumerate(zip(prompts, params))]
+        problem = over_context(len(p), sp.max_new_tokens, backend)
+        if problem:
+            raise ServeError(f"prompt {i}: {problem}")
+    rows = [_Row(i, p if decoder_prompt is None else decoder_prompt, sp, tokenizer)
+            for i, (p, sp) in enumerate(zip(prompts, params))]
     ids, mask = pad_left(prompts)
     capacity = ids.shape[1] + max(sp.max_new_tokens for sp in params)
     logits, state = backend.prefill(ids, mask, capacity)  # (batch, vocab)

@@ -4,10 +4,14 @@
 
 A folder is one of (resolve_model):
     an export OUT (parity.json beside onnx/, merged/)   -> OUT/onnx, or OUT/onnx-int8 / onnx-int4 with `variant`
-    an ONNX folder (model.onnx + config.json + tokenizer, as `lite-sft export` writes it)
+    an ONNX folder (model.onnx, or encoder_model.onnx + decoder files, + config.json + tokenizer, as
+        `lite-sft export` writes it in optimum's layout)
     a Hugging Face folder (config.json + weights)       -> PyTorch (torch_backend.py)
+and its task one of (model_task): causal-lm (this module's OrtBackend, or TorchBackend), seq2seq (seq2seq.py),
+seq-cls or token-cls (encoder.py, which answer logits for a batch rather than generate).
 
-Every backend has the same three calls, all on token ids, so one generation loop (generate.py) drives them:
+Every generating backend has the same three calls, all on token ids, so one generation loop (generate.py)
+drives them:
     prefill(ids (batch, seq), mask (batch, seq), capacity) -> (logits (batch, vocab), state)
     decode(state, tokens (batch,))                         -> logits (batch, vocab)
     keep(state, rows)                                       -> state with only those rows (finished rows leave)
@@ -31,11 +35,19 @@ import numpy as np
 import torch
 
 from . import ServeError
+from .sessions import DEVICES, onnx_precision, open_session
 
 
 ONNX_FILE = "model.onnx"
+ENCODER_FILE = "encoder_model.onnx"  # optimum's text2text-generation layout: this + decoder_model*.onnx
+TASKS = ("causal-lm", "seq2seq", "seq-cls", "token-cls")
+# parity.json may name the task as lite-sft does or as optimum's exporter did.
+OPTIMUM_TASKS = {"text-generation": "causal-lm", "text-generation-with-past": "causal-lm",
+                 "text2text-generation": "seq2seq", "text2text-generation-with-past": "seq2seq",
+                 "text-classification": "seq-cls", "token-classification": "token-cls"}
+ENDPOINTS = {"causal-lm": "POST /v1/completions and /v1/chat/completions", "seq2seq": "POST /v1/completions",
+             "seq-cls": "POST /v1/classify", "token-cls": "POST /v1/ner"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-DEVICES = ("auto", "cpu", "cuda")
 VARIANTS = ("fp", "int8", "int4")
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 NP_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -53,8 +65,8 @@ def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
         raise ServeError(f"{folder} does not exist or is not a folder")
     if (folder / "parity.json").is_file():  # an export OUT
         sub = folder / ("onnx" if variant == "fp" else f"onnx-{variant}")
-        if not (sub / ONNX_FILE).is_file():
-            have = sorted(p.name for p in folder.iterdir() if (p / ONNX_FILE).is_file())
+        if not has_onnx(sub):
+            have = sorted(p.name for p in folder.iterdir() if has_onnx(p))
             raise ServeError(f"{folder} is an export without {sub.name}/ (it has: {', '.join(have) or 'no ONNX model'}); "
                              f"re-export with `lite-sft export RUN --out {folder} --overwrite"
                              + (f" --quantize {variant}`" if variant != "fp" else "`"))
@@ -68,11 +80,62 @@ def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
         raise ServeError(f"{folder} is not an exported model: expected model.onnx + config.json (an ONNX folder), "
                          "config.json + weights (a Hugging Face folder) or an export OUT with parity.json")
     check_tokenizer(folder)
-    if (folder / ONNX_FILE).is_file():
+    if has_onnx(folder):
         return "onnx", folder
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
         return "torch", folder
     raise ServeError(f"{folder} has a config.json but no model.onnx and no weights (*.safetensors)")
+
+
+def has_onnx(folder: Path) -> bool:
+    """An ONNX model in optimum's layout: model.onnx, or an encoder-decoder's encoder_model.onnx (and decoders)."""
+    return (folder / ONNX_FILE).is_file() or (folder / ENCODER_FILE).is_file()
+
+
+def model_task(folder: str | Path) -> str:
+    """What the model in `folder` does (one of TASKS): the task parity.json records for an export, else the head
+    config.json's architectures name. A model without a head lite-sft serves is one clear ServeError."""
+    folder = Path(folder)
+    for parity in (folder / "parity.json", folder.parent / "parity.json"):  # an export OUT, or a folder in it
+        if parity.is_file():
+            try:
+                task = json.loads(parity.read_text()).get("task")
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise ServeError(f"{parity} is not a JSON object ({err}): re-export the model") from err
+            if task is not None:
+                task = OPTIMUM_TASKS.get(task, task)
+                if task not in TASKS:
+                    raise ServeError(f"{parity} names the task {task!r}; lite-sft serves {', '.join(TASKS)}")
+                return task
+            break
+    # An export OUT holds its config in onnx/ and merged/
+    holder = next((f for f in (folder, folder / "onnx", folder / "merged") if (f / "config.json").is_file()), folder)
+    config = _config(holder)
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch.endswith("ForSequenceClassification"):
+            return "seq-cls"
+        if arch.endswith("ForTokenClassification"):
+            return "token-cls"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")) and not config.get("is_encoder_decoder"):
+            return "causal-lm"
+    if config.get("is_encoder_decoder") and any(a.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) for a in archs):
+        return "seq2seq"
+    raise ServeError(f"{folder}: config.json's architectures {archs or '(none)'} name no head lite-sft serves: "
+                     "*ForCausalLM (generation), encoder-decoder *ForConditionalGeneration (seq2seq), "
+                     "*ForSequenceClassification (classify) or *ForTokenClassification (ner); export a model "
+                     "trained with one of these tasks")
+
+
+def _config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ServeError(f"cannot read {path} ({err}): re-export the model") from err
+    if not isinstance(config, dict):
+        raise ServeError(f"{path} is not a JSON object: re-export the model")
+    return config
 
 
 def check_tokenizer(folder: Path) -> None:
@@ -111,18 +174,38 @@ def stop_ids(folder: Path, tokenizer) -> list[int]:
     return sorted({i for i in ids if isinstance(i, int)})
 
 
-def max_context(folder: Path) -> int:
+def max_context(folder: Path, tokenizer=None) -> int:
+    """Tokens the model reads at most: its position table's size, or (given) the tokenizer's limit if lower.
+    Encoders and seq2seq models pass their tokenizer: RoBERTa's table has 514 rows for 512 tokens, and T5 has
+    no table at all (relative positions) but was trained up to the tokenizer's 512."""
     config = json.loads((folder / "config.json").read_text())
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return 2048
+    limit = next((config[key] for key in ("max_position_embeddings", "n_positions", "max_sequence_length",
+                                          "seq_length") if isinstance(config.get(key), int)), None)
+    said = getattr(tokenizer, "model_max_length", None)
+    if isinstance(said, int) and said < 10**6:  # transformers stores "no limit" as a huge int
+        limit = min(limit or said, said)
+    return limit or 2048
 
 
 def load_backend(folder: str | Path, device: str = "auto", threads: int | None = None, variant: str = "fp"):
-    """(backend, tokenizer) for a model folder; see resolve_model for the folders understood."""
+    """(backend, tokenizer) for a model folder; see resolve_model for the folders understood and model_task for
+    the tasks. `backend.task` says which: generating backends (causal-lm, seq2seq) have prefill / decode /
+    keep, encoder classifiers (seq-cls, token-cls) `logits` (encoder.py)."""
     kind, path = resolve_model(folder, variant)
+    task = model_task(path)
     tokenizer = load_tokenizer(path)
+    if task in ("seq-cls", "token-cls"):
+        from .encoder import OrtEncoderBackend, TorchEncoderBackend
+
+        backend = (OrtEncoderBackend(path, task, device, threads) if kind == "onnx"
+                   else TorchEncoderBackend.from_folder(path, task, device, threads=threads))
+        backend.check_tokenizer(tokenizer)
+        return backend, tokenizer
+    if task == "seq2seq":
+        from .seq2seq import Seq2SeqBackend
+
+        load = Seq2SeqBackend.from_onnx if kind == "onnx" else Seq2SeqBackend.from_folder
+        return load(path, device, threads=threads, tokenizer=tokenizer), tokenizer
     if kind == "onnx":
         return OrtBackend(path, device, threads), tokenizer
     from .torch_backend import TorchBackend
@@ -149,32 +232,12 @@ class OrtState:
 class OrtBackend:
     """An exported ONNX decoder (optimum `text-generation-with-past`) under onnxruntime."""
 
-    def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None):
-        import onnxruntime as ort
+    task = "causal-lm"
 
+    def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None):
         self.folder = Path(folder)
-        if device not in DEVICES:
-            raise ServeError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
-        available = ort.get_available_providers()
-        want_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available
-                                         and torch.cuda.is_available())
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise ServeError(f"--device cuda: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
-                             "install onnxruntime-gpu")
-        if want_cuda and not torch.cuda.is_available():
-            raise ServeError("--device cuda: the KV buffers are CUDA tensors and this torch has no CUDA")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
-        except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / InvalidProtobuf / ... types)
-            raise ServeError(f"onnxruntime could not load {self.folder / ONNX_FILE}: {str(err).splitlines()[0][:300]}") from err
+        self.session = open_session(self.folder / ONNX_FILE, device, threads)
         self.provider = self.session.get_providers()[0]
-        if want_cuda and self.provider != "CUDAExecutionProvider":
-            raise ServeError(f"--device cuda: onnxruntime fell back to {self.provider} (see its log above for why)")
         self.device = torch.device("cuda" if self.provider == "CUDAExecutionProvider" else "cpu")
         self.name = f"onnx-{self.folder.name}"
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -196,8 +259,7 @@ class OrtBackend:
         config = json.loads((self.folder / "config.json").read_text())
         self.vocab_size = config.get("vocab_size") or self.session.get_outputs()[0].shape[-1]
         self.max_context = max_context(self.folder)
-        self.precision = {"int8": "int8", "int4": "int4"}.get(self.folder.name.split("-")[-1],
-                                                              "fp16" if self.kv_dtype == torch.float16 else "fp32")
+        self.precision = onnx_precision(self.folder, self.kv_dtype == torch.float16)
         self._pool: list[dict[str, torch.Tensor]] = []  # buffers kept between batches, grown on demand
 
     def describe(self) -> str:
@@ -309,6 +371,10 @@ def main() -> None:
     args = parser.parse_args()
     backend, _ = load_backend(args.folder, args.device)
     ids = np.array([[int(i) for i in args.prompt_ids.split(",")]])
+    if backend.task in ("seq-cls", "token-cls"):
+        logits = backend.logits([{"input_ids": ids[0].tolist()}])[0]
+        print(f"{backend.describe()}: {[backend.labels[i] for i in np.atleast_1d(logits.argmax(-1))]}")
+        return
     logits, _ = backend.prefill(ids, np.ones_like(ids), ids.shape[1] + 1)
     print(f"{backend.describe()}: next token {int(logits[0].argmax())}")
 

@@ -1,4 +1,4 @@
-"""Request bodies of the OpenAI-compatible endpoints, as pydantic models; FastAPI validates against them and
+"""Request bodies of the OpenAI-compatible endpoints (and of /v1/classify and /v1/ner), as pydantic models; FastAPI validates against them and
 publishes them in /openapi.json (which the fuzz test generates requests from). And the one error body every
 failure answers with, OpenAI's {"error": {"message", "type", "param", "code"}} (ApiError).
 
@@ -17,7 +17,7 @@ from typing import Literal, Optional, Union
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 MAX_CHOICES = 8
@@ -92,6 +92,42 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class Scoring(Strict):
+    """Fields /v1/classify and /v1/ner share: the texts, and what to do with one longer than the model reads."""
+
+    model: Optional[str] = Field(None, max_length=256, description="The served model's name (see /v1/models).")
+    input: Union[str, list[str]] = Field(..., description="A text, or several (at most the server's --max-batch).")
+    truncate: bool = Field(False, description="Cut a text longer than the model reads (else it is refused).")
+    user: Optional[str] = Field(None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input is an empty list")
+        return value
+
+
+class ClassifyRequest(Scoring):
+    text_pair: Union[str, list[str], None] = Field(
+        None, description="The second text of each pair (entailment, paraphrase): one per input, as input is given.")
+    top_k: Optional[int] = Field(None, ge=1, le=1_000_000, description="Labels listed per input, most likely first "
+                                 "(default all).")
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if self.text_pair is not None:
+            if isinstance(self.input, str) != isinstance(self.text_pair, str):
+                raise ValueError("text_pair must be a string when input is one, and a list when input is a list")
+            if isinstance(self.input, list) and len(self.input) != len(self.text_pair):
+                raise ValueError(f"text_pair has {len(self.text_pair)} texts for {len(self.input)} inputs; give one each")
+        return self
+
+
+class NerRequest(Scoring):
+    """Entities are read per whitespace-separated word and returned as character offsets into each input."""
 
 
 class ApiError(Exception):

@@ -4,8 +4,11 @@
     curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Write 40817 backwards."}], "max_tokens": 8}'
 
-Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with "stream": true),
-GET /v1/models, /health, /metrics (Prometheus text) and /openapi.json. With an API key, /v1/* want
+Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with "stream": true) for a
+causal LM, /v1/completions alone for a seq2seq model (the prompt is the source text), POST /v1/classify for a
+sequence classifier and /v1/ner for a token classifier (classify.py); GET /v1/models, /health, /metrics
+(Prometheus text) and /openapi.json. An endpoint the served model does not do answers 400 naming the ones it does,
+and /openapi.json lists only those. With an API key, /v1/* want
 `Authorization: Bearer KEY`. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
 400 for a request that cannot be served as asked (bad JSON, unknown field, value out of range, prompt over
 the context), 401 without the key, 404 for another model's name, 429 when the queue is full, 504 when a
@@ -17,7 +20,6 @@ on a few threads of their own, so a long prompt never holds up the event loop (h
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -30,18 +32,25 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from . import ServeError
-from .engine import Engine, QueueFull
+from .classify import Api, add_routes
+from .engine import Engine, QueueFull, ScoreEngine
 from .generate import SamplingParams
+from .runtime import ENDPOINTS
 from .schemas import ApiError, ChatRequest, CompletionRequest, Sampling, validation_message
+from .stream import JobStream, events, until_done
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is refused before tokenising
 TOKENIZE_THREADS = min(4, os.cpu_count() or 1)
+TASK_WORDS = {"causal-lm": "a causal language model", "seq2seq": "an encoder-decoder (seq2seq) model",
+              "seq-cls": "a sequence classifier", "token-cls": "a token classifier (NER)"}
+SERVED = {"/v1/completions": ("causal-lm", "seq2seq"), "/v1/chat/completions": ("causal-lm",),
+          "/v1/classify": ("seq-cls",), "/v1/ner": ("token-cls",)}
 
 
 @dataclass
@@ -65,13 +74,16 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     registry = CollectorRegistry()
-    engine = Engine(backend, tokenizer, settings.max_batch, settings.max_queue, registry=registry)
+    task = getattr(backend, "task", "causal-lm")
+    scoring = task in SERVED["/v1/classify"] + SERVED["/v1/ner"]
+    engine = (ScoreEngine if scoring else Engine)(backend, tokenizer, settings.max_batch, settings.max_queue,
+                                                  registry=registry)
     context = min(settings.max_context or backend.max_context, backend.max_context)
     stop_ids = list(stop_ids or [])
     requests = Counter("lite_sft_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
     first_token = Histogram("lite_sft_time_to_first_token_seconds", "Request start to first token", registry=registry)
     latency = Histogram("lite_sft_request_seconds", "Request start to last token", registry=registry)
-    routes = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    routes = {"/health", "/metrics", "/v1/models", *SERVED}
     # The key as the bytes a client sends for it; a key from argv or the environment whose bytes are not UTF-8
     # (Python holds those as surrogate escapes) becomes those very bytes again.
     key = settings.api_key.encode("utf-8", "surrogateescape") if settings.api_key else None
@@ -124,8 +136,10 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "backend": backend.describe(), "context": context,
-                "queued": engine.queued, "running_rows": engine.running_rows, "max_batch": engine.max_batch}
+        labels = {"labels": backend.labels} if scoring else {}
+        return {"status": "ok", "model": settings.model_name, "task": task, "backend": backend.describe(),
+                "context": context, "queued": engine.queued, "running_rows": engine.running_rows,
+                "max_batch": engine.max_batch, **labels}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -134,7 +148,34 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     @app.get("/v1/models", dependencies=keyed)
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "lite-sft", "max_model_len": context}]}
+                                            "owned_by": "lite-sft", "max_model_len": context, "task": task}]}
+
+    def serves(path: str) -> bool:
+        return task in SERVED[path]
+
+    def refuse(path: str) -> None:
+        """A 400 naming what the model does serve, for an endpoint it does not."""
+        if not serves(path):
+            hint = ("; it has no chat template: send the source text as `prompt` to /v1/completions"
+                    if task == "seq2seq" and path == "/v1/chat/completions" else "")
+            raise ApiError(400, f"{settings.model_name!r} is {TASK_WORDS[task]}: it serves {ENDPOINTS[task]}, "
+                           f"not {path}{hint}", code="unsupported_endpoint")
+
+    def over_context(prompt: int, max_tokens: int, field: str) -> None:
+        if task == "seq2seq":  # the encoder reads the prompt; the decoder writes after its start tokens
+            start = len(backend.decoder_prompt)
+            if prompt <= context and start + max_tokens <= context:
+                return
+            message = (f"this model's maximum context length is {context} tokens for the prompt and "
+                       f"{context - start} for the completion; the request has {prompt} in the prompt and asks "
+                       f"for {max_tokens}")
+        else:
+            if prompt + max_tokens <= context:
+                return
+            message = (f"this model's maximum context length is {context} tokens; the request asks for "
+                       f"{prompt + max_tokens} ({prompt} in the prompt, {max_tokens} for the completion)")
+        raise ApiError(400, f"{message}. Shorten the prompt or lower {field}.", param=field,
+                       code="context_length_exceeded")
 
     def check_chars(chars: int, param: str) -> None:
         if chars > CHARS_PER_TOKEN_LIMIT * context:
@@ -163,8 +204,9 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
         except Exception as err:  # noqa: BLE001  (the Rust tokenizer refuses e.g. lone surrogates)
             raise ApiError(400, f"the prompt cannot be tokenised: {err}", param="prompt") from err
 
-    @app.post("/v1/completions", dependencies=keyed)
+    @app.post("/v1/completions", dependencies=keyed, include_in_schema=serves("/v1/completions"))
     async def completions(body: CompletionRequest, request: Request):
+        refuse("/v1/completions")
         start, deadline = begin(body)
         p = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if all(isinstance(x, str) for x in p):
@@ -189,8 +231,9 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
             raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from err
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions", dependencies=keyed, include_in_schema=serves("/v1/chat/completions"))
     async def chat(body: ChatRequest, request: Request):
+        refuse("/v1/chat/completions")
         start, deadline = begin(body)
         if not tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
@@ -205,11 +248,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     async def respond(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int, field: str,
                       chat: bool, start: float, deadline: float):
         for ids in prompts:
-            if len(ids) + max_tokens > context:
-                raise ApiError(400, f"this model's maximum context length is {context} tokens; the request asks "
-                               f"for {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the "
-                               f"completion). Shorten the prompt or lower {field}.", param=field,
-                               code="context_length_exceeded")
+            over_context(len(ids), max_tokens, field)
         rows = [ids for ids in prompts for _ in range(body.n)]
         if len(rows) > engine.max_batch:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is {len(rows)} choices; this server takes at "
@@ -238,9 +277,9 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _stream(job, request, deadline, head, chat, len(rows), usage, include_usage, on_token,
+            stream = events(job, request, deadline, head, chat, len(rows), usage, include_usage, on_token,
                              lambda: latency.observe(time.perf_counter() - start))
-            return _JobStream(job, stream, media_type="text/event-stream",
+            return JobStream(job, stream, media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, reasons = [""] * len(rows), ["length"] * len(rows)
 
@@ -252,7 +291,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
                 if event.finish_reason:
                     reasons[i] = event.finish_reason
 
-        await _until_done(consume(), job, request, deadline)
+        await until_done(consume(), job, request, deadline)
         latency.observe(time.perf_counter() - start)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if chat:
@@ -263,6 +302,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
                        for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices, "usage": usage}
 
+    add_routes(app, Api(engine, backend, tokenizer, settings.model_name, context, keyed, refuse, serves, begin,
+                        off_loop, check_chars, latency))
     return app
 
 
@@ -289,102 +330,6 @@ class _CountRequests:
             await self.app(scope, receive, counted)
         finally:
             self.counter.labels(scope["path"] if scope["path"] in self.routes else "other", status).inc()
-
-
-class _JobStream(StreamingResponse):
-    """A streamed answer that gives up its job however the response ends, even when the client left before the
-    body began (then the event generator never starts, and its own cleanup never runs)."""
-
-    def __init__(self, job, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.job = job
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.job.cancel()
-
-
-async def _watch(request: Request, job, task: asyncio.Task | None = None) -> None:
-    """Drop the job's rows (and stop waiting for it) as soon as the client goes away."""
-    while not job.cancelled:
-        if await request.is_disconnected():
-            job.cancel()
-            if task is not None:
-                task.cancel()
-            return
-        await asyncio.sleep(0.1)
-
-
-async def _until_done(consume, job, request: Request, deadline: float) -> None:
-    task = asyncio.ensure_future(consume)
-    watcher = asyncio.ensure_future(_watch(request, job, task))
-    try:
-        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
-        if task not in done:
-            job.cancel()
-            task.cancel()
-            raise ApiError(504, "the request did not finish within the server's timeout", "timeout", code="timeout")
-        if task.cancelled():
-            raise ApiError(499, "the client closed the request")
-        err = task.exception()
-        if isinstance(err, ServeError):
-            raise ApiError(500, str(err), "server_error")
-        if err is not None:
-            raise err
-    finally:
-        watcher.cancel()
-        job.cancel()  # no-op when it finished; frees its rows when it did not
-
-
-async def _stream(job, request: Request, deadline: float, head: dict, chat: bool, n: int, usage: dict,
-                  include_usage: bool, on_token, on_done):
-    """Server-sent events: one chunk per token, one with each choice's finish_reason, then [DONE]."""
-    loop = asyncio.get_running_loop()
-    watcher = asyncio.ensure_future(_watch(request, job))
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(i: int, text: str | None, reason: str | None = None, role: bool = False) -> str:
-        if chat:
-            delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
-        else:
-            choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
-        return "data: " + json.dumps({**head, "object": obj, "choices": [choice]}) + "\n\n"
-
-    events = job.__aiter__()
-    try:
-        if chat:
-            for i in range(n):
-                yield chunk(i, None, role=True)
-        while True:
-            try:
-                i, event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - loop.time()))
-            except StopAsyncIteration:
-                break
-            if event.token_id is not None:
-                on_token()
-            if event.text or event.token_id is not None:
-                # One chunk per token, even when its text is held back (part of a character or of a possible
-                # stop string): clients see progress, and a departed client is noticed at the next token.
-                yield chunk(i, event.text)
-            if event.finish_reason:
-                yield chunk(i, None, event.finish_reason)
-        on_done()
-        if include_usage:
-            total = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-            yield "data: " + json.dumps({**head, "object": obj, "choices": [], "usage": total}) + "\n\n"
-        yield "data: [DONE]\n\n"
-    except asyncio.TimeoutError:
-        yield "data: " + json.dumps({"error": {"message": "the request did not finish within the server's timeout",
-                                               "type": "timeout", "param": None, "code": "timeout"}}) + "\n\n"
-    except ServeError as err:
-        yield "data: " + json.dumps({"error": {"message": str(err), "type": "server_error", "param": None,
-                                               "code": None}}) + "\n\n"
-    finally:
-        watcher.cancel()
-        job.cancel()
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -41,6 +41,8 @@ def pick_device(device: str) -> torch.device:
 
 
 class TorchBackend:
+    task = "causal-lm"
+
     def __init__(self, model, name: str, precision: str, max_context: int, vocab_size: int,
                  folder: Path | None = None):
         self.model = model.eval()

@@ -1,6 +1,7 @@
 """lite_sft.serve never imports lite_sft's training code. Each serve module is imported in a fresh interpreter,
-and the bench's rows for a tune run directory (base + adapter, loaded with lite_sft.model) are measured on a tiny
-tuned run in another; neither may leave a training module in sys.modules."""
+the bench's rows for a tune run directory (base + adapter, loaded with lite_sft.model) are measured on a tiny
+tuned run in another, and a token classifier answers as /v1/ner answers in a third; none may leave a training
+module in sys.modules."""
 
 import json
 import os
@@ -15,7 +16,10 @@ TRAINING = {"lite_sft.train", "lite_sft.data", "lite_sft.masking", "lite_sft.los
 # the loader, the config, the built-in base, and the run's task definition (lite_sft.tasks: heads, labels).
 LOADING = {"lite_sft", "lite_sft.model", "lite_sft.config", "lite_sft.tiny", "lite_sft.tasks", "lite_sft.tasks.base",
            "lite_sft.tasks.causal_lm"}
-SERVE = ["runtime", "generate", "engine", "server", "schemas", "torch_backend", "loadtest", "bench", "bench_report"]
+SERVE = ["runtime", "generate", "engine", "server", "schemas", "torch_backend", "loadtest", "bench", "bench_report",
+         "encoder", "seq2seq", "classify", "sessions", "stream"]
+# What /v1/ner reads tags and entities with, the functions training and evaluation use (lite_sft/serve/classify.py).
+NER = {"lite_sft.tasks.ner", "lite_sft.tasks.iob", "lite_sft.tasks.labels", "lite_sft.tasks.table"}
 # The last line a probe prints: every lite_sft module the interpreter holds when the probe's code is done.
 REPORT = "import json, sys; print(json.dumps(sorted(m for m in sys.modules if m.startswith('lite_sft'))))"
 
@@ -66,3 +70,28 @@ def test_bench_of_a_tuned_run_loads_base_and_adapter_without_training_code(run_d
     outside = {m for m in json.loads(modules) if not m.startswith("lite_sft.serve")}
     assert not outside & TRAINING, sorted(outside & TRAINING)
     assert {"lite_sft.model", "lite_sft.config"} <= outside <= LOADING  # what the package docstring names
+
+
+@pytest.fixture(scope="module")
+def token_classifier(tmp_path_factory, tiny_bert_dir):
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    out = tmp_path_factory.mktemp("serve-imports") / "ner"
+    tags = ["O", "B-PER", "I-PER"]
+    BertForTokenClassification.from_pretrained(tiny_bert_dir, num_labels=3, id2label=dict(enumerate(tags)),
+                                               label2id={t: i for i, t in enumerate(tags)}).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(out)
+    return out
+
+
+def test_answering_as_ner_does_imports_no_training_code(token_classifier):
+    code = (f"from lite_sft.serve.classify import encode, entities\n"
+            f"from lite_sft.serve.runtime import load_backend\n"
+            f"backend, tokenizer = load_backend({str(token_classifier)!r}, 'cpu', threads=1)\n"
+            f"row = encode(tokenizer, ['peter visited paris'], None, 64, False, True)[0]\n"
+            f"entities('peter visited paris', row.offsets, row.word_ids, backend.logits([row.row])[0], backend.labels)")
+    modules = set(json.loads(lines(probe(code))[-1]))
+    assert "lite_sft.tasks.ner" in modules  # the probe did read entities
+    outside = {m for m in modules if not m.startswith("lite_sft.serve")}
+    assert not outside & TRAINING, sorted(outside & TRAINING)
+    assert outside <= LOADING | NER
