@@ -115,6 +115,8 @@ def test_bart_learns_the_next_word(bart_run):
                                   "max_new_tokens", "num_beams")} == {
         "decoder_start_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "forced_eos_token_id": 2,
         "max_new_tokens": 12, "num_beams": 1}
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert targets == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}  # not lm_head, tied to the embedding
 
 
 def test_loss_is_summed_over_target_tokens_only(tiny_t5_dir, tiny_bart_dir):
@@ -178,7 +180,8 @@ def test_collate_pads_sources_and_labels_as_its_docstring_shows():
     class Pad:
         pad_token_id = 0
 
-    batch = Seq2SeqTask().collate([Seq2SeqRow([5, 6, 7, 1], [7, 6, 5, 1], ""), Seq2SeqRow([8, 1], [9, 4, 1], "")], Pad())
+    rows = [Seq2SeqRow([5, 6, 7, 1], [7, 6, 5, 1], ""), Seq2SeqRow([8, 1], [9, 4, 1], "")]
+    batch = Seq2SeqTask().collate(rows, Pad())
     assert set(batch) == {"input_ids", "attention_mask", "labels"}  # the model makes decoder_input_ids itself
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1], [8, 1, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
@@ -195,7 +198,8 @@ def test_only_the_adapters_train_and_the_lm_head_stays_the_base_one(t5_run, tiny
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert saved and all("lora_A" in name or "lora_B" in name for name in saved)
     # all-linear: every attention and feed-forward projection of encoder and decoder, not the output layer.
-    assert set(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == {"q", "k", "v", "o", "wi", "wo"}
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert targets == {"q", "k", "v", "o", "wi", "wo"}
     model, _, _ = load_tuned(out, torch.device("cpu"))
     base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
     assert type(model).__name__ == "PeftModelForSeq2SeqLM"
@@ -209,9 +213,8 @@ def test_generation_settings_are_saved_and_loaded_back(t5_run, counting, tmp_pat
 
     out, _, summary = t5_run
     saved = json.loads((out / "generation_config.json").read_text())
-    assert {k: saved[k] for k in ("max_new_tokens", "num_beams", "decoder_start_token_id", "eos_token_id",
-                                  "pad_token_id")} == {"max_new_tokens": 12, "num_beams": 1, "decoder_start_token_id": 0,
-                                                       "eos_token_id": 1, "pad_token_id": 0}
+    expected = {"max_new_tokens": 12, "num_beams": 1, "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+    assert {k: saved[k] for k in expected} == expected
     assert "_from_model_config" not in saved
     gen = load_generation_settings(out)
     assert (gen.max_new_tokens, gen.num_beams, gen.decoder_start_token_id) == (12, 1, 0)
