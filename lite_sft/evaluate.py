@@ -65,6 +65,8 @@ def format_report(report: dict) -> str:
     for key, value in report.items():
         if isinstance(value, float) and key != "seconds":
             lines.append(f"  {key.replace('_', ' ')}: {value:.4f}")
+    if report.get("unread_words"):
+        lines.append(f"  {report['unread_words']} words cut off by truncation, counted as predicted O")
     for name, scores in (report.get("per_class") or report.get("per_type") or {}).items():
         lines.append(f"  {name}: precision {scores['precision']:.4f}, recall {scores['recall']:.4f}, "
                      f"f1 {scores['f1']:.4f}, support {scores['support']}")

@@ -265,8 +265,9 @@ def _record_evaluation(run: Run, step: int, figures: dict, say: Callable[[str], 
     scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if run.main:
         run.log.log({"step": step, **{k if k.startswith("val_") else f"val_{k}": v for k, v in scalars.items()}})
-        say(f"step {step}: validation " + ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
-                                                 for k, v in scalars.items()))
+        say(f"step {step}: validation " + ", ".join(
+            f"{k.removeprefix('val_').replace('_', ' ')} " + (f"{v:.4f}" if isinstance(v, float) else f"{v}")
+            for k, v in scalars.items()))
     if val_loss < loop["best_val"]:
         loop.update(best_val=val_loss, best_step=step, bad_evals=0)
         if run.cfg.train.early_stopping_patience and run.main:

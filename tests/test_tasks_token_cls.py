@@ -51,7 +51,7 @@ def write(path: Path, text: str) -> str:
 
 def task_with(tags=TAGS):
     from lite_sft.tasks.labels import LabelMap
-    from lite_sft.tasks.ner import TokenClassificationTask
+    from lite_sft.tasks.token_cls import TokenClassificationTask
 
     task = TokenClassificationTask()
     task.labels = LabelMap(tuple(tags))
@@ -133,7 +133,8 @@ def test_words_cut_off_by_truncation_count_as_predicted_o(token_cls_run, ner_con
     from accelerate import Accelerator
 
     from lite_sft.model import load_tuned
-    from lite_sft.tasks.ner import read_ner, tokenize_sentences
+    from lite_sft.tasks.ner import read_ner
+    from lite_sft.tasks.token_cls import tokenize_sentences
 
     out, summary = token_cls_run
     model, tokenizer, _ = load_tuned(out, torch.device("cpu"))

@@ -112,7 +112,7 @@ def get_task(name: str) -> Task:
 
         return SequenceClassificationTask()
     if name == "token-cls":
-        from lite_sft.tasks.ner import TokenClassificationTask
+        from lite_sft.tasks.token_cls import TokenClassificationTask
 
         return TokenClassificationTask()
     if name == "seq2seq":
@@ -122,12 +122,26 @@ def get_task(name: str) -> Task:
     raise ConfigError(f"task.name {name!r}: choose one of {', '.join(TASK_NAMES)}")
 
 
+def max_tokens(cfg, tokenizer) -> int:
+    """data.max_seq_len, or the tokenizer's model_max_length when smaller: an encoder has no position beyond
+    it (BERT's 512), and a longer row would fail inside the model."""
+    return min(cfg.data.max_seq_len, tokenizer.model_max_length)
+
+
 def is_decoder_only(config) -> bool:
-    """A causal language model (GPT-2, Llama, ...): it reads left to right and has no encoder."""
+    """A causal language model (GPT-2, Llama, ...): it reads left to right and has no encoder. Known by its saved
+    architectures, or, for a folder saved from the bare model (["LlamaModel"]), by its type: one transformers
+    has a causal-LM head for but no masked-LM head (BERT has both, and is an encoder)."""
     if getattr(config, "is_encoder_decoder", False):
         return False
     archs = getattr(config, "architectures", None) or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def all_sum(accelerator, value):

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_sft.tasks.base import Task, TaskData
-from lite_sft.tasks.labels import LabelMap, build_label_map, load_labels, parse_label, save_labels
+from lite_sft.tasks.base import Task, TaskData, max_tokens
+from lite_sft.tasks.labels import LabelMap, build_label_map, label_kwargs, load_labels, parse_label, save_labels
 from lite_sft.tasks.table import read_table, text_field
 
 
@@ -63,11 +63,6 @@ class ClassificationRow:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-def label_kwargs(labels: LabelMap) -> dict:
-    """from_pretrained arguments that size the head and name its outputs (saved in the model's config)."""
-    return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
 
 
 def class_weights(setting: str, labels: list[int], n_classes: int) -> list[float] | None:
@@ -125,11 +120,12 @@ class SequenceClassificationTask(Task):
             records, held = split_validation(records, d.validation_fraction, cfg.train.seed)
         self.labels = labels
         self.weights = class_weights(k.class_weights, [r.label for r in records], len(labels.names))
-        train, cut = self.tokenize(records, tokenizer, d.max_seq_len)
-        validation, cut_val = self.tokenize(held, tokenizer, d.max_seq_len)
+        limit = max_tokens(cfg, tokenizer)
+        train, cut = self.tokenize(records, tokenizer, limit)
+        validation, cut_val = self.tokenize(held, tokenizer, limit)
         counts = ", ".join(f"{name} {sum(r.label == i for r in records)}" for i, name in enumerate(labels.names))
         summary = (f"{len(train)} train / {len(validation)} validation examples, {len(labels.names)} labels ({counts}); "
-                   f"{cut + cut_val} truncated to data.max_seq_len={d.max_seq_len}")
+                   f"{cut + cut_val} truncated to {limit} tokens")
         return TaskData(train, validation, "classification", summary, (len(train), len(validation)), labels=labels)
 
     def write_run_files(self, run_dir, cfg, tokenizer, model, data: TaskData) -> None:
@@ -145,7 +141,7 @@ class SequenceClassificationTask(Task):
         records, _ = read_classification(path, text_column=k.validation_text_column or k.text_column,
                                          label_column=k.label_column, pair_column=k.text_pair_column,
                                          label_map=self.labels)
-        return self.tokenize(records, tokenizer, cfg.data.max_seq_len)[0]
+        return self.tokenize(records, tokenizer, max_tokens(cfg, tokenizer))[0]
 
     @staticmethod
     def tokenize(records: list[ClassificationRecord], tokenizer, max_len: int) -> tuple[list[ClassificationRow], int]:

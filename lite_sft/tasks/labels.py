@@ -90,6 +90,11 @@ def build_label_map(labels: Sequence[tuple[str, object]], name: str, column: str
     return LabelMap(tuple(sorted(distinct)))
 
 
+def label_kwargs(labels: LabelMap) -> dict:
+    """from_pretrained arguments that size the head and name its outputs (saved in the model's config)."""
+    return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
+
+
 LABELS_FILE = "labels.json"
 
 
