@@ -150,8 +150,7 @@ def tune_and_score(family: str, args, work: Path) -> dict:
             "train_pairs": summary["train_examples"], "held_out_pairs": summary["validation_examples"],
             "train_s": summary["wall_s"], "total_s": time.perf_counter() - started,
             "tokens_per_s": summary["tokens_per_s"], "target_tokens_per_s": summary["target_tokens_per_s"],
-            "before": scores(before), "after": scores(after), "samples": after["samples"][:3],
-            "run_dir": str(work / f"{family}-run")}
+            "before": scores(before), "after": scores(after), "samples": after["samples"][:3]}
 
 
 def scores(figures: dict) -> dict:
