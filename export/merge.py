@@ -129,15 +129,23 @@ def merge(model, cfg, run_dir: Path):
 
 
 def _plain_base(cfg, run_dir: Path, tokenizer):
-    """The base checkpoint as ordinary fp32 modules (Linear, GPT-2's Conv1D), sized for the run's tokenizer."""
-    from transformers import AutoModelForCausalLM
+    """The base checkpoint as ordinary fp32 modules (Linear, GPT-2's Conv1D), with the run's task head and
+    sized for the run's tokenizer: lite_sft.model's own loading, without the quantisation."""
+    import dataclasses
 
-    path = base_path(cfg, run_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code,
-                                                 attn_implementation=cfg.model.attn_implementation)
+    from lite_sft.model import ModelError, load_base_model
+    from lite_sft.tasks.base import get_task
+
+    task = get_task(cfg.task.name)
+    plain = dataclasses.replace(cfg.model, quant="none", dtype="float32")
+    try:
+        model = load_base_model(plain, base_path(cfg, run_dir), CPU, task, **task.saved_model_kwargs(run_dir))
+    except ModelError as err:
+        raise ExportError(str(err)) from err
+    if model.config.pad_token_id is None:  # as lite_sft.model.load_tuned does
+        model.config.pad_token_id = tokenizer.pad_token_id
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))  # as lite_sft.model.load_tuned does
+        model.resize_token_embeddings(len(tokenizer))
     return model
 
 
@@ -200,18 +208,24 @@ def stored_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
 
 
 def save_merged(model, tokenizer, out: Path, dtype: torch.dtype, max_shard_size: str | int = "5GB",
-                stop_ids: list[int] | None = None) -> None:
-    """A folder AutoModelForCausalLM.from_pretrained loads unchanged: safetensors (sharded past
-    `max_shard_size`), config, generation config (its eos_token_id the run's stop list, lite_sft.stops),
-    tokenizer and chat template."""
+                stop_ids: list[int] | None = None, generation=None) -> None:
+    """A folder the task's Auto class loads unchanged: safetensors (sharded past `max_shard_size`), config
+    (with a classifier's id2label / label2id), tokenizer, and the generation config: for an encoder-decoder
+    `generation`, the run's own settings; for a causal LM the model's, its eos_token_id the run's stop list
+    (lite_sft.stops); an encoder has none."""
     from lite_sft.stops import stop_ids as decide, write_stop_tokens
 
-    gen = model.generation_config
-    # Stop where the tuned model learned to stop: at EOS and at the chat template's end of turn.
-    gen.eos_token_id = list(stop_ids) if stop_ids else decide(tokenizer, gen)
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id
+    causal = generation is None and model.can_generate()
+    if generation is not None:
+        model.generation_config = generation
+    elif causal:
+        gen = model.generation_config
+        # Stop where the tuned model learned to stop: at EOS and at the chat template's end of turn.
+        gen.eos_token_id = list(stop_ids) if stop_ids else decide(tokenizer, gen)
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
     model.to(dtype)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
-    write_stop_tokens(out, gen.eos_token_id)
+    if causal:
+        write_stop_tokens(out, model.generation_config.eos_token_id)

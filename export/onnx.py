@@ -1,10 +1,19 @@
-"""Convert a merged model to ONNX with a KV cache, through optimum's exporter.
+"""Convert a merged model to ONNX through optimum's exporter, in optimum's own folder layout.
 
     lite-sft export runs/qwen --out exports/qwen --dtype fp32        # exports/qwen/onnx/
 
-Task `text-generation-with-past`: inputs input_ids, attention_mask, position_ids (where the architecture
-takes them) and past_key_values.N.key / .value; outputs logits and present.N.key / .value; batch and
-sequence axes dynamic. A model over 2 GB gets its weights as external data (model.onnx_data), as the ONNX
+Each lite-sft task is exported as the optimum task in OPTIMUM_TASKS and read back with the ORT class in
+ORT_CLASSES, the one a user loads it with:
+    causal-lm  text-generation-with-past        model.onnx
+    seq-cls    text-classification              model.onnx (logits: batch, labels)
+    token-cls  token-classification             model.onnx (logits: batch, sequence, labels)
+    seq2seq    text2text-generation-with-past   encoder_model.onnx, decoder_model.onnx (first step),
+               decoder_with_past_model.onnx (later steps) and decoder_model_merged.onnx (both in one graph,
+               which ORTModelForSeq2SeqLM loads by default; `use_merged=False` loads the two instead)
+
+causal-lm, `text-generation-with-past`: inputs input_ids, attention_mask, position_ids (where the
+architecture takes them) and past_key_values.N.key / .value; outputs logits and present.N.key / .value;
+batch and sequence axes dynamic. A model over 2 GB gets its weights as external data (model.onnx_data), as the ONNX
 protobuf limit requires; optimum does that itself. The folder also holds config.json,
 generation_config.json and the tokenizer with its chat template, so ORTModelForCausalLM.from_pretrained
 loads it as it is.
@@ -23,37 +32,49 @@ from . import ExportError
 
 log = logging.getLogger(__name__)
 
-TASK = "text-generation-with-past"
+OPTIMUM_TASKS = {"causal-lm": "text-generation-with-past", "seq-cls": "text-classification",
+                 "token-cls": "token-classification", "seq2seq": "text2text-generation-with-past"}
+ORT_CLASSES = {"causal-lm": "ORTModelForCausalLM", "seq-cls": "ORTModelForSequenceClassification",
+               "token-cls": "ORTModelForTokenClassification", "seq2seq": "ORTModelForSeq2SeqLM"}
 ONNX_DTYPES = ("fp32", "fp16")
 
 
-def supported_model_types() -> list[str]:
-    """Decoder architectures optimum exports for text generation with a KV cache."""
+def supported_model_types(task: str = "causal-lm") -> list[str]:
+    """Architectures optimum exports for the lite-sft `task` (as its OPTIMUM_TASKS task)."""
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registering the configs fills TasksManager)
     from optimum.exporters.tasks import TasksManager
 
-    return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx"))
+    return sorted(TasksManager.get_supported_model_type_for_task(OPTIMUM_TASKS[task], exporter="onnx"))
 
 
-def check_supported(model_type: str) -> None:
-    """Fail before any work when optimum cannot export this architecture with a KV cache."""
-    supported = supported_model_types()
+def check_supported(model_type: str, task: str = "causal-lm") -> None:
+    """Fail before any work when optimum cannot export this architecture for `task`."""
+    supported = supported_model_types(task)
     if model_type not in supported and model_type.replace("_", "-") not in supported:
-        raise ExportError(f"ONNX export does not support the {model_type!r} architecture (optimum has no "
-                          f"{TASK} config for it). Supported: {', '.join(supported)}. "
+        raise ExportError(f"ONNX export does not support the {model_type!r} architecture for {task} (optimum has no "
+                          f"{OPTIMUM_TASKS[task]} config for it). Supported: {', '.join(supported)}. "
                           "Export only the merged model with --no-onnx.")
 
 
-def export_onnx(model, out: Path, dtype: str = "fp32") -> None:
-    """Write `model` (a merged PyTorch model loaded from its merged/ folder) to `out` as ONNX with a KV cache.
+def check_dtype(dtype: str, task: str = "causal-lm") -> None:
+    """fp16 is traced and tested for decoders only; the classic tasks shrink with --quantize instead."""
+    if dtype not in ONNX_DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
+    if dtype != "fp32" and task != "causal-lm":
+        raise ExportError(f"--dtype {dtype} exports causal-lm runs only; export this {task} run in fp32 (and shrink "
+                          "it with --quantize int8 or int4)")
+
+
+def export_onnx(model, out: Path, dtype: str = "fp32", task: str = "causal-lm") -> None:
+    """Write `model` (a merged PyTorch model loaded from its merged/ folder) to `out` as ONNX for `task`
+    (causal-lm and seq2seq with a KV cache).
 
     fp16 is traced in fp16 (on a GPU when there is one), which keeps the fp32 islands the modelling code
     asks for (RMSNorm's variance, rotary angles). The model is converted in place: the caller hands it over.
     """
-    if dtype not in ONNX_DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
+    check_dtype(dtype, task)
     if dtype == "fp32":
-        _trace(model, out, "cpu")
+        _trace(model, out, "cpu", task)
         return
     import torch
 
@@ -70,7 +91,7 @@ def export_onnx(model, out: Path, dtype: str = "fp32") -> None:
         _to_fp16(out / "model.onnx")
 
 
-def _trace(model, out: Path, device: str) -> None:
+def _trace(model, out: Path, device: str, task: str = "causal-lm") -> None:
     import warnings
 
     import torch
@@ -83,9 +104,9 @@ def _trace(model, out: Path, device: str) -> None:
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         try:
             # The tokenizer and chat template come from model.config._name_or_path, the merged/ folder.
-            onnx_export_from_model(model, out, task=TASK, do_validation=False, device=device)
+            onnx_export_from_model(model, out, task=OPTIMUM_TASKS[task], do_validation=False, device=device)
         except Exception as err:  # noqa: BLE001  (optimum and torch.onnx raise anything from deep in a trace)
-            raise ExportError(f"optimum could not export this {model.config.model_type} model to ONNX "
+            raise ExportError(f"optimum could not export this {model.config.model_type} model to ONNX for {task} "
                               f"({one_line(err)}); the merged model is fine: export it alone with --no-onnx") from err
 
 
@@ -100,22 +121,24 @@ def _to_fp16(model_file: Path) -> None:
     onnx.save(converted, str(model_file), save_as_external_data=bool(data), location=model_file.name + "_data")
 
 
-def load_ort(folder: Path):
-    """ORTModelForCausalLM on CPU: the parity gate's view of the artefact, the same one a user gets."""
+def load_ort(folder: Path, task: str = "causal-lm", **kwargs):
+    """The task's ORT model (ORT_CLASSES) on CPU: the parity gate's view of the artefact, the one a user gets.
+    `kwargs` go to from_pretrained (seq2seq: use_merged=False loads the two decoders instead of the merged one)."""
     import onnxruntime
+    import optimum.onnxruntime
     import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
 
     options = onnxruntime.SessionOptions()
     # As many threads as torch uses (OMP_NUM_THREADS): onnxruntime would otherwise take every core and
     # spin-wait on them, which on a shared machine makes small models many times slower.
     options.intra_op_num_threads = torch.get_num_threads()
     try:
-        model = ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_io_binding=False,
-                                                    session_options=options)
+        model = getattr(optimum.onnxruntime, ORT_CLASSES[task]).from_pretrained(
+            folder, provider="CPUExecutionProvider", use_io_binding=False, session_options=options, **kwargs)
     except Exception as err:  # noqa: BLE001  (onnxruntime and optimum raise their own types)
         raise ExportError(f"onnxruntime could not load the exported {folder.name}/ ({one_line(err)})") from err
-    _fix_cache_shape(model)
+    if task == "causal-lm":
+        _fix_cache_shape(model)
     return model
 
 

@@ -351,26 +351,33 @@ def compare(ref: Reference, candidate: list[torch.Tensor], *, stage: str, artefa
                 passed)
 
 
-def batch_check(gate: Gate, ref: Reference, candidate: list[torch.Tensor]) -> None:
-    """Judge a batched run (ort_batch_logits on ref.batch_rows()) with the gate's own thresholds. The gate
-    passes only if the batch does too; gate.extra gets the batch's figures and whether it passed alone."""
-    rows = ref.batch_rows()
+def batch_check(gate: Gate, ref: Reference, candidate: list[torch.Tensor], rows: list[int] | None = None,
+                input_lengths: list[int] | None = None) -> None:
+    """Judge a batched run of ref's `rows` (default: ort_batch_logits on ref.batch_rows(), left-padded prompts)
+    with the gate's own thresholds. The gate passes only if the batch does too; gate.extra gets the batch's
+    figures and whether it passed alone. `input_lengths`: the rows' unpadded lengths, for inputs padded on
+    the right (the classic tasks' encoders), reported as such."""
+    rows = ref.batch_rows() if rows is None else rows
     batch = compare(ref.subset(rows), candidate, stage=gate.stage, artefact=gate.artefact, precision=gate.precision,
                     reference=gate.reference, thresholds=gate.thresholds)
-    lengths = [ref.prompt_lens[i] for i in rows]
+    if input_lengths is None:
+        lengths = [ref.prompt_lens[i] for i in rows]
+        shape = {"prompt_lengths": lengths, "left_padding": max(lengths) - min(lengths)}
+    else:
+        shape = {"input_lengths": input_lengths, "padding": max(input_lengths) - min(input_lengths)}
     gate.extra["passed_alone"] = gate.passed
-    gate.extra["batch"] = {"rows": len(rows), "prompt_lengths": lengths, "left_padding": max(lengths) - min(lengths),
-                           "max_abs_diff": batch.max_abs_diff, "mean_abs_diff": batch.mean_abs_diff,
-                           "greedy_agreement": batch.greedy_agreement, "positions": batch.positions,
-                           "passed": batch.passed}
+    gate.extra["batch"] = {"rows": len(rows), **shape, "max_abs_diff": batch.max_abs_diff,
+                           "mean_abs_diff": batch.mean_abs_diff, "greedy_agreement": batch.greedy_agreement,
+                           "positions": batch.positions, "passed": batch.passed}
     gate.passed = gate.passed and batch.passed
 
 
-def format_report(gates: list[Gate], source: str) -> str:
-    """The table printed after an export (and on failure, so the user sees why)."""
+def format_report(gates: list[Gate], source: str, agreement: str = "greedy") -> str:
+    """The table printed after an export (and on failure, so the user sees why); `agreement` heads the
+    agreement column (the classic tasks agree on labels, not greedy tokens)."""
     lines = [f"parity on {source}:",
              f"  {'stage':<6} {'artefact':<11} {'precision':<9} {'max |dlogit|':>12} {'mean':>9} "
-             f"{'greedy':>7} {'needs':>6}  result"]
+             f"{agreement:>7} {'needs':>6}  result"]
     for g in gates:
         batch = g.extra.get("batch")
         alone = g.extra.get("passed_alone", g.passed)
@@ -378,13 +385,15 @@ def format_report(gates: list[Gate], source: str) -> str:
                      f"{g.mean_abs_diff:>9.1e} {g.greedy_agreement:>7.1%} {g.thresholds['min_agreement']:>6.0%}  "
                      + ("pass" if alone else "FAIL"))
         if batch:
-            lengths = " and ".join(map(str, batch["prompt_lengths"]))
+            if "prompt_lengths" in batch:
+                shape = f"left-padded: prompts of {' and '.join(map(str, batch['prompt_lengths']))} tokens"
+            else:
+                shape = f"padded: inputs of {min(batch['input_lengths'])} to {max(batch['input_lengths'])} tokens"
             lines.append(f"  {'':<6} {'batch of ' + str(batch['rows']):<21} {batch['max_abs_diff']:>12.2e} "
                          f"{batch['mean_abs_diff']:>9.1e} {batch['greedy_agreement']:>7.1%} "
-                         f"{g.thresholds['min_agreement']:>6.0%}  {'pass' if batch['passed'] else 'FAIL'}"
-                         f"  (left-padded: prompts of {lengths} tokens)")
+                         f"{g.thresholds['min_agreement']:>6.0%}  {'pass' if batch['passed'] else 'FAIL'}  ({shape})")
         for key in ("size_bytes_before", "perplexity_before"):
-            if key in g.extra:
+            if g.extra.get(key) is not None:
                 after = key.replace("before", "after")
                 unit = (lambda v: f"{v / 2**20:.2f} MiB") if key.startswith("size") else (lambda v: f"{v:.3f}")
                 lines.append(f"         {key.split('_')[0]}: {unit(g.extra[key])} -> {unit(g.extra[after])}")

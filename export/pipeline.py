@@ -1,21 +1,25 @@
 """`lite-sft export`: a tuning run in; merged, converted and checked artefacts out.
 
     lite-sft export runs/qwen --out exports/qwen --quantize int4
+    lite-sft export runs/sentiment --out exports/sentiment --quantize int8     # any task: config.yaml says which
 
 OUT holds:
-    merged/                 Hugging Face folder, the adapter merged in (AutoModelForCausalLM loads it)
-    onnx/                   ONNX with a KV cache, fp32 or fp16 (ORTModelForCausalLM loads it)
+    merged/                 Hugging Face folder, the adapter merged in (the task's Auto class loads it)
+    onnx/                   ONNX in optimum's layout for the task (onnx.py), fp32 or fp16 (causal-lm);
+                            the task's ORT class loads it (ORTModelForCausalLM, ...ForSeq2SeqLM, ...)
     onnx-int8/, onnx-int4/  the quantised ONNX, beside the graph it was made from
-    parity.json             every gate's figures, written whether the gates passed or not
-The generation_config.json of each folder lists the run's stop ids (lite_sft/stops.py), as parity.json does.
+    parity.json             the task and every gate's figures, written whether the gates passed or not
+causal-lm: the generation_config.json of each folder lists the run's stop ids (lite_sft/stops.py), as
+parity.json does. seq-cls and token-cls: config.json keeps the label names (id2label, label2id). seq2seq:
+generation_config.json holds the run's own generation settings (RUN_DIR/generation_config.json).
 
 Each stage is gated before the next one starts: merged vs the adapter model, ONNX vs the merged model,
-quantised ONNX vs the merged model (parity.py), each ONNX one alone and in a left-padded batch of two.
-Everything is built in OUT.tmp-<pid> and renamed to OUT only when every gate passed. A failed gate
-renames the folder to OUT.parity-failed instead (replacing an earlier failed attempt) and raises
-ParityFailed; an error or an interruption removes the temporary folder, so nothing half-written is left
-looking finished. An existing OUT is replaced only with `overwrite`, only if it is an earlier export (it
-has a parity.json), and only after the new one passed.
+quantised ONNX vs the merged model (checks.py: parity.py for causal-lm, parity_tasks.py for the others),
+each ONNX one alone and in a padded batch. Everything is built in OUT.tmp-<pid> and renamed to OUT only
+when every gate passed. A failed gate renames the folder to OUT.parity-failed instead (replacing an
+earlier failed attempt) and raises ParityFailed; an error or an interruption removes the temporary
+folder, so nothing half-written is left looking finished. An existing OUT is replaced only with
+`overwrite`, only if it is an earlier export (it has a parity.json), and only after the new one passed.
 """
 
 from __future__ import annotations
@@ -33,14 +37,12 @@ from typing import Callable
 
 import torch
 
-from lite_sft.stops import stop_ids_for, write_stop_tokens
-
 from . import ExportError
-from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, save_merged, stored_dtype,
+from .checks import make_checks, run_stop_ids  # noqa: F401  (run_stop_ids: imported from here by callers)
+from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, stored_dtype,
                     unquantized_base)
-from .onnx import ONNX_DTYPES, check_supported, export_onnx, load_ort, onnx_bytes
-from .parity import (Gate, batch_check, compare, format_report, held_out_prompts, make_reference, ort_batch_logits,
-                     ort_logits, perplexity, torch_logits)
+from .onnx import ONNX_DTYPES, OPTIMUM_TASKS, check_dtype, check_supported, export_onnx, onnx_bytes
+from .parity import Gate, format_report
 from .quantize import QUANTIZE_CHOICES, quantize
 
 PRECISION = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "fp32": "float32",
@@ -65,7 +67,9 @@ class ExportOptions:
     parity_prompts: int = 4
     """Held-out prompts the parity gate compares on; ONNX gates also run two of them as a left-padded batch."""
     parity_tokens: int = 16
-    """Greedy tokens generated per prompt and compared."""
+    """Greedy tokens generated per prompt (seq2seq: per source) and compared."""
+    parity_examples: int | None = None
+    """seq-cls, token-cls, seq2seq: held-out examples the gate compares on (default 32, seq2seq 8)."""
     min_agreement: float | None = None
     """Override every gate's greedy-agreement threshold (0-1)."""
     max_shard_size: str = "5GB"
@@ -88,6 +92,8 @@ class ExportOptions:
         if self.parity_prompts < (2 if self.onnx else 1):
             problems.append(f"--parity-prompts {self.parity_prompts}: at least 2 (ONNX also runs two as a batch)"
                             if self.onnx else f"--parity-prompts {self.parity_prompts}: at least 1")
+        if self.parity_examples is not None and self.parity_examples < 2:
+            problems.append(f"--parity-examples {self.parity_examples}: at least 2 (ONNX also runs them as a batch)")
         if self.parity_tokens < 1:
             problems.append(f"--parity-tokens {self.parity_tokens}: at least 1")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
@@ -112,12 +118,15 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
     opts.validate()
     _check_out(run_dir, out, opts.overwrite)
     cfg = read_run(run_dir)
+    task = cfg.task.name
     path = base_path(cfg, run_dir)
     base_dtype = stored_dtype(path, cfg.model.trust_remote_code)
     if opts.onnx:
         from transformers import AutoConfig
 
-        check_supported(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type)
+        check_dtype(opts.dtype, task)
+        check_supported(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type,
+                        task)
     save_dtype = merged_dtype(opts.merged_dtype, cfg.model.quant, base_dtype)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -132,12 +141,12 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
 
     try:
         tmp.mkdir(parents=True)
-        say(f"loading the adapter model from {run_dir} (base {cfg.model.name_or_path}, quant {cfg.model.quant})")
+        say(f"loading the {task} adapter model from {run_dir} (base {cfg.model.name_or_path}, "
+            f"quant {cfg.model.quant})")
         reference, tokenizer = load_reference(run_dir, cfg)
-        prompts, source = held_out_prompts(run_dir, cfg, tokenizer, opts.parity_prompts)
-        say(f"parity prompts: {source}")
-        stops = run_stop_ids(run_dir, tokenizer, reference.generation_config)
-        adapter_ref = make_reference(reference, prompts, opts.parity_tokens, stops, tokenizer.pad_token_id)
+        checks = make_checks(run_dir, cfg, reference, tokenizer, opts)
+        say(f"parity {checks.noun}: {checks.source}")
+        adapter_ref = checks.reference(reference)
         lap("load_reference_s")
 
         onto = ("" if cfg.model.quant == "none" else " onto the ORIGINAL weights" if opts.merge_onto == "original"
@@ -152,38 +161,34 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         else:
             merged = merge(reference, cfg, run_dir)
             del reference
-        _check_disk(tmp, merged.num_parameters(), save_dtype, opts)
-        save_merged(merged, tokenizer, tmp / "merged", save_dtype, opts.max_shard_size, stops)
+        _check_disk(tmp, merged.num_parameters(), save_dtype, opts, task)
+        checks.save_merged(merged, tokenizer, tmp / "merged", save_dtype, opts.max_shard_size)
         del merged
         gc.collect()
         lap("merge_s")
 
-        from transformers import AutoModelForCausalLM
-
         # The gate reads the folder back, so it judges the artefact on disk, not the object in memory.
-        model = AutoModelForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32)
+        model = load_merged(tmp / "merged", task)
         quant = {"4bit": "4-bit NF4", "8bit": "8-bit"}.get(cfg.model.quant, "16/32-bit")
         # An 8-bit run's adapter model multiplies int8 activations too (LLM.int8), which no float model
         # reproduces, so its merge is held to the int8 tolerance; 4-bit layers dequantise and compute in fp32.
-        gate = compare(adapter_ref, torch_logits(model, adapter_ref), stage="merge", artefact="merged",
-                       precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
-                       tolerance="int8" if cfg.model.quant == "8bit" else None,
-                       reference=f"adapter model ({quant} base + adapter), fp32 on CPU")
-        gate.extra.update(merge_onto=opts.merge_onto if cfg.model.quant != "none" else None,
-                          perplexity_reference=adapter_ref.perplexity,
-                          perplexity=perplexity(lambda ids: model(input_ids=ids).logits[0], prompts))
+        gate = checks.torch_gate(model, adapter_ref, stage="merge", artefact="merged", precision=PRECISION[save_dtype],
+                                 min_agreement=opts.min_agreement,
+                                 tolerance="int8" if cfg.model.quant == "8bit" else None,
+                                 reference=f"adapter model ({quant} base + adapter), fp32 on CPU")
+        gate.extra["merge_onto"] = opts.merge_onto if cfg.model.quant != "none" else None
         gates.append(gate)
         lap("merge_gate_s")
 
         if gate.passed and opts.onnx:
-            say(f"exporting ONNX ({opts.dtype}, KV cache)")
-            merged_ref = make_reference(model, prompts, opts.parity_tokens, stops, tokenizer.pad_token_id)
-            export_onnx(model, tmp / "onnx", opts.dtype)
-            write_stop_tokens(tmp / "onnx", stops)  # optimum copies generation_config.json; make sure of the list
+            say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''})")
+            merged_ref = checks.reference(model)
+            export_onnx(model, tmp / "onnx", opts.dtype, task)
+            checks.finish_onnx(tmp / "onnx")
             del model
             gc.collect()
             lap("onnx_export_s")
-            gate, fp_perplexity = _ort_gate(tmp / "onnx", merged_ref, prompts, "onnx", PRECISION[opts.dtype], opts)
+            gate = checks.ort_gate(tmp / "onnx", merged_ref, "onnx", PRECISION[opts.dtype])
             gates.append(gate)
             lap("onnx_gate_s")
             if gate.passed and opts.quantize != "none":
@@ -191,17 +196,20 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
                 name = f"onnx-{opts.quantize}"
                 quantize(tmp / "onnx", tmp / name, opts.quantize, opts.block_size)
                 lap("quantize_s")
-                gate, q_perplexity = _ort_gate(tmp / name, merged_ref, prompts, opts.quantize, opts.quantize, opts)
+                fp = gate
+                gate = checks.ort_gate(tmp / name, merged_ref, opts.quantize, opts.quantize)
                 gate.extra.update(size_bytes_before=onnx_bytes(tmp / "onnx"), size_bytes_after=onnx_bytes(tmp / name),
-                                  perplexity_before=fp_perplexity, perplexity_after=q_perplexity,
                                   block_size=opts.block_size if opts.quantize == "int4" else None)
+                if "perplexity" in gate.extra:  # causal-lm
+                    gate.extra.update(perplexity_before=fp.extra["perplexity"],
+                                      perplexity_after=gate.extra["perplexity"])
                 gates.append(gate)
                 lap("quantize_gate_s")
 
         passed = all(g.passed for g in gates)
-        report = _report(run_dir, out, cfg, opts, save_dtype, source, len(prompts), stops, gates, timings)
+        report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings)
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
-        text = format_report(gates, source)
+        text = format_report(gates, checks.source, checks.agreement)
         if passed:
             _install(tmp, out)
             say(text)
@@ -221,17 +229,13 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         raise
 
 
-def _ort_gate(folder: Path, ref, prompts, stage: str, precision: str, opts: ExportOptions) -> tuple[Gate, float | None]:
-    ort = load_ort(folder)
-    gate = compare(ref, ort_logits(ort, ref), stage=stage, artefact=folder.name, precision=precision,
-                   reference="merged PyTorch model (merged/), fp32", min_agreement=opts.min_agreement)
-    # The server's shape too: two prompts of different lengths, left-padded into one batch.
-    batch_check(gate, ref, ort_batch_logits(ort, ref.subset(ref.batch_rows())))
-    ppl = perplexity(lambda ids: ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], prompts)
-    gate.extra.update(perplexity_reference=ref.perplexity, perplexity=ppl, size_bytes=onnx_bytes(folder))
-    del ort
-    gc.collect()
-    return gate, ppl
+def load_merged(folder: Path, task: str):
+    """merged/ read back in fp32 with the task's Auto class, as a user loads it."""
+    import transformers
+
+    from lite_sft.tasks.base import get_task
+
+    return getattr(transformers, get_task(task).auto_class).from_pretrained(folder, dtype=torch.float32)
 
 
 def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
@@ -246,14 +250,16 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
             raise ExportError(f"{out} exists and is not an earlier export (no parity.json): refusing to replace it")
 
 
-def _check_disk(tmp: Path, params: int, save_dtype, opts: ExportOptions) -> None:
+def _check_disk(tmp: Path, params: int, save_dtype, opts: ExportOptions, task: str = "causal-lm") -> None:
     """Refuse before writing when the artefacts cannot fit; ONNX export briefly holds its weights twice."""
     need = params * BYTES[save_dtype]
     if opts.onnx:
-        onnx = params * BYTES[opts.dtype]
+        # An encoder-decoder's folder holds the decoder three times: alone, with past, and the two merged.
+        copies = 3 if task == "seq2seq" else 1
+        onnx = params * BYTES[opts.dtype] * copies
         need += onnx * (2 if onnx > 2 * 1024**3 else 1)
         if opts.quantize != "none":
-            need += params * BYTES[opts.quantize]
+            need += params * BYTES[opts.quantize] * copies
     need = int(need * 1.05) + 50 * 1024**2
     free = shutil.disk_usage(tmp).free
     if free < need:
@@ -272,15 +278,7 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def run_stop_ids(run_dir: Path, tokenizer, generation_config) -> list[int]:
-    """The stop ids the run saved when it started (lite_sft.stops), decided the same way for an older run."""
-    try:
-        return stop_ids_for(run_dir, tokenizer, generation_config)
-    except ValueError as err:
-        raise ExportError(str(err)) from err
-
-
-def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, stops, gates, timings) -> dict:
+def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings) -> dict:
     from lite_sft.report import peak_memory, versions
 
     import onnxruntime
@@ -289,6 +287,8 @@ def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, stops, gates
     settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
     planned = ["merge"] + (["onnx"] if opts.onnx else []) + ([opts.quantize] if opts.quantize != "none" else [])
     return {
+        "task": cfg.task.name,  # what the server and the benchmarks read to know what the model does
+        "optimum_task": OPTIMUM_TASKS[cfg.task.name],
         "passed": all(g.passed for g in gates),
         "not_run": planned[len(gates):],  # stages after a failed gate
         "run_dir": str(run_dir),
@@ -298,8 +298,7 @@ def _report(run_dir, out, cfg, opts, save_dtype, source, n_prompts, stops, gates
         "adapter": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dora": cfg.lora.use_dora, "rslora": cfg.lora.use_rslora},
         "merged_dtype": PRECISION[save_dtype],
         "settings": settings,
-        "prompts": {"source": source, "count": n_prompts, "new_tokens": opts.parity_tokens},
-        "stop_ids": stops,
+        **checks.report(),  # causal-lm: prompts, stop_ids; the classic tasks: examples, labels or generation
         "gates": [g.to_dict() for g in gates],
         "timings_s": timings,
         **peak_memory(torch.device("cpu")),

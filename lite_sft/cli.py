@@ -409,9 +409,10 @@ def export(
     quantize: Annotated[str, typer.Option("--quantize", help="Also write a quantised ONNX: none, int8 (dynamic), int4 (weight-only MatMulNBits).")] = "none",
     block_size: Annotated[int, typer.Option("--block-size", help="int4: input channels per scale (power of two, >= 16).")] = 32,
     merge_onto: Annotated[str, typer.Option("--merge-onto", help="QLoRA runs: `dequantized` (what the adapter was trained against) or `original` (changes the model; warns).")] = "dequantized",
-    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Convert the merged model to ONNX with a KV cache.")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Convert the merged model to ONNX (causal-lm and seq2seq with a KV cache).")] = True,
     parity_prompts: Annotated[int, typer.Option("--parity-prompts", min=1, help="Held-out prompts the parity gate compares on.")] = 4,
-    parity_tokens: Annotated[int, typer.Option("--parity-tokens", min=1, help="Greedy tokens generated and compared per prompt.")] = 16,
+    parity_tokens: Annotated[int, typer.Option("--parity-tokens", min=1, help="Greedy tokens generated and compared per prompt (seq2seq: per source).")] = 16,
+    parity_examples: Annotated[Optional[int], typer.Option("--parity-examples", min=2, help="seq-cls, token-cls, seq2seq: held-out examples the gate compares on (default 32; seq2seq 8).")] = None,
     min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Override every gate's greedy-agreement threshold (0-1).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (an earlier export), only once the new one has passed.")] = False,
 ):
@@ -422,7 +423,8 @@ def export(
 
         opts = ExportOptions(dtype=dtype, merged_dtype=merged_dtype, quantize=quantize, block_size=block_size,
                              merge_onto=merge_onto, onnx=onnx, parity_prompts=parity_prompts,
-                             parity_tokens=parity_tokens, min_agreement=min_agreement, overwrite=overwrite)
+                             parity_tokens=parity_tokens, parity_examples=parity_examples,
+                             min_agreement=min_agreement, overwrite=overwrite)
         export_run(run_dir, out, opts, say=typer.echo)
     except _expected_errors() + (ExportError,) as err:
         _fail(err)

@@ -1,0 +1,176 @@
+"""What the export pipeline checks for each task: the reference, the gates, and what parity.json records.
+
+    checks = make_checks(run_dir, cfg, adapter_model, tokenizer, opts)     # CausalChecks or TaskChecks
+    ref = checks.reference(model)                                          # what later gates compare with
+    gate = checks.torch_gate(merged, ref, stage="merge", ...)              # a PyTorch candidate
+    gate = checks.ort_gate(out / "onnx", ref, "onnx", "float32")           # an ONNX folder, alone and batched
+
+pipeline.export_run drives every task through these same calls; causal-lm's figures come from parity.py,
+seq-cls, token-cls and seq2seq's from parity_tasks.py.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from . import ExportError
+from .merge import save_merged
+from .onnx import load_ort, onnx_bytes
+from .parity import (Gate, batch_check, compare, held_out_prompts, make_reference, ort_batch_logits, ort_logits,
+                     perplexity, torch_logits)
+
+MERGED = "merged PyTorch model (merged/), fp32"
+
+
+def make_checks(run_dir: Path, cfg, model, tokenizer, opts):
+    """The checks for the run's task; `model` is the adapter model, for what it says about the run."""
+    if cfg.task.name == "causal-lm":
+        return CausalChecks(run_dir, cfg, model, tokenizer, opts)
+    return TaskChecks(run_dir, cfg, model, tokenizer, opts)
+
+
+def run_stop_ids(run_dir: Path, tokenizer, generation_config) -> list[int]:
+    """The stop ids the run saved when it started (lite_sft.stops), decided the same way for an older run."""
+    from lite_sft.stops import stop_ids_for
+
+    try:
+        return stop_ids_for(run_dir, tokenizer, generation_config)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+
+
+class CausalChecks:
+    """causal-lm: greedy continuations of held-out prompts (parity.py), perplexity, the run's stop ids."""
+
+    task = "causal-lm"
+    noun = "prompts"
+    agreement = "greedy"
+
+    def __init__(self, run_dir: Path, cfg, model, tokenizer, opts):
+        self.tokenizer, self.opts = tokenizer, opts
+        self.prompts, self.source = held_out_prompts(run_dir, cfg, tokenizer, opts.parity_prompts)
+        self.stops = run_stop_ids(run_dir, tokenizer, model.generation_config)
+
+    def reference(self, model):
+        return make_reference(model, self.prompts, self.opts.parity_tokens, self.stops, self.tokenizer.pad_token_id)
+
+    def torch_gate(self, model, ref, **gate) -> Gate:
+        result = compare(ref, torch_logits(model, ref), **gate)
+        result.extra.update(perplexity_reference=ref.perplexity,
+                            perplexity=perplexity(lambda ids: model(input_ids=ids).logits[0], self.prompts))
+        return result
+
+    def ort_gate(self, folder: Path, ref, stage: str, precision: str) -> Gate:
+        import torch
+
+        ort = load_ort(folder)
+        gate = compare(ref, ort_logits(ort, ref), stage=stage, artefact=folder.name, precision=precision,
+                       reference=MERGED, min_agreement=self.opts.min_agreement)
+        # The server's shape too: two prompts of different lengths, left-padded into one batch.
+        batch_check(gate, ref, ort_batch_logits(ort, ref.subset(ref.batch_rows())))
+        ppl = perplexity(lambda ids: ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], self.prompts)
+        gate.extra.update(perplexity_reference=ref.perplexity, perplexity=ppl, size_bytes=onnx_bytes(folder))
+        del ort
+        gc.collect()
+        return gate
+
+    def save_merged(self, model, tokenizer, folder: Path, dtype, max_shard_size) -> None:
+        save_merged(model, tokenizer, folder, dtype, max_shard_size, self.stops)
+
+    def finish_onnx(self, folder: Path) -> None:
+        from lite_sft.stops import write_stop_tokens
+
+        write_stop_tokens(folder, self.stops)  # optimum copies generation_config.json; make sure of the list
+
+    def report(self) -> dict:
+        return {"prompts": {"source": self.source, "count": len(self.prompts), "new_tokens": self.opts.parity_tokens},
+                "stop_ids": self.stops}
+
+
+class TaskChecks:
+    """seq-cls, token-cls and seq2seq: the run's held-out rows through each model (parity_tasks.py)."""
+
+    noun = "examples"
+    agreement = "agree"
+
+    def __init__(self, run_dir: Path, cfg, model, tokenizer, opts):
+        from lite_sft.tasks.base import get_task
+
+        from .parity_tasks import DEFAULT_EXAMPLES, held_out_rows
+
+        self.task, self.tokenizer, self.opts = get_task(cfg.task.name), tokenizer, opts
+        self.generation = run_generation(run_dir, cfg, model) if self.task.name == "seq2seq" else None
+        id2label = getattr(model.config, "id2label", None) if self.task.name != "seq2seq" else None
+        self.labels = [id2label[i] for i in sorted(id2label)] if id2label else None
+        count = opts.parity_examples or DEFAULT_EXAMPLES[self.task.name]
+        self.rows, self.source = held_out_rows(self.task, run_dir, cfg, tokenizer, count)
+
+    def reference(self, model):
+        from .parity_tasks import make_reference
+
+        return make_reference(model, self.task, self.rows, self.tokenizer, self.opts.parity_tokens, self.generation)
+
+    def torch_gate(self, model, ref, tolerance: str | None = None, **gate) -> Gate:
+        from .parity_tasks import torch_logits as task_torch_logits
+
+        return compare(ref.as_reference(), task_torch_logits(model, ref),
+                       thresholds=self.thresholds(tolerance or gate["precision"]), **gate)
+
+    def thresholds(self, precision: str) -> dict:
+        from .parity_tasks import TASK_THRESHOLDS
+
+        return TASK_THRESHOLDS[self.task.name][precision]
+
+    def ort_gate(self, folder: Path, ref, stage: str, precision: str) -> Gate:
+        from .parity_tasks import ort_batch_logits as task_batch_logits
+        from .parity_tasks import ort_logits as task_ort_logits
+
+        judge = dict(stage=stage, artefact=folder.name, precision=precision, reference=MERGED,
+                     min_agreement=self.opts.min_agreement, thresholds=self.thresholds(precision))
+        ort = load_ort(folder, self.task.name)
+        gate = compare(ref.as_reference(), task_ort_logits(ort, ref), **judge)
+        # As a server runs them: several examples of different lengths, padded into one batch.
+        batch_check(gate, ref.as_reference(), task_batch_logits(ort, ref), rows=ref.batch_rows,
+                    input_lengths=ref.lengths(ref.batch_rows))
+        del ort
+        if self.task.name == "seq2seq":
+            # ORTModelForSeq2SeqLM loads decoder_model_merged.onnx; with use_merged=False it loads the first-step
+            # and with-past decoders instead, which the folder holds too: they must agree as well.
+            split = compare(ref.as_reference(), task_ort_logits(load_ort(folder, "seq2seq", use_merged=False), ref),
+                            **judge)
+            gate.extra["split_decoders"] = {"max_abs_diff": split.max_abs_diff, "mean_abs_diff": split.mean_abs_diff,
+                                            "greedy_agreement": split.greedy_agreement, "passed": split.passed}
+            gate.passed = gate.passed and split.passed
+        gate.extra["size_bytes"] = onnx_bytes(folder)
+        gc.collect()
+        return gate
+
+    def save_merged(self, model, tokenizer, folder: Path, dtype, max_shard_size) -> None:
+        save_merged(model, tokenizer, folder, dtype, max_shard_size, generation=self.generation)
+
+    def finish_onnx(self, folder: Path) -> None:
+        pass  # optimum writes the merged model's config (labels) and generation config (seq2seq) as they are
+
+    def report(self) -> dict:
+        from .parity_tasks import AGREEMENT
+
+        examples = {"source": self.source, "count": len(self.rows), "agreement_of": AGREEMENT[self.task.name]}
+        extra = {"labels": self.labels} if self.labels else {}
+        if self.generation is not None:
+            examples["new_tokens"] = self.opts.parity_tokens
+            extra["generation"] = self.generation.to_diff_dict()
+        return {"examples": examples, **extra}
+
+
+def run_generation(run_dir: Path, cfg, model):
+    """A seq2seq run's generation settings: RUN_DIR/generation_config.json, or, for a run without it, the
+    base's own with the run's task.max_new_tokens and task.num_beams (as its evaluation generated)."""
+    from lite_sft.model import ModelError
+    from lite_sft.tasks.seq2seq import generation_settings, load_generation_settings
+
+    try:
+        saved = load_generation_settings(run_dir)
+    except ModelError as err:
+        raise ExportError(str(err)) from err
+    return saved if saved is not None else generation_settings(model, cfg.task.max_new_tokens, cfg.task.num_beams)
