@@ -6,6 +6,7 @@ optimum itself in the layouts `lite-sft export` writes (OUT/merged, OUT/onnx, OU
 the task), so these tests stand on their own. The classifiers are trained for a second or two, so that their
 answers mean something (a sentiment word decides the label, names and places are entities); the seq2seq models
 get large random weights, so that greedy decoding wanders through the vocabulary instead of repeating one token.
+The last test serves what `lite-sft tune` and `lite-sft export` themselves write.
 """
 
 import json
@@ -581,3 +582,81 @@ def test_cli_bench_on_encoder_folders_and_a_seq2seq_refusal(ner_out, t5_out, tmp
     assert result.exit_code == 0 and "torch-merged" in result.output, result.output
     result = runner.invoke(cli, ["bench", str(t5_out), "--quick"])
     assert result.exit_code == 2 and "seq2seq" in result.output and "--url" in result.output
+
+
+# -- a real export --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reverse_jsonl(tmp_path_factory):
+    """Sources `reverse : <2-4 digit words>`, targets the words reversed."""
+    import random
+
+    rng, path = random.Random(0), tmp_path_factory.mktemp("reverse") / "train.jsonl"
+    digits = "zero one two three four five six seven eight nine".split()
+    rows = [rng.choices(digits, k=rng.randint(2, 4)) for _ in range(96)]
+    path.write_text("".join(json.dumps({"source": "reverse : " + " ".join(w), "target": " ".join(w[::-1])}) + "\n"
+                            for w in rows))
+    return path
+
+
+@contextmanager
+def serving(folder: Path, variant: str):
+    """`lite-sft serve FOLDER --variant VARIANT` as the CLI builds it, on a free port."""
+    from lite_sft.serve.server import build_server
+
+    server, sock, _ = build_server(folder, port=0, device="cpu", variant=variant, threads=1, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def test_a_lite_sft_export_of_each_task_is_served_as_it_generates_and_tags(tmp_path, tiny_t5_dir, tiny_bert_dir,
+                                                                          reverse_jsonl, ner_conll):
+    """`lite-sft tune` then `lite-sft export --quantize int8`, served by `lite-sft serve`'s own loader."""
+    from lite_sft.config import load_config
+    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.train import tune
+
+    common = {"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "train.micro_batch_size": 8, "train.lr": 3e-3,
+              "train.warmup_ratio": 0.0, "train.eval_every": 0, "train.save_every": 0, "data.max_seq_len": 32,
+              "data.validation_fraction": 0.1}
+    runs = {"seq2seq": {"task.name": "seq2seq", "model.name_or_path": str(tiny_t5_dir), "data.path": str(reverse_jsonl),
+                        "task.max_target_len": 16, "train.max_steps": 20},
+            "token-cls": {"task.name": "token-cls", "task.tag_column": 1, "model.name_or_path": str(tiny_bert_dir),
+                          "data.path": str(ner_conll / "train.txt"), "train.max_steps": 20}}
+    for task, settings in runs.items():
+        tune(load_config(None, {**common, **settings, "output_dir": str(tmp_path / task / "run")}))
+        export_run(tmp_path / task / "run", tmp_path / task / "out", ExportOptions(quantize="int8"), say=lambda _: None)
+
+    out = tmp_path / "seq2seq" / "out"
+    tokenizer = load_tokenizer(out / "onnx")
+    source = "reverse : one two three"
+    # A run this short mostly says EOS at once; token-for-token agreement on varied output is tested above. Here:
+    # the export's own stop ids, decoder start and files give what transformers gives, and int8 answers too.
+    eos = stop_ids(out / "onnx", tokenizer)
+    made = hf_generate(out / "merged", [tokenizer(source)["input_ids"]], 8, eos)[0]
+    for variant in ("fp", "int8"):
+        with serving(out, variant) as url:
+            assert httpx.get(url + "/health").json()["task"] == "seq2seq"
+            r = post(url + "/v1/completions", {"prompt": source, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            if variant == "fp":
+                choice = r.json()["choices"][0]
+                assert choice["text"] == tokenizer.decode(made, skip_special_tokens=True)
+                assert r.json()["usage"]["completion_tokens"] == len(made)
+                assert choice["finish_reason"] == ("stop" if made[-1] in eos else "length")
+    with serving(tmp_path / "token-cls" / "out", "int8") as url:
+        assert httpx.get(url + "/health").json()["labels"][0] == "O"
+        r = post(url + "/v1/ner", {"input": ["Peter  visited Paris", "mary works for acme"]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
+        for text, d in zip(["Peter  visited Paris", "mary works for acme"], r.json()["data"]):
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in d["entities"])
