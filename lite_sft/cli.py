@@ -452,7 +452,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: onnxruntime's, one per core).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")] = "info",
 ):
-    """Serve an exported model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    """Serve an exported model over an OpenAI-compatible HTTP API: /v1/completions and /v1/chat/completions for a
+    causal LM, /v1/completions for seq2seq, /v1/classify for seq-cls, /v1/ner for token-cls."""
     try:
         from lite_sft.serve import ServeError
         from lite_sft.serve.server import serve as run_server
@@ -477,7 +478,7 @@ def bench(
     model_dir: Annotated[Optional[Path], typer.Argument(help="An export OUT, a tune run directory, an ONNX or a Hugging Face folder.")] = None,
     url: Annotated[Optional[str], typer.Option("--url", help="Load-test the server running here instead (e.g. http://127.0.0.1:8000).")] = None,
     backends: Annotated[Optional[str], typer.Option("--backends", help="Comma-separated: torch-adapter, torch-merged, onnx-fp32, onnx-fp16, onnx-int8, onnx-int4 (default: all found).")] = None,
-    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prompt lengths in tokens, comma-separated.")] = "32,128",
+    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prompt lengths in tokens (an encoder classifier's sequence lengths), comma-separated.")] = "32,128",
     output_lens: Annotated[str, typer.Option("--output-lens", help="Generated tokens per run, comma-separated.")] = "32,128",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Prompts per batch, comma-separated.")] = "1",
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per shape (percentiles over these).")] = 10,
@@ -491,7 +492,8 @@ def bench(
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="--url: tokens per request.")] = 32,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LITE_SFT_API_KEY", help="--url: the server's API key.")] = None,
 ):
-    """Latency of every backend side by side (TTFT, TPOT, ITL, tokens/s, memory), or a load test with --url."""
+    """Latency of every backend side by side (TTFT, TPOT, ITL, tokens/s, memory; an encoder classifier's latency
+    per batch and sequences/s), or a load test with --url."""
     import json
 
     try:
