@@ -23,8 +23,9 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
     takes each prompt as its source text."""
     from .config import ConfigError, load_config
 
-    try:
-        task = load_config(Path(run_dir) / "config.yaml").task.name
+    config = Path(run_dir) / "config.yaml"
+    try:  # a folder without one is refused by load_tuned below, with its own message
+        task = load_config(config).task.name if config.is_file() else "causal-lm"
     except ConfigError as err:
         raise ModelError(str(err)) from err
     if task in ("seq-cls", "token-cls"):

@@ -292,7 +292,7 @@ def make_t5_tokenizer() -> PreTrainedTokenizerFast:
                                                        special_tokens=[("</s>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   model_max_length=128)
+                                   model_max_length=128, model_input_names=["input_ids", "attention_mask"])
 
 
 def make_bart_tokenizer() -> PreTrainedTokenizerFast:
