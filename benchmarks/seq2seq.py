@@ -23,8 +23,10 @@ and never trained on, so the held-out score measures putting known parts togethe
 Training is `lite-sft tune --task seq2seq` in this process (the library's setup / fit / save); the held-out
 pairs, never trained on, are its validation data, scored with greedy generation before the first step (LoRA
 starts as the identity, so that is the random base) and after the last. tokens/s counts source and target
-tokens and excludes the evaluations. Prints a table, then one JSON line, and saves
-benchmarks/results/seq2seq-<time>.json.
+tokens and excludes the evaluations. Each run is then exported as `lite-sft export RUN --quantize int8` does
+(merge, ONNX encoder and decoders, int8), with its parity gates' figures, and the ONNX models generate from
+the held-out sources with the settings the export carries, scored the same way (--no-export skips it).
+Prints a table, then one JSON line, and saves benchmarks/results/seq2seq-<time>.json.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from workload import save_result  # noqa: E402  (beside this script)
 DIGITS = "zero one two three four five six seven eight nine".split()
 FRENCH = "zéro un deux trois quatre cinq six sept huit neuf".split()
 INSTRUCTIONS = ("count", "translate")  # count in English, count in French
+ARTEFACTS = ("onnx", "onnx-int8")  # what `lite-sft export --quantize int8` writes besides merged/
 # name -> (d_model, layers in encoder and in decoder, heads, feed-forward width)
 SIZES = {"full": (128, 2, 4, 512), "quick": (32, 1, 2, 64)}
 
@@ -122,7 +125,7 @@ def build_model(family: str, size: str, path: Path) -> int:
     return model.num_parameters()
 
 
-def tune_and_score(family: str, args, work: Path) -> dict:
+def tune_and_score(family: str, args, work: Path, held_out: list[dict]) -> dict:
     """Build, tune and score one model; the row of the table."""
     from lite_sft.config import load_config
     from lite_sft.train import evaluate, fit, save, setup
@@ -146,11 +149,61 @@ def tune_and_score(family: str, args, work: Path) -> dict:
         run.log.close()
     summary = save(run, stopped)
     after = summary["final_evaluation"]
+    exported = None
+    if args.export:
+        exported = export_and_score(work / f"{family}-run", work / f"{family}-export", held_out, args.threads)
     return {"model": family, "params": params, "trainable_params": trainable, "steps": summary["steps"],
             "train_pairs": summary["train_examples"], "held_out_pairs": summary["validation_examples"],
             "train_s": summary["wall_s"], "total_s": time.perf_counter() - started,
             "tokens_per_s": summary["tokens_per_s"], "target_tokens_per_s": summary["target_tokens_per_s"],
-            "before": scores(before), "after": scores(after), "samples": after["samples"][:3]}
+            "before": scores(before), "after": scores(after), "samples": after["samples"][:3], "export": exported}
+
+
+def export_and_score(run_dir: Path, out: Path, held_out: list[dict], threads: int) -> dict:
+    """`lite-sft export --quantize int8` of the run (its parity gates' figures), then each ONNX model's greedy
+    output on the held-out sources, scored as the run's evaluation scores PyTorch's."""
+    from lite_sft.export.pipeline import ExportOptions, export_run
+
+    started = time.perf_counter()
+    report = export_run(run_dir, out, ExportOptions(quantize="int8", overwrite=True), say=lambda _: None)
+    export_s = time.perf_counter() - started
+    gates = [{"stage": g["stage"], "precision": g["precision"], "max_abs_diff": g["max_abs_diff"],
+              "greedy_agreement": g["greedy_agreement"], "passed": g["passed"],
+              "split_decoders_passed": (g.get("split_decoders") or {}).get("passed"),
+              "size_bytes": g.get("size_bytes_after")} for g in report["gates"]]
+    return {"export_s": export_s, "parity_examples": report["examples"]["count"], "gates": gates,
+            **{folder: onnx_scores(out / folder, held_out, threads) for folder in ARTEFACTS}}
+
+
+def onnx_scores(folder: Path, held_out: list[dict], threads: int) -> dict:
+    import onnxruntime
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lite_sft.tasks.metrics import bleu
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = ORTModelForSeq2SeqLM.from_pretrained(folder, session_options=options)
+    tokenizer, gen = AutoTokenizer.from_pretrained(folder), GenerationConfig.from_pretrained(folder)
+    batch = tokenizer([p["source"] for p in held_out], padding=True, return_tensors="pt", return_token_type_ids=False)
+    started = time.perf_counter()
+    predictions = [p.strip() for p in tokenizer.batch_decode(model.generate(**batch, generation_config=gen),
+                                                             skip_special_tokens=True)]
+    seconds = time.perf_counter() - started
+    references = [p["target"] for p in held_out]
+    return {"bleu": bleu(predictions, references)["bleu"],
+            "exact_match": sum(p.split() == r.split() for p, r in zip(predictions, references)) / len(references),
+            "generate_s": seconds}
+
+
+def export_versions(exported: bool) -> dict:
+    if not exported:
+        return {}
+    import onnxruntime
+    import optimum.version
+
+    return {"optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def scores(figures: dict) -> dict:
@@ -167,6 +220,23 @@ def table(rows: list[dict]) -> str:
         for i, (name, key, fmt) in enumerate((("BLEU", "bleu", ".1f"), ("ROUGE-L", "rougeL", ".3f"),
                                               ("exact match", "exact_match", ".1%"), ("loss", "val_loss", ".3f"))):
             lines.append(f"{head if i == 0 else ' ' * len(head)} {name:<11} {b[key]:{fmt}} -> {a[key]:{fmt}}")
+    exported = [r for r in rows if r["export"]]
+    if exported:
+        lines += ["", "model  export s | gate    precision  max|dlogit|  greedy agreement  split decoders  MiB  "
+                      "| held-out BLEU, exact match", "-" * 112]
+        # The merge line scores the tuned PyTorch model (the training run's last evaluation); the others their ONNX.
+        for r in exported:
+            e = r["export"]
+            scored = {"merge": (r["after"]["bleu"], r["after"]["exact_match"]),
+                      **{g["stage"]: (e[f]["bleu"], e[f]["exact_match"]) for g, f in zip(e["gates"][1:], ARTEFACTS)}}
+            for i, g in enumerate(e["gates"]):
+                head = f"{r['model']:<6} {e['export_s']:8.1f} |" if i == 0 else " " * 16 + "|"
+                split = {True: "agree", False: "DIFFER", None: ""}[g["split_decoders_passed"]]
+                size = f"{g['size_bytes'] / 2**20:.1f}" if g["size_bytes"] else ""
+                bleu_, exact = scored[g["stage"]]
+                lines.append(f"{head} {g['stage']:<7} {g['precision']:<10} {g['max_abs_diff']:11.2e} "
+                             f"{g['greedy_agreement']:17.1%} {split:>15} {size:>4} | {bleu_:.1f}, {exact:.1%}"
+                             + ("" if g["passed"] else "  FAIL"))
     return "\n".join(lines)
 
 
@@ -181,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--held-out", type=float, default=0.2, help="fraction of the sources held out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the models are too small to split)")
     parser.add_argument("--work", type=Path, help="folder for models and runs (default: a temporary one)")
+    parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                        help="export each run (merge, ONNX, int8) and score the ONNX models too")
     parser.add_argument("--no-save", action="store_true", help="print, but write nothing under benchmarks/results")
     args = parser.parse_args(argv)
     args.size = "quick" if args.quick else "full"
@@ -197,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         train, held_out = split_pairs(args.held_out)
         write_jsonl(work / "train.jsonl", train)
         write_jsonl(work / "held_out.jsonl", held_out)
-        rows = [tune_and_score(family, args, work) for family in args.models.split(",")]
+        rows = [tune_and_score(family, args, work, held_out) for family in args.models.split(",")]
     result = {
         "benchmark": "seq2seq",
         "command": " ".join([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] * ("OMP_NUM_THREADS" in os.environ)
@@ -205,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": "cpu", "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                    "threads": args.threads, "cuda": torch.cuda.is_available()},
-        "versions": versions(),
+        "versions": {**versions(), **export_versions(args.export)},
         "settings": {k: getattr(args, k) for k in ("size", "steps", "batch", "lr", "lora_r", "held_out")},
         "task": "count (English) or translate (count in French) from a number word to a digit, up or down; "
                 "held-out sources never trained on; greedy, 12 new tokens at most",

@@ -1,4 +1,4 @@
-"""benchmarks/seq2seq.py: its task holds out whole sources, and its quickest mode runs and reports."""
+"""benchmarks/seq2seq.py: its task holds out whole sources, and its quickest mode tunes, exports and reports."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def test_word_tokenizers_follow_each_family(bench):
     assert bart.decode(ids, skip_special_tokens=True) == "huit sept"
 
 
+@pytest.mark.slow
 def test_quick_run_prints_the_table_and_json(tmp_path):
     cmd = [sys.executable, str(BENCH / "seq2seq.py"), "--quick", "--steps", "5", "--work", str(tmp_path), "--no-save"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -46,12 +47,17 @@ def test_quick_run_prints_the_table_and_json(tmp_path):
     out = done.stdout.splitlines()
     result = json.loads(out[-1])
     assert result["benchmark"] == "seq2seq" and "seq2seq.py --quick" in result["command"] and result["date"]
-    assert result["device"]["type"] == "cpu" and {"torch", "transformers", "peft"} <= set(result["versions"])
+    assert result["device"]["type"] == "cpu"
+    assert {"torch", "transformers", "peft", "optimum", "onnxruntime"} <= set(result["versions"])
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"t5", "bart"}
     for name, r in rows.items():
-        assert any(line.startswith(name) for line in out), name
+        assert sum(line.startswith(name) for line in out) == 2, name  # a training line and an export line
         assert r["steps"] == 5 and r["train_s"] > 0 and r["tokens_per_s"] > 0 and r["target_tokens_per_s"] > 0
         assert r["held_out_pairs"] > 0 and 0 < r["trainable_params"] < r["params"]
         assert set(r["before"]) == set(r["after"]) == {"val_loss", "bleu", "rouge1", "rouge2", "rougeL", "exact_match"}
+        exported = r["export"]
+        assert [g["stage"] for g in exported["gates"]] == ["merge", "onnx", "int8"]
+        assert all(g["passed"] for g in exported["gates"]) and exported["gates"][2]["size_bytes"] > 0
+        assert {"bleu", "exact_match", "generate_s"} <= set(exported["onnx"]) == set(exported["onnx-int8"])
     assert (tmp_path / "t5-run" / "generation_config.json").is_file()
