@@ -355,7 +355,7 @@ def generate(
     run_dir: Annotated[Path, typer.Argument(help="A `lite-sft tune` output directory.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A user message (repeat for several).")],
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")] = 128,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Most tokens to generate (default 128; a seq2seq run: the setting it saved).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,

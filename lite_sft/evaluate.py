@@ -65,6 +65,8 @@ def format_report(report: dict) -> str:
     for key, value in report.items():
         if isinstance(value, float) and key != "seconds":
             lines.append(f"  {key.replace('_', ' ')}: {value:.4f}")
+    for sample in report.get("samples") or []:  # seq2seq: a few predictions beside their references
+        lines.append(f"  {sample['source']!r} -> {sample['prediction']!r} (reference {sample['reference']!r})")
     if report.get("unread_words"):
         lines.append(f"  {report['unread_words']} words cut off by truncation, counted as predicted O")
     for name, scores in (report.get("per_class") or report.get("per_type") or {}).items():

@@ -17,7 +17,7 @@ from .stops import stop_ids_for
 RAW_FORMATS = ("prompt_completion", "text")
 
 
-def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None, max_new_tokens: int = 128,
+def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None, max_new_tokens: int | None = None,
            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """One answer per prompt, in order. Chat-format runs go through the saved chat template; a seq2seq run
     takes each prompt as its source text."""
@@ -34,7 +34,7 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
                          f"`lite-sft eval {run_dir} --data FILE`, or export it and POST to the server's {endpoint}")
     model, tokenizer, cfg = load_tuned(run_dir)
     device = next(model.parameters()).device
-    if task == "seq2seq":
+    if task == "seq2seq":  # its saved generation settings decide what the caller leaves unset
         return _transduce(model, tokenizer, run_dir, prompts, max_new_tokens, temperature, top_p, seed, device)
     try:
         # The list the run saved when it started; a run from an older lite-sft has it decided the same way.
@@ -55,7 +55,7 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
         ids = ids.to(device)
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens or 128,
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                 top_p=top_p if temperature > 0 else None, eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -65,8 +65,8 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
 
 
 
-def _transduce(model, tokenizer, run_dir, sources: list[str], max_new_tokens: int, temperature: float, top_p: float,
-               seed: int, device) -> list[str]:
+def _transduce(model, tokenizer, run_dir, sources: list[str], max_new_tokens: int | None, temperature: float,
+               top_p: float, seed: int, device) -> list[str]:
     """An encoder-decoder's output for each source, with the generation settings the run saved."""
     from transformers import GenerationConfig
 
@@ -77,7 +77,8 @@ def _transduce(model, tokenizer, run_dir, sources: list[str], max_new_tokens: in
     for source in sources:
         enc = tokenizer(source, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = model.generate(**enc, generation_config=config, max_new_tokens=max_new_tokens,
+            out = model.generate(**enc, generation_config=config,
+                                 max_new_tokens=max_new_tokens or config.max_new_tokens,
                                  do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                                  top_p=top_p if temperature > 0 else None)
         answers.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())  # the decoder's output only

@@ -287,3 +287,12 @@ def test_bad_pairs_exit_2_naming_the_line(tiny_t5_dir, tmp_path, lines, message)
     data.write_text(lines)
     result = runner.invoke(app, tune_args(tiny_t5_dir, data, tmp_path / "run"))
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "run").exists()
+
+
+def test_generate_transduces_with_the_settings_the_run_saved(t5_run):
+    from lite_sft.generate import answer
+
+    out, _, summary = t5_run
+    sample = summary["final_evaluation"]["samples"][0]
+    # The saved settings (greedy, max_new_tokens 12) decide: the answer is the one evaluation produced.
+    assert answer(out, [sample["source"]]) == [sample["prediction"]]
