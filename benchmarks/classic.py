@@ -21,6 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def with_run_options(parser):
+    """The options both benchmarks take besides their data and schedule: adapter, batch, threads, folders."""
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference")
+    parser.add_argument("--model", help="a Hugging Face encoder folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--work", type=Path, help="folder for the run and the export (default: a temporary one)")
+    parser.add_argument("--no-export", action="store_true", help="tune and evaluate only")
+    parser.add_argument("--reuse", action="store_true", help="keep a finished run already in --work (its tune time "
+                        "is the one it recorded) and only export and measure")
+    return parser
+
+
 def minilm(stack: ExitStack) -> Path:
     """The all-MiniLM-L6-v2 folder inside its PyPI package (kept available while `stack` is open)."""
     from importlib import resources

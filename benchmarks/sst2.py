@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from classic import compare_backends, environment, minilm, shared, table, timed_export, timed_tune  # noqa: E402
+from classic import (compare_backends, environment, minilm, shared, table, timed_export,  # noqa: E402
+                     timed_tune, with_run_options)
 from workload import save_result  # noqa: E402
 
 TARGET_ACCURACY = 0.85
@@ -47,15 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-rows", type=int, help="use only the first N training sentences")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference")
-    parser.add_argument("--model", help="a Hugging Face encoder folder (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--work", type=Path, help="folder for the run and the export (default: a temporary one)")
-    parser.add_argument("--no-export", action="store_true", help="tune and evaluate only")
-    parser.add_argument("--reuse", action="store_true", help="keep a finished run already in --work (its tune time "
-                        "is the one it recorded) and only export and measure")
-    args = parser.parse_args(argv)
+    args = with_run_options(parser).parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)

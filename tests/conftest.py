@@ -10,6 +10,8 @@ The word-level tokenizer makes token boundaries obvious: one word is one token, 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -370,3 +372,29 @@ def ner_conll(tmp_path_factory):
             lines.append("")
         (folder / name).write_text("\n".join(lines) + "\n")
     return folder
+
+
+@contextmanager
+def uvicorn_running(application):
+    """Serve `application` with a real uvicorn on 127.0.0.1 and a free port; yields its base URL, and stops it
+    (closing its engine) afterwards."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from lite_sft.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from lite_sft.cli import app as cli
 from lite_sft.serve.generate import SamplingParams, generate
 from lite_sft.serve.runtime import OrtBackend, load_tokenizer, stop_ids
-from lite_sft.serve.server import ServerSettings, bind, create_app
+from lite_sft.serve.server import ServerSettings, create_app
+
+from conftest import uvicorn_running
 
 openai = pytest.importorskip("openai")
 runner = CliRunner()
@@ -57,24 +59,11 @@ class Slow:
 @contextmanager
 def running(onnx_dir, tokenizer, delay=0.0, **options):
     """A real uvicorn server on 127.0.0.1 and a free port, stopped (and its engine closed) afterwards."""
-    import uvicorn
-
     backend = OrtBackend(onnx_dir, "cpu", threads=1)
     application = create_app(Slow(backend, delay) if delay else backend, tokenizer,
                              ServerSettings("tiny", **options), stop_ids(onnx_dir, tokenizer))
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(application, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", application
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with uvicorn_running(application) as url:
+        yield url, application
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ from lite_sft.serve.encoder import OrtEncoderBackend, TorchEncoderBackend
 from lite_sft.serve.generate import SamplingParams, generate_ids
 from lite_sft.serve.runtime import load_backend, load_tokenizer, model_task, stop_ids
 from lite_sft.serve.seq2seq import Seq2SeqBackend
-from lite_sft.serve.server import ServerSettings, bind, create_app
+from lite_sft.serve.server import ServerSettings, create_app
+
+from conftest import uvicorn_running
 
 openai = pytest.importorskip("openai")
 runner = CliRunner()
@@ -330,24 +332,11 @@ class Slow:
 @contextmanager
 def running(folder: Path, delay: float = 0.0, **options):
     """A real uvicorn server on 127.0.0.1 and a free port for the model in `folder` (ONNX on CPU)."""
-    import uvicorn
-
     backend, tokenizer = load_backend(folder, "cpu", threads=1)
     application = create_app(Slow(backend, delay) if delay else backend, tokenizer,
                              ServerSettings("tiny", **options), stop_ids(backend.folder, tokenizer))
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(application, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", application
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with uvicorn_running(application) as url:
+        yield url, application
 
 
 @pytest.fixture(scope="module")
