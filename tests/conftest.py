@@ -378,15 +378,20 @@ def ner_conll(tmp_path_factory):
 def uvicorn_running(application):
     """Serve `application` with a real uvicorn on 127.0.0.1 and a free port; yields its base URL, and stops it
     (closing its engine) afterwards."""
-    import threading
-    import time
-
     import uvicorn
 
     from lite_sft.serve.server import bind
 
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(application, log_level="warning"))
+    with server_running(uvicorn.Server(uvicorn.Config(application, log_level="warning")), bind("127.0.0.1", 0)) as url:
+        yield url
+
+
+@contextmanager
+def server_running(server, sock):
+    """Run a uvicorn.Server on its bound socket in a thread until the block ends; yields its base URL."""
+    import threading
+    import time
+
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

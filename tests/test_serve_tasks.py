@@ -30,7 +30,7 @@ from lite_sft.serve.runtime import load_backend, load_tokenizer, model_task, sto
 from lite_sft.serve.seq2seq import Seq2SeqBackend
 from lite_sft.serve.server import ServerSettings, create_app
 
-from conftest import uvicorn_running
+from conftest import server_running, uvicorn_running
 
 openai = pytest.importorskip("openai")
 runner = CliRunner()
@@ -595,17 +595,8 @@ def serving(folder: Path, variant: str):
     from lite_sft.serve.server import build_server
 
     server, sock, _ = build_server(folder, port=0, device="cpu", variant=variant, threads=1, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with server_running(server, sock) as url:
+        yield url
 
 
 def test_a_lite_sft_export_of_each_task_is_served_as_it_generates_and_tags(tmp_path, tiny_t5_dir, tiny_bert_dir,
