@@ -94,6 +94,14 @@ class Task:
         """The loss summed over `batch`'s units, a 0-d tensor with a gradient."""
         raise NotImplementedError
 
+    def shard_batches(self, rows: list, tokenizer, accelerator, micro_batch_size: int):
+        """(rows, collated batch) for this process's share of `rows`, micro-batch by micro-batch: evaluation
+        is sharded across processes, and each task gathers or sums what its shard produced."""
+        mine = rows[accelerator.process_index::accelerator.num_processes]
+        for i in range(0, len(mine), micro_batch_size):
+            part = mine[i:i + micro_batch_size]
+            yield part, self.collate(part, tokenizer)
+
     def evaluate(self, model, rows: list, tokenizer, accelerator, micro_batch_size: int,
                  loss_impl: str = "full", chunk: int = 0) -> dict:
         """{"val_loss": mean loss over the validation units, and the task's metrics}, on every process."""

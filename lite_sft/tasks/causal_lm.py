@@ -71,11 +71,9 @@ class CausalLMTask(Task):
         from lite_sft.tasks.base import all_sum
 
         model.eval()
-        mine = rows[accelerator.process_index::accelerator.num_processes]
         total = torch.zeros((), device=accelerator.device)
         count = 0
-        for i in range(0, len(mine), micro_batch_size):
-            batch = self.collate(mine[i:i + micro_batch_size], tokenizer)
+        for _, batch in self.shard_batches(rows, tokenizer, accelerator, micro_batch_size):
             count += self.units(batch)
             with accelerator.autocast():
                 total += self.loss_sum(model, batch, accelerator.device, loss_impl, chunk)

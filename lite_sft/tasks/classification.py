@@ -195,11 +195,9 @@ class SequenceClassificationTask(Task):
         from lite_sft.tasks.metrics import classification_metrics
 
         model.eval()
-        mine = rows[accelerator.process_index::accelerator.num_processes]
         total, units, predicted, truth = 0.0, 0.0, [], []
         with torch.no_grad():
-            for i in range(0, len(mine), micro_batch_size):
-                batch = self.collate(mine[i:i + micro_batch_size], tokenizer)
+            for _, batch in self.shard_batches(rows, tokenizer, accelerator, micro_batch_size):
                 with accelerator.autocast():
                     logits = self.logits(model, batch, accelerator.device)
                 total += float(self._loss(logits, batch["labels"].to(accelerator.device)))

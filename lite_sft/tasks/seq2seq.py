@@ -238,16 +238,14 @@ class Seq2SeqTask(Task):
 
         model.eval()
         generator = accelerator.unwrap_model(model)  # DDP's wrapper has no generate()
-        mine = rows[accelerator.process_index::accelerator.num_processes]
         total, units, predictions, references, sources = 0.0, 0, [], [], []
         with torch.no_grad():
-            for i in range(0, len(mine), micro_batch_size):
-                batch = self.collate(mine[i:i + micro_batch_size], tokenizer)
+            for part, batch in self.shard_batches(rows, tokenizer, accelerator, micro_batch_size):
                 with accelerator.autocast():
                     total += float(self.loss_sum(model, batch, accelerator.device))
                     predictions += [p.strip() for p in self.generate(generator, batch, tokenizer, accelerator.device)]
                 units += self.units(batch)
-                references += [r.target for r in mine[i:i + micro_batch_size]]
+                references += [r.target for r in part]
                 sources += tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         predictions, references = gather(accelerator, predictions), gather(accelerator, references)
         sources = gather(accelerator, sources)

@@ -197,12 +197,9 @@ class TokenClassificationTask(Task):
 
         names = self.labels.names
         model.eval()
-        mine = rows[accelerator.process_index::accelerator.num_processes]
         total, units, unread, predicted, truth = 0.0, 0, 0, [], []
         with torch.no_grad():
-            for i in range(0, len(mine), micro_batch_size):
-                part = mine[i:i + micro_batch_size]
-                batch = self.collate(part, tokenizer)
+            for part, batch in self.shard_batches(rows, tokenizer, accelerator, micro_batch_size):
                 with accelerator.autocast():
                     logits = self.logits(model, batch, accelerator.device)
                 total += float(_loss(logits, batch["labels"].to(accelerator.device)))
