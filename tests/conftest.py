@@ -403,3 +403,26 @@ def server_running(server, sock):
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def fuzz_posts(url: str, mode: str, max_examples: int) -> set[str]:
+    """Fuzz every POST operation of the server at `url` from its own /openapi.json with schemathesis: valid
+    requests (`positive`) must get no 5xx, invalid ones (`negative`) must be refused with a 4xx. Returns the
+    paths fuzzed."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import negative_data_rejection
+
+    checks = [not_a_server_error] + ([negative_data_rejection] if mode == "negative" else [])
+    api = schemathesis.openapi.from_url(url + "/openapi.json")
+    posts = [r.ok() for r in api.get_all_operations() if r.ok().method.upper() == "POST"]
+    for operation in posts:
+        @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+        @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            case.call_and_validate(checks=checks, timeout=30)
+
+        check()
+    return {op.path for op in posts}
