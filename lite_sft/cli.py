@@ -446,6 +446,7 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name in /v1/models (default: the folder's name).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most rows (requests x n) run together in one batch.")] = 8,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting beyond this are answered 429.")] = 32,
+    batching: Annotated[str, typer.Option("--batching", help="continuous: a request joins the running batch at the next step; static: each batch runs to its end (seq2seq always).")] = "continuous",
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request may take, queueing included (then 504).")] = 60.0,
     max_context: Annotated[Optional[int], typer.Option("--max-context", min=2, help="Cap prompt + output tokens below the model's context.")] = None,
     default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, help="Chat requests without max_tokens stop here.")] = 256,
@@ -461,7 +462,7 @@ def serve(
         run_server(model_dir, say=typer.echo, host=host, port=port, device=device, variant=variant, threads=threads,
                    model_name=model_name, log_level=log_level, api_key=api_key, timeout_s=timeout,
                    default_max_tokens=default_max_tokens, max_context=max_context, max_batch=max_batch,
-                   max_queue=max_queue)
+                   max_queue=max_queue, batching=batching)
     except ServeError as err:
         _fail(err)
 

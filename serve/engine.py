@@ -4,13 +4,21 @@
     job = engine.submit([prompt_ids], [SamplingParams(max_new_tokens=16)], loop)   # QueueFull when full
     async for choice, event in job: ...
 
-Batching: the worker takes every waiting request up to `max_batch` rows (a request asking n choices is n
-rows) and runs them as one left-padded batch through generate(); while it runs, new requests queue and form
-the next batch. Batch 1 decode is bound by reading the weights once per token, so a batch of 8 costs
-little more per step than one and throughput grows with load (benchmarks/results/serve-*.json). Requests
-do not join a batch already running (no continuous batching): a short request that arrives during a long
-one waits for it, which `max_batch` and the request timeout bound. A waiting request that is cancelled (its
-client left or timed out) leaves the queue at once: `max_queue` counts only requests someone still waits for.
+Continuous batching (the default for a decoder-only model): between two decode steps the worker takes the
+waiting requests whose rows fit beside the running ones (up to `max_batch` rows; a request asking n choices
+is n rows, taken whole and in arrival order), prefills them and joins them to the batch (generate.Batch); a
+row leaves the batch the step it ends. A short request that arrives during a long one starts at the next step
+instead of waiting for it, and the batch stays full under load. Static batching (`continuous=False`, and
+always for an encoder-decoder, whose backend cannot join caches) runs each batch to its end and forms the next
+from what queued meanwhile, as lite-sft did before; `lite-sft serve --batching static` keeps it for comparison
+(benchmarks/continuous_batching.py).
+
+Failures stay where they happen: a request refused at prefill (or whose prefill fails) fails alone and the
+batch goes on; a row whose sampling or text fails fails its request, whose other rows leave; only a failed
+decode step, which leaves the batch's cache unusable, fails every request in the batch.
+
+A waiting request that is cancelled (its client left or timed out) leaves the queue at once: `max_queue`
+counts only requests someone still waits for; a running one's rows leave the batch at the next step.
 
 One worker, one model: onnxruntime and torch release the GIL while they compute, so the asyncio loop keeps
 answering (health, metrics, new requests and 429s) while a batch runs.
@@ -27,12 +35,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from . import ServeError
-from .generate import Event, SamplingParams, generate
+from .generate import Batch, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +96,21 @@ class Job:
 
 
 class Engine:
-    def __init__(self, backend, tokenizer, max_batch: int = 8, max_queue: int = 32, registry=None):
+    def __init__(self, backend, tokenizer, max_batch: int = 8, max_queue: int = 32, registry=None,
+                 continuous: bool = True):
         from prometheus_client import Counter, Gauge, Histogram
 
         if max_batch < 1 or max_queue < 1:
             raise ServeError("max_batch and max_queue must be at least 1")
         self.backend, self.tokenizer = backend, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.continuous = continuous and hasattr(backend, "join")
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._last_rows = 0
         self.running_rows = 0
-        self.batch_size = Histogram("lite_sft_batch_rows", "Rows per batch the worker ran", registry=registry,
+        self.batch_size = Histogram("lite_sft_batch_rows", "Rows in each step the worker ran", registry=registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.tokens = Counter("lite_sft_generated_tokens", "Tokens generated", registry=registry)
         self.queue_wait = Histogram("lite_sft_queue_wait_seconds", "Time a request waited for a batch",
@@ -147,20 +157,24 @@ class Engine:
             job.put(ServeError("the server is shutting down"))
         self._thread.join(timeout)
 
-    def _take(self) -> list[Job]:
+    def _take(self, running: int) -> list[Job]:
+        """The waiting jobs to start now, in arrival order, as many as fit beside `running` rows; waits for one
+        while nothing runs. Static batching starts jobs only when nothing runs."""
         with self._cond:
-            while not self._waiting and not self._stopping:
+            while not running and not self._waiting and not self._stopping:
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping or (running and not self.continuous):
                 return []
-            gather = self._last_rows > 1 and sum(len(j.prompts) for j in self._waiting) < self.max_batch
+            gather = (not self.continuous and self._last_rows > 1
+                      and sum(len(j.prompts) for j in self._waiting) < self.max_batch)
         if gather:
-            # Under load, the clients of the batch that just ended send their next requests a moment apart;
-            # without this pause the first would run alone and the rest wait a whole batch behind it (measured:
-            # a third less throughput at 8 clients). An idle server (last batch one row) answers at once.
+            # Static batching under load: the clients of the batch that just ended send their next requests a
+            # moment apart; without this pause the first would run alone and the rest wait a whole batch behind it
+            # (measured: a third less throughput at 8 clients). An idle server (last batch one row) answers at
+            # once. Continuous batching needs no pause: a request a moment late joins at the next step.
             time.sleep(GATHER_S)
         with self._cond:
-            jobs, rows = [], 0
+            jobs, rows = [], running
             while self._waiting and rows + len(self._waiting[0].prompts) <= self.max_batch:
                 job = self._waiting.popleft()
                 if not job.cancelled:
@@ -169,59 +183,98 @@ class Engine:
         return jobs
 
     def _work(self) -> None:
-        while not self._stopping:
-            jobs = self._take()
-            if jobs:
-                self._run(jobs)
+        batch = self._batch()
+        while not (self._stopping and not batch):
+            for job in self._take(len(batch)):
+                self._start(batch, job)
+            if batch:
+                self._step(batch)
+            self.running_rows = len(batch)
+        batch.close()
 
-    def _run(self, jobs: list[Job]) -> None:
-        rows = [(job, i) for job in jobs for i in range(len(job.prompts))]
-        now = time.perf_counter()
-        for job in jobs:
-            job.started = now
-            self.queue_wait.observe(now - job.submitted)
-        self.batch_size.observe(len(rows))
-        self._last_rows = len(rows)
-        self.running_rows = len(rows)
+    def _batch(self):
+        return Batch(self.backend, self.tokenizer)
+
+    def _start(self, batch, job: Job) -> None:
+        """Prefill the job's rows into the batch; a job refused or failing there fails alone."""
+        job.started = time.perf_counter()
+        self.queue_wait.observe(job.started - job.submitted)
+        self.running_rows = len(batch) + len(job.prompts)  # its prefill is running
         try:
-            for index, result in self._results(rows):
-                job, i = rows[index]
-                if result.finish_reason is not None:
-                    self.running_rows -= 1
-                if not job.cancelled:
-                    job.put((i, replace(result, index=i)))  # numbered within its own request
-        except Exception as err:  # noqa: BLE001  (a failed batch fails its requests, never the worker)
-            log.exception("a batch of %d rows failed", len(rows))
+            batch.add([(job, i) for i in range(len(job.prompts))], job.prompts, job.params)
+        except Exception as err:  # noqa: BLE001  (the batch goes on without this job)
+            if not isinstance(err, ServeError):
+                log.exception("starting a request of %d rows failed", len(job.prompts))
+            job.put(err if isinstance(err, ServeError) else ServeError(f"generation failed: {err}"))
+        self._last_rows = self.running_rows = len(batch)
+
+    def _step(self, batch) -> None:
+        """One step of the batch: each row's event goes to its job."""
+        jobs = {row.index[0] for row in batch.rows}
+        self.batch_size.observe(len(batch))
+        try:
+            for event in batch.step(cancelled=lambda key: self._stopping or key[0].cancelled):
+                job, i = event.index
+                if event.token_id is not None:
+                    self.tokens.inc()
+                if event.error is not None:
+                    log.error("choice %d of a request failed: %r", i, event.error)
+                    if not job.cancelled:
+                        job.put(ServeError(f"generation failed: {event.error}"))
+                    job.cancelled = True  # its other rows leave the batch at the next step
+                elif not job.cancelled:
+                    job.put((i, replace(event, index=i)))  # numbered within its own request
+        except Exception as err:  # noqa: BLE001  (a failed decode fails the batch's requests, never the worker)
+            log.exception("a decode step of %d rows failed", len(jobs))
             for job in jobs:
                 job.put(err if isinstance(err, ServeError) else ServeError(f"generation failed: {err}"))
-        finally:
-            self.running_rows = 0
-
-    def _results(self, rows: list[tuple[Job, int]]) -> Iterator[tuple[int, Event]]:
-        """(the row's place in the batch, what it produced), as produced; a row's last has a finish_reason."""
-        events = generate(self.backend, [job.prompts[i] for job, i in rows], [job.params[i] for job, i in rows],
-                          self.tokenizer, cancelled=lambda r: self._stopping or rows[r][0].cancelled)
-        for event in events:
-            if event.token_id is not None:
-                self.tokens.inc()
-            yield event.index, event
 
 
 @dataclass
 class Scored:
     """One row's logits from an encoder classifier: (labels,) for seq-cls, (tokens, labels) for token-cls."""
 
-    index: int
+    index: object
     logits: np.ndarray
     finish_reason: str = "stop"  # a row is done in one pass
+    token_id: None = None  # as generate.Event has: the engine counts tokens and errors on these
+    error: None = None
 
 
 class ScoreEngine(Engine):
     """The engine of an encoder classifier: each batch is one forward pass over the rows still wanted."""
 
-    def _results(self, rows: list[tuple[Job, int]]) -> Iterator[tuple[int, Scored]]:
-        wanted = [r for r, (job, _) in enumerate(rows) if not job.cancelled]
+    def __init__(self, backend, tokenizer, max_batch: int = 8, max_queue: int = 32, registry=None):
+        super().__init__(backend, tokenizer, max_batch, max_queue, registry, continuous=False)
+
+    def _batch(self):
+        return _ScoreBatch(self.backend)
+
+
+class _ScoreBatch:
+    """A Batch (generate.py) whose rows each end in one step: the step is one forward pass over every row."""
+
+    def __init__(self, backend):
+        self.backend, self.rows = backend, []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, keys: list, encodings: list, _params) -> None:
+        self.rows += [_Scoring(key, encoding) for key, encoding in zip(keys, encodings)]
+
+    def step(self, cancelled):
+        rows, self.rows = self.rows, []
+        wanted = [row for row in rows if not cancelled(row.index)]
         if wanted:
-            logits = self.backend.logits([rows[r][0].prompts[rows[r][1]] for r in wanted])
-            for r, row_logits in zip(wanted, logits):
-                yield r, Scored(r, row_logits)
+            for row, logits in zip(wanted, self.backend.logits([row.encoding for row in wanted])):
+                yield Scored(row.index, logits)
+
+    def close(self) -> None:
+        self.rows = []
+
+
+@dataclass
+class _Scoring:
+    index: object
+    encoding: dict

@@ -9,6 +9,11 @@ settings and seed, so a request samples the same tokens alone or batched with ot
 (stop id, stop string, max_new_tokens, or cancelled) leaves the batch at once: the backend drops its cache
 rows, so later steps cost only what the live rows need.
 
+Batch is that loop one step at a time, for the server's continuous batching (engine.py): rows join a running
+batch between two steps (their prompts are prefilled, then backend.join puts their cache beside the batch's)
+and leave it when done, so a request never waits for another to finish. generate() is a Batch that rows only
+leave.
+
 Sampling uses transformers' logits processors (repetition penalty, temperature, top-k, top-p), one list per
 row because rows differ; greedy rows without a penalty take the argmax directly.
 """
@@ -74,7 +79,9 @@ class Event:
     text: str
     """Text that became final with this token (held back while it could still become a stop string)."""
     finish_reason: str | None = None
-    """None while going on; then "stop" (stop id or string), "length" or "cancelled"."""
+    """None while going on; then "stop" (stop id or string), "length", "cancelled" or "error"."""
+    error: Exception | None = None
+    """What failed, when finish_reason is "error": this row's sampling or text, which ends this row alone."""
 
 
 class TextStream:
@@ -136,7 +143,7 @@ class TextStream:
 class _Row:
     """One prompt's sampling state."""
 
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer):
+    def __init__(self, index, prompt: list[int], params: SamplingParams, tokenizer):
         from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                   TopKLogitsWarper, TopPLogitsWarper)
 
@@ -216,47 +223,126 @@ def over_context(prompt: int, new_tokens: int, backend) -> str | None:
     return None
 
 
+def check_prompts(backend, keys: list, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """A ServeError naming the prompt (by its key) that is empty, asks for bad settings or does not fit."""
+    for key, p, sp in zip(keys, prompts, params):
+        sp.validate()
+        if not p:
+            raise ServeError(f"prompt {key} is empty: give at least one token")
+        problem = over_context(len(p), sp.max_new_tokens, backend)
+        if problem:
+            raise ServeError(f"prompt {key}: {problem}")
+
+
+class Batch:
+    """Rows generating together, which join and leave between steps (iteration-level scheduling).
+
+        batch = Batch(backend, tokenizer)
+        batch.add(["a", "b"], prompts, params)     # prefill; their first tokens come with the next step
+        for event in batch.step(): ...              # one token per row, then one decode for the rows going on
+        batch.add(["c"], [prompt], [params])        # joins at the next step
+        batch.close()                               # the backend takes its buffers back
+
+    Rows are named by the keys given to add (Event.index). A row whose sampling or text fails ends alone with
+    finish_reason "error"; a failing prefill fails only the rows being added, and the batch goes on without them.
+    A failing decode leaves the batch empty (its cache is unusable) and raises.
+    """
+
+    def __init__(self, backend, tokenizer=None):
+        self.backend, self.tokenizer = backend, tokenizer
+        # An encoder-decoder reads the prompt (its source) with the encoder; its decoder starts from its own tokens.
+        self.decoder_prompt = getattr(backend, "decoder_prompt", None)
+        self.rows: list[_Row] = []
+        self.state = None
+        self.logits: np.ndarray | None = None  # (rows, vocab): each row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can be added to a running batch (the backend can join states; seq2seq cannot)."""
+        return hasattr(self.backend, "join")
+
+    def add(self, keys: list, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Prefill `prompts` and add their rows; a ServeError (nothing added) when one is refused."""
+        if not prompts:
+            return
+        if self.rows and not self.can_join:
+            raise ServeError(f"{type(self.backend).__name__} cannot add rows to a running batch")
+        check_prompts(self.backend, keys, prompts, params)
+        rows = [_Row(key, p if self.decoder_prompt is None else self.decoder_prompt, sp, self.tokenizer)
+                for key, p, sp in zip(keys, prompts, params)]
+        ids, mask = pad_left(prompts)
+        capacity = ids.shape[1] + max(sp.max_new_tokens for sp in params)
+        logits, state = self.backend.prefill(ids, mask, capacity)  # (batch, vocab)
+        if self.state is None:
+            self.state, self.logits = state, logits
+        else:
+            self.state = self.backend.join(self.state, state)
+            self.logits = np.concatenate([self.logits, logits])
+        self.rows += rows
+
+    def step(self, cancelled: Callable[[object], bool] | None = None) -> Iterator[Event]:
+        """One token for every row, each as an event as soon as it is sampled; then the rows that go on are
+        decoded (when the caller asks for the event after the last: events reach clients before the decode).
+        `cancelled(key)` is asked per row: one that says yes ends with "cancelled"."""
+        tokens, live = [], []
+        for row, row_logits in zip(self.rows, self.logits):
+            if cancelled is not None and cancelled(row.index):
+                yield Event(row.index, None, "", "cancelled")
+                continue
+            try:
+                token = row.sample(row_logits)
+                event = row.step(token)
+            except Exception as err:  # noqa: BLE001  (one row's failure is that row's, not the batch's)
+                yield Event(row.index, None, "", "error", err)
+                continue
+            yield event
+            if event.finish_reason is None:
+                tokens.append(token)
+                live.append(row)
+        if not live:
+            self.close()
+            return
+        if len(live) < len(self.rows):
+            kept = {id(r) for r in live}
+            self.state = self.backend.keep(self.state, [i for i, r in enumerate(self.rows) if id(r) in kept])
+        self.rows = live
+        try:
+            self.logits = self.backend.decode(self.state, np.array(tokens, dtype=np.int64))
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the batch: the backend takes back its buffers."""
+        if self.state is not None and hasattr(self.backend, "release"):
+            self.backend.release(self.state)
+        self.rows, self.state, self.logits = [], None, None
+
+
 def generate(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], tokenizer=None,
              cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
     """Events for every prompt, in step order, until each has finished.
 
     `tokenizer` is needed for text (and stop strings); without it events carry token ids only.
     `cancelled(index)` is asked every step: a row that says yes finishes with "cancelled" and leaves the batch.
+    A row whose sampling fails raises here (the server's engine, which runs Batch itself, fails that row alone).
     """
     if not prompts:
         return
     params = params if isinstance(params, list) else [params] * len(prompts)
-    # An encoder-decoder reads the prompt (its source) with the encoder; its decoder starts from its own tokens.
-    decoder_prompt = getattr(backend, "decoder_prompt", None)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        sp.validate()
-        if not p:
-            raise ServeError(f"prompt {i} is empty: give at least one token")
-        problem = over_context(len(p), sp.max_new_tokens, backend)
-        if problem:
-            raise ServeError(f"prompt {i}: {problem}")
-    rows = [_Row(i, p if decoder_prompt is None else decoder_prompt, sp, tokenizer)
-            for i, (p, sp) in enumerate(zip(prompts, params))]
-    ids, mask = pad_left(prompts)
-    capacity = ids.shape[1] + max(sp.max_new_tokens for sp in params)
-    logits, state = backend.prefill(ids, mask, capacity)  # (batch, vocab)
-    while rows:
-        tokens, live = [], []
-        for row, row_logits in zip(rows, logits):
-            if cancelled is not None and cancelled(row.index):
-                yield Event(row.index, None, "", "cancelled")
-                continue
-            token = row.sample(row_logits)
-            event = row.step(token)
-            yield event
-            if event.finish_reason is None:
-                tokens.append(token)
-                live.append(row)
-        if len(live) < len(rows) and live:
-            state = backend.keep(state, [rows.index(r) for r in live])
-        rows = live
-        if rows:
-            logits = backend.decode(state, np.array(tokens, dtype=np.int64))
+    batch = Batch(backend, tokenizer)
+    try:
+        batch.add(list(range(len(prompts))), prompts, params)
+        while batch:
+            for event in batch.step(cancelled):
+                if event.error is not None:
+                    raise event.error
+                yield event
+    finally:
+        batch.close()
 
 
 def generate_ids(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -10,18 +10,26 @@ A folder is one of (resolve_model):
 and its task one of (model_task): causal-lm (this module's OrtBackend, or TorchBackend), seq2seq (seq2seq.py),
 seq-cls or token-cls (encoder.py, which answer logits for a batch rather than generate).
 
-Every generating backend has the same three calls, all on token ids, so one generation loop (generate.py)
+Every generating backend has the same calls, all on token ids, so one generation loop (generate.py)
 drives them:
     prefill(ids (batch, seq), mask (batch, seq), capacity) -> (logits (batch, vocab), state)
     decode(state, tokens (batch,))                         -> logits (batch, vocab)
     keep(state, rows)                                       -> state with only those rows (finished rows leave)
+and the decoder-only ones (this module's OrtBackend, torch_backend.py) two more, for continuous batching:
+    join(state, other)                                      -> one state: state's rows, then other's
+    release(state)                                          -> its buffers go back for the next batch
+Rows in one state share one cache length; a row is left-padded (mask 0) to it. join right-aligns both states'
+rows at the longer length, and keep drops the leading columns no remaining row attends to, so a batch that
+rows keep joining and leaving never holds more columns than its longest live row.
 
 Why IO binding and ping-pong buffers: optimum's graph takes `past_key_values.N.*` of length L and returns
 `present.N.*` of length L + new, a fresh tensor each step. Without binding, onnxruntime allocates every
 present tensor and copies it to the host, and we copy it back. Here each layer's K and V live in two device
 buffers big enough for a whole generation (batch x (prompt + max new tokens)), allocated once and kept for
-the next batch (grown only when one needs more); a step reads the past from one and writes the present into
-the other, so the cache never leaves the device and no step allocates.
+the next batch (a bigger pair is made only when one needs more); a step reads the past from one and writes the
+present into the other, so the cache never leaves the device and no step allocates. Each state owns its pair
+while it runs: rows prefilled to join a running batch fill a pair of their own, and join copies both into a
+third (a copy the size of one step's, once per join).
 onnxruntime cannot write in place into its own input (Concat reads while it writes), hence two buffers.
 """
 
@@ -54,6 +62,9 @@ NP_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: n
 # Prefill's logits are (batch, chunk, vocab): a 2,000-token prompt with a 150k vocabulary would need 1.2 GB
 # for one sequence, so long prompts are fed in chunks whose logits fit in this much memory.
 LOGITS_BUDGET_BYTES = 256 * 2**20
+# Buffer pairs kept for reuse after their batch ended (the largest): a running batch, rows joining it and the
+# pair a join copies them into are three at most at a time.
+SPARE_PAIRS = 3
 
 
 def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
@@ -217,7 +228,8 @@ def load_backend(folder: str | Path, device: str = "auto", threads: int | None =
 class OrtState:
     """One batch's place in generation: its KV buffers, length and attention mask."""
 
-    buffers: list[dict[str, torch.Tensor]]  # two, each input name -> flat buffer of batch x heads x capacity x dim
+    buffers: list[dict[str, torch.Tensor]] | None  # two, each input name -> flat buffer of batch x heads x capacity
+    # x dim; None once released
     current: int  # which buffer holds the past
     length: int  # tokens in the cache
     mask: np.ndarray  # (batch, length) int64: 0 on left padding
@@ -260,7 +272,7 @@ class OrtBackend:
         self.vocab_size = config.get("vocab_size") or self.session.get_outputs()[0].shape[-1]
         self.max_context = max_context(self.folder)
         self.precision = onnx_precision(self.folder, self.kv_dtype == torch.float16)
-        self._pool: list[dict[str, torch.Tensor]] = []  # buffers kept between batches, grown on demand
+        self._spare: list[list[dict[str, torch.Tensor]]] = []  # buffer pairs of ended batches, for the next ones
 
     def describe(self) -> str:
         return f"{self.folder} on onnxruntime {self.provider} ({self.precision})"
@@ -290,14 +302,26 @@ class OrtBackend:
 
     # -- buffers ---------------------------------------------------------------------------------------------
 
-    def _buffers(self, batch: int, capacity: int) -> list[dict[str, torch.Tensor]]:
-        """Two sets of flat KV buffers big enough for (batch, heads, capacity, dim); reused across batches."""
+    def _take(self, batch: int, capacity: int) -> list[dict[str, torch.Tensor]]:
+        """Two sets of flat KV buffers for (batch, heads, capacity, dim): the smallest spare pair that is big
+        enough, else a new pair."""
         need = batch * self.kv_heads * capacity * self.head_dim
-        if not self._pool or self._pool[0][self.kv[0][0]].numel() < need:
-            self._pool = []  # free the old ones before allocating bigger
-            self._pool = [{name: torch.empty(need, dtype=self.kv_dtype, device=self.device) for name, _ in self.kv}
-                          for _ in range(2)]
-        return self._pool
+        fits = [i for i, pair in enumerate(self._spare) if self._elements(pair) >= need]
+        if fits:
+            return self._spare.pop(min(fits, key=lambda i: self._elements(self._spare[i])))
+        return [{name: torch.empty(need, dtype=self.kv_dtype, device=self.device) for name, _ in self.kv}
+                for _ in range(2)]
+
+    def _elements(self, pair: list[dict[str, torch.Tensor]]) -> int:
+        return pair[0][self.kv[0][0]].numel()
+
+    def release(self, state: OrtState) -> None:
+        """`state` is done: its buffers are kept for a later batch (the SPARE_PAIRS largest), the rest freed."""
+        if state.buffers is not None:
+            self._spare.append(state.buffers)
+            state.buffers = None
+            self._spare.sort(key=self._elements, reverse=True)
+            del self._spare[SPARE_PAIRS:]
 
     def _view(self, flat: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         # The first batch*heads*length*dim elements, as a contiguous (batch, heads, length, dim) tensor.
@@ -313,7 +337,7 @@ class OrtBackend:
     def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtState]:
         """Read the (left-padded) prompts; `capacity` is the longest the cache will grow (prompt + new tokens)."""
         batch, seq = ids.shape
-        state = OrtState(self._buffers(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding())
+        state = OrtState(self._take(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding())
         chunk = max(1, LOGITS_BUDGET_BYTES // (batch * self.vocab_size * 4))
         for start in range(0, seq, chunk):
             logits = self._run(state, ids[:, start:start + chunk], mask[:, :start + chunk])
@@ -324,16 +348,45 @@ class OrtBackend:
         return self._run(state, tokens.reshape(-1, 1).astype(np.int64), np.concatenate([state.mask, ones], axis=1))
 
     def keep(self, state: OrtState, rows: list[int]) -> OrtState:
-        """Only `rows` of the batch go on: their cache is gathered into the other buffer."""
+        """Only `rows` of the batch go on: their cache is gathered into the other buffer, without the leading
+        columns that were padding for all of them (left there by a longer row that has left)."""
+        mask = state.mask[rows]
+        pad = int(mask.any(axis=0).argmax())  # every row has a token, so some column is 1
+        length = state.length - pad
         index = torch.tensor(rows, device=self.device)
         src, dst = state.buffers[state.current], state.buffers[1 - state.current]
         for name, _ in self.kv:
-            torch.index_select(self._view(src[name], state.batch, state.length), 0, index,
-                               out=self._view(dst[name], len(rows), state.length))
+            torch.index_select(self._view(src[name], state.batch, state.length)[:, :, pad:], 0, index,
+                               out=self._view(dst[name], len(rows), length))
+        self._synchronize()
+        state.current, state.length, state.mask = 1 - state.current, length, mask[:, pad:]
+        return state
+
+    def join(self, state: OrtState, other: OrtState) -> OrtState:
+        """One state holding `state`'s rows then `other`'s, each right-aligned at the longer of their lengths
+        (the columns before a row's cache are zeros its mask hides: zeros, since 0 x NaN from an unwritten
+        buffer would still be NaN). Both inputs are released."""
+        length = max(state.length, other.length)
+        capacity = length + max(s.capacity - s.length for s in (state, other))  # room for the longest to finish
+        batch = state.batch + other.batch
+        buffers = self._take(batch, capacity)
+        for name, _ in self.kv:
+            out, row = self._view(buffers[0][name], batch, length), 0
+            for part in (state, other):
+                pad = length - part.length
+                out[row:row + part.batch, :, :pad].zero_()
+                out[row:row + part.batch, :, pad:].copy_(self._view(part.buffers[part.current][name], part.batch,
+                                                                     part.length))
+                row += part.batch
+        self._synchronize()
+        mask = np.concatenate([np.pad(s.mask, ((0, 0), (length - s.length, 0))) for s in (state, other)])
+        self.release(state)
+        self.release(other)
+        return OrtState(buffers, 0, length, mask, capacity, self.session.io_binding())
+
+    def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # onnxruntime runs on its own stream
-        state.current, state.mask = 1 - state.current, state.mask[rows]
-        return state
 
     def _run(self, state: OrtState, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One forward over `ids` (batch, new) after the cached tokens; returns the last position's logits."""

@@ -49,6 +49,7 @@ CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is
 TOKENIZE_THREADS = min(4, os.cpu_count() or 1)
 TASK_WORDS = {"causal-lm": "a causal language model", "seq2seq": "an encoder-decoder (seq2seq) model",
               "seq-cls": "a sequence classifier", "token-cls": "a token classifier (NER)"}
+BATCHING = ("continuous", "static")
 SERVED = {"/v1/completions": ("causal-lm", "seq2seq"), "/v1/chat/completions": ("causal-lm",),
           "/v1/classify": ("seq-cls",), "/v1/ner": ("token-cls",)}
 
@@ -66,6 +67,8 @@ class ServerSettings:
     """Prompt + output tokens at most; default the model's own context."""
     max_batch: int = 8
     max_queue: int = 32
+    batching: str = "continuous"
+    """continuous (requests join the running batch at the next step) or static (each batch runs to its end)."""
 
 
 def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int] | None = None) -> FastAPI:
@@ -76,8 +79,10 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     registry = CollectorRegistry()
     task = getattr(backend, "task", "causal-lm")
     scoring = task in SERVED["/v1/classify"] + SERVED["/v1/ner"]
-    engine = (ScoreEngine if scoring else Engine)(backend, tokenizer, settings.max_batch, settings.max_queue,
-                                                  registry=registry)
+    check_batching(settings.batching)
+    engine = (ScoreEngine(backend, tokenizer, settings.max_batch, settings.max_queue, registry=registry) if scoring
+              else Engine(backend, tokenizer, settings.max_batch, settings.max_queue, registry=registry,
+                          continuous=settings.batching == "continuous"))
     context = min(settings.max_context or backend.max_context, backend.max_context)
     stop_ids = list(stop_ids or [])
     requests = Counter("lite_sft_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
@@ -350,6 +355,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_batching(batching: str) -> None:
+    if batching not in BATCHING:
+        raise ServeError(f"--batching {batching!r}: choose one of {', '.join(BATCHING)}")
+
+
 def build_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  variant: str = "fp", threads: int | None = None, model_name: str | None = None,
                  log_level: str = "info", **settings):
@@ -359,6 +369,7 @@ def build_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 800
 
     from .runtime import load_backend, stop_ids
 
+    check_batching(settings.get("batching", "continuous"))
     sock = bind(host, port)  # first: a port in use should not wait for the model to load
     try:
         backend, tokenizer = load_backend(folder, device, threads, variant)
@@ -381,7 +392,9 @@ def serve(folder: str | Path, say=print, **options) -> None:
     say(f"serving {settings.model_name!r}: {app.state.engine.backend.describe()}")
     if host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
         say(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
-    say(f"  http://{host}:{port}/v1  (batch {settings.max_batch}, queue {settings.max_queue}, "
+    engine = app.state.engine
+    batching = "continuous" if engine.continuous else "one-pass" if isinstance(engine, ScoreEngine) else "static"
+    say(f"  http://{host}:{port}/v1  ({batching} batching of {settings.max_batch} rows, queue {settings.max_queue}, "
         f"timeout {settings.timeout_s:g} s" + (", API key required" if settings.api_key else "") + ")")
     try:
         server.run(sockets=[sock])

@@ -104,10 +104,32 @@ class TorchBackend:
         return self._run(state, torch.from_numpy(tokens.reshape(-1, 1)), torch.cat([state.mask, ones], dim=1))
 
     def keep(self, state: TorchState, rows: list[int]) -> TorchState:
+        """Only `rows` go on, without the leading columns that are padding for all of them (runtime.py's keep)."""
         index = torch.tensor(rows, device=self.device)
-        state.cache.batch_select_indices(index)
-        state.mask = state.mask[index]
+        mask = state.mask[index]
+        pad = int(mask.any(dim=0).int().argmax())
+        for layer in state.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, pad:], layer.values[index, :, pad:]
+        state.mask = mask[:, pad:]
         return state
+
+    def join(self, state: TorchState, other: TorchState) -> TorchState:
+        """`state`'s rows then `other`'s in one cache, each left-padded with zeros (masked) to the longer length."""
+        from transformers import DynamicCache
+
+        length = max(state.mask.shape[1], other.mask.shape[1])
+
+        def left(t: torch.Tensor, dim: int) -> torch.Tensor:  # zeros before the columns along `dim`
+            shape = list(t.shape)
+            shape[dim] = length - t.shape[dim]
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        layers = [(torch.cat([left(a.keys, 2), left(b.keys, 2)]), torch.cat([left(a.values, 2), left(b.values, 2)]))
+                  for a, b in zip(state.cache.layers, other.cache.layers)]
+        return TorchState(DynamicCache(layers), torch.cat([left(state.mask, 1), left(other.mask, 1)]))
+
+    def release(self, state: TorchState) -> None:
+        """Nothing is pooled: the cache's tensors are freed with the state."""
 
     def _run(self, state: TorchState, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         ids, mask = ids.to(self.device, torch.long), mask.to(self.device, torch.long)

@@ -92,10 +92,12 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(ort, monkeypa
 
 
 def test_kv_buffers_are_allocated_once_and_reused(ort):
+    ort._spare.clear()
     generate_ids(ort, PROMPTS, greedy(20))
-    pool = [t.data_ptr() for buffers in ort._pool for t in buffers.values()]
+    pool = [t.data_ptr() for pair in ort._spare for buffers in pair for t in buffers.values()]
+    assert len(ort._spare) == 1  # the batch gave its pair back
     generate_ids(ort, PROMPTS[1:], greedy(4))  # smaller: fits in what is there
-    assert [t.data_ptr() for buffers in ort._pool for t in buffers.values()] == pool
+    assert [t.data_ptr() for pair in ort._spare for buffers in pair for t in buffers.values()] == pool
 
 
 def test_sampling_is_seeded_per_request_and_independent_of_batching(ort, merged):
@@ -272,3 +274,61 @@ def test_serving_imports_no_training_code():
              "print(sorted(m for m in sys.modules if m.startswith('lite_sft.') and not m.startswith('lite_sft.serve')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # not lite_sft.train, .data, .masking, nor even .config
+
+
+def run_joined(backend, schedule: dict[int, list], steps: int = 40) -> dict:
+    """Tokens per key from a Batch that the rows in `schedule` ({step: [(key, prompt, params)]}) join at those
+    steps; also the cache length at every step (to see columns trimmed when a long row leaves)."""
+    from lite_sft.serve.generate import Batch
+
+    batch, out, lengths = Batch(backend), {}, []
+    for step in range(steps):
+        joining = schedule.get(step, [])
+        batch.add([k for k, _, _ in joining], [p for _, p, _ in joining], [sp for _, _, sp in joining])
+        if not batch and step > max(schedule):
+            break
+        for event in batch.step():
+            out.setdefault(event.index, []).append(event.token_id)
+        lengths.append(getattr(batch.state, "length", None))
+    batch.close()
+    return out, lengths
+
+
+@pytest.mark.parametrize("which", ["ort", "merged"])
+def test_rows_joining_a_running_batch_generate_what_they_generate_alone(which, request):
+    """Continuous batching: a row that joins mid-batch (shorter than the cache, or longer, so the running rows
+    are shifted right) and rows that leave early produce exactly the tokens each produces alone, greedy and
+    sampled."""
+    backend = request.getfixturevalue(which)
+    sampled = SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.9, seed=5)
+    long_prompt = list(range(30, 52))  # longer than the batch's cache when it joins
+    rows = {"a": (PROMPTS[0], greedy(12)), "b": (PROMPTS[2], greedy(3)), "c": (PROMPTS[1], sampled),
+            "d": (long_prompt, greedy(6)), "e": ([70, 71], SamplingParams(max_new_tokens=5, temperature=0.8, seed=1))}
+    alone = {key: generate_ids(backend, [p], sp)[0] for key, (p, sp) in rows.items()}
+    schedule = {0: [("a", *rows["a"]), ("b", *rows["b"])], 2: [("c", *rows["c"])], 3: [("d", *rows["d"])],
+                5: [("e", *rows["e"])]}
+    joined, _ = run_joined(backend, schedule)
+    assert joined == alone
+
+
+def test_a_batch_holds_no_more_columns_than_its_longest_live_row(ort):
+    long_prompt = list(range(30, 60))
+    schedule = {0: [("long", long_prompt, greedy(2)), ("short", [5], greedy(12))], 1: [("late", [6, 7], greedy(4))]}
+    joined, lengths = run_joined(ort, schedule)
+    assert joined["short"] == generate_ids(ort, [[5]], greedy(12))[0]
+    assert lengths[0] == len(long_prompt) + 1
+    # "long" leaves after step 1: the cache is trimmed to the 2 columns "short" and "late" use, then grows by one
+    assert lengths[1:-1] == list(range(3, 13))
+
+
+def test_kv_buffers_stay_bounded_while_rows_keep_joining(ort):
+    from lite_sft.serve.generate import Batch
+
+    ort._spare.clear()
+    batch = Batch(ort)
+    for step in range(60):
+        batch.add([step], [PROMPTS[step % 3]], [greedy(1 + step % 7)])
+        list(batch.step())
+    batch.close()
+    sizes = [t.numel() for pair in ort._spare for buffers in pair for t in buffers.values()]
+    assert len(ort._spare) <= 3 and max(sizes) <= 8 * ort.kv_heads * (7 + 8) * ort.head_dim

@@ -296,21 +296,32 @@ def test_clients_that_give_up_free_their_place_and_their_rows(onnx_dir, tokenize
         assert engine.tokens._value.get() < 50  # the first's rows left the batch when its client went away
 
 
-def test_concurrent_requests_are_batched_and_answered_as_alone(onnx_dir, tokenizer):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_concurrent_requests_are_batched_and_answered_as_alone(onnx_dir, tokenizer, batching):
+    """Requests arriving while another runs: continuous batching joins them to it at the next step, static
+    batching runs them together after it; either way each answer, greedy or seeded sampling, is the one the
+    request gets alone."""
     prompts = ["hello", "the quick brown fox", "a plan, a canal", "how are you?"]
-    alone = [direct(onnx_dir, tokenizer, tokenizer(p)["input_ids"], n=6) for p in prompts]
-    with running(onnx_dir, tokenizer, delay=0.05, max_batch=4) as (url, application):
-        out = {}
+    sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 11}
+    asks = [(prompts[0], 20, {"temperature": 0}), (prompts[1], 6, {"temperature": 0}), (prompts[2], 6, sampled),
+            (prompts[3], 4, {"temperature": 0})]
+    with running(onnx_dir, tokenizer, max_batch=4, batching="continuous") as (url, _):  # one at a time: alone
+        alone = [httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": n, **extra},
+                            timeout=30).json()["choices"][0]["text"] for p, n, extra in asks]
+    assert alone[0] == direct(onnx_dir, tokenizer, tokenizer(prompts[0])["input_ids"], n=20)
+    with running(onnx_dir, tokenizer, delay=0.05, max_batch=4, batching=batching) as (url, application):
+        out, finished = {}, []
 
-        def ask(p):
-            r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 0}, timeout=30)
+        def ask(p, n, extra):
+            r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": n, **extra}, timeout=30)
             out[p] = r.json()["choices"][0]["text"]
+            finished.append(p)
 
-        # One long request first: the others queue behind it and then run together as one batch.
-        first = threading.Thread(target=ask, args=(prompts[0],))
+        # One long request first: the others arrive while it runs.
+        first = threading.Thread(target=ask, args=asks[0])
         first.start()
-        time.sleep(0.05)
-        rest = [threading.Thread(target=ask, args=(p,)) for p in prompts[1:]]
+        time.sleep(0.2)
+        rest = [threading.Thread(target=ask, args=a) for a in asks[1:]]
         for t in rest:
             t.start()
         for t in [first, *rest]:
@@ -318,7 +329,9 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(onnx_dir, tokeniz
         assert [out[p] for p in prompts] == alone
         batches = {s.labels["le"]: s.value for m in application.state.engine.batch_size.collect() for s in m.samples
                    if s.name.endswith("_bucket")}
-        assert batches["1.0"] < batches["+Inf"]  # at least one batch had more than one row
+        assert batches["1.0"] < batches["+Inf"]  # some steps ran more than one row
+        # continuous: the short ones joined the long one and were done before it; static: they waited for it
+        assert (finished[-1] == prompts[0]) == (batching == "continuous"), finished
 
 
 def test_load_benchmark_has_no_errors_below_the_queue_limit(server):
@@ -348,6 +361,8 @@ def test_port_in_use_and_bad_folders_are_clear_errors(onnx_dir, tmp_path):
     assert result.exit_code == 2 and "onnxruntime could not load" in result.output
     result = runner.invoke(cli, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "not an exported model" in result.output
+    result = runner.invoke(cli, ["serve", str(onnx_dir), "--batching", "dynamic"])
+    assert result.exit_code == 2 and "--batching 'dynamic': choose one of continuous, static" in result.output
 
 
 # -- fuzzing ------------------------------------------------------------------------------------------------
