@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -78,14 +79,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(export: Path, threads: int, seconds: float, concurrency: list[int], max_tokens: int) -> list[dict]:
-    """Start `lite-sft serve` on 127.0.0.1, load it at each concurrency, stop it."""
+@contextmanager
+def serving(export: Path, threads: int, *options: str):
+    """`lite-sft serve export` on 127.0.0.1 and a free port, with `options`: yields (its URL, its process);
+    stopped at the end."""
     import httpx
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lite_sft", "serve", str(export), "--port", str(port),
-                               "--threads", str(threads), "--device", "cpu", "--log-level", "warning",
-                               "--max-batch", "8", "--max-queue", "32"],
+                               "--threads", str(threads), "--device", "cpu", "--log-level", "warning", *options],
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -100,6 +102,15 @@ def load(export: Path, threads: int, seconds: float, concurrency: list[int], max
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"lite-sft serve did not start:\n{server.stderr.read()[-3000:]}")
             time.sleep(0.5)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def load(export: Path, threads: int, seconds: float, concurrency: list[int], max_tokens: int) -> list[dict]:
+    """Start `lite-sft serve` on 127.0.0.1, load it at each concurrency, stop it."""
+    with serving(export, threads, "--max-batch", "8", "--max-queue", "32") as (url, _):
         rows = []
         for c in concurrency:
             out = lite_sft("bench", "--url", url, "--concurrency", str(c), "--duration", str(seconds),
@@ -107,9 +118,6 @@ def load(export: Path, threads: int, seconds: float, concurrency: list[int], max
             rows.append(last_json(out))
             print("\n".join(line for line in out.splitlines() if not line.startswith("{")))
         return rows
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def main() -> None:

@@ -491,6 +491,7 @@ def bench(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="--url: concurrent clients.")] = 4,
     duration: Annotated[float, typer.Option("--duration", min=0.1, help="--url: seconds to keep sending requests.")] = 20.0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="--url: tokens per request.")] = 32,
+    min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", min=1, help="--url: each request asks a length drawn from min..max tokens.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LITE_SFT_API_KEY", help="--url: the server's API key.")] = None,
 ):
     """Latency of every backend side by side (TTFT, TPOT, ITL, tokens/s, memory; an encoder classifier's latency
@@ -503,7 +504,7 @@ def bench(
         if url:
             from lite_sft.serve.loadtest import format_load, load_test
 
-            report = load_test(url, concurrency, duration, max_tokens, api_key=api_key)
+            report = load_test(url, concurrency, duration, max_tokens, api_key=api_key, min_tokens=min_tokens)
             typer.echo(format_load(report))
             typer.echo(json.dumps(report))
             return

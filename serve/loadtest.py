@@ -4,7 +4,9 @@
     lite-sft bench --url http://127.0.0.1:8000 --concurrency 8 --duration 20 --max-tokens 32
 
 Each client sends one streaming /v1/completions request after another (`ignore_eos`, so every answer has
-`max_tokens` tokens unless the server cuts it) until the time is up; requests under way then finish. Reported:
+`max_tokens` tokens unless the server cuts it) until the time is up; requests under way then finish. With
+`min_tokens` each request asks a length drawn uniformly from min_tokens..max_tokens (seeded per client), as
+real traffic mixes short and long answers: static batching then holds every row until the batch's longest ends. Reported:
 requests/s, generated tokens/s, end-to-end latency and time to first token percentiles, and errors by
 status. With concurrency at or below the server's queue limit there must be no error: the queue never fills.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections import Counter
 
@@ -23,11 +26,13 @@ from . import ServeError
 DEFAULT_PROMPT = "Write 40817 backwards."
 
 
-async def _client(http, url: str, body: dict, deadline: float, results: list[dict]) -> None:
+async def _client(http, url: str, body: dict, deadline: float, results: list[dict], lengths: random.Random | None,
+                  min_tokens: int) -> None:
     while time.perf_counter() < deadline:
         start, first, tokens, status = time.perf_counter(), None, 0, None
+        asked = body if lengths is None else {**body, "max_tokens": lengths.randint(min_tokens, body["max_tokens"])}
         try:
-            async with http.stream("POST", url + "/v1/completions", json=body) as response:
+            async with http.stream("POST", url + "/v1/completions", json=asked) as response:
                 status = str(response.status_code)
                 if response.status_code == 200:
                     async for line in response.aiter_lines():
@@ -49,7 +54,8 @@ async def _client(http, url: str, body: dict, deadline: float, results: list[dic
                         "end": end})
 
 
-async def _run(url: str, concurrency: int, duration_s: float, body: dict, headers: dict, timeout_s: float) -> tuple:
+async def _run(url: str, concurrency: int, duration_s: float, body: dict, headers: dict, timeout_s: float,
+               min_tokens: int | None) -> tuple:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
@@ -62,20 +68,24 @@ async def _run(url: str, concurrency: int, duration_s: float, body: dict, header
                              "`lite-sft serve MODEL_DIR` (and pass --api-key if it wants one)") from err
         results: list[dict] = []
         start = time.perf_counter()
-        await asyncio.gather(*(_client(http, url, body, start + duration_s, results) for _ in range(concurrency)))
+        await asyncio.gather(*(_client(http, url, body, start + duration_s, results,
+                                       None if min_tokens is None else random.Random(c), min_tokens or 1)
+                               for c in range(concurrency)))
         return results, time.perf_counter() - start
 
 
 def load_test(url: str = "http://127.0.0.1:8000", concurrency: int = 4, duration_s: float = 20.0,
               max_tokens: int = 32, prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
-              timeout_s: float = 120.0) -> dict:
+              timeout_s: float = 120.0, min_tokens: int | None = None) -> dict:
     if concurrency < 1 or duration_s <= 0 or max_tokens < 1:
         raise ServeError("concurrency and max_tokens at least 1, duration above 0")
+    if min_tokens is not None and not 1 <= min_tokens <= max_tokens:
+        raise ServeError(f"--min-tokens {min_tokens}: between 1 and --max-tokens {max_tokens}")
     url = url.rstrip("/").removesuffix("/v1")
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    results, wall = asyncio.run(_run(url, concurrency, duration_s, body, headers, timeout_s))
+    results, wall = asyncio.run(_run(url, concurrency, duration_s, body, headers, timeout_s, min_tokens))
     ok = [r for r in results if r["status"] == "200"]
 
     def pct(key: str) -> dict:
@@ -83,7 +93,7 @@ def load_test(url: str = "http://127.0.0.1:8000", concurrency: int = 4, duration
         return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)} if values else {}
 
     return {"benchmark": "serve-load", "url": url, "concurrency": concurrency, "duration_s": round(wall, 3),
-            "max_tokens": max_tokens, "requests": len(results), "ok": len(ok),
+            "max_tokens": max_tokens, "min_tokens": min_tokens, "requests": len(results), "ok": len(ok),
             "errors": dict(Counter(r["status"] for r in results if r["status"] != "200")),
             "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "e2e_ms": pct("e2e_s"), "ttft_ms": pct("ttft_s")}
@@ -91,8 +101,10 @@ def load_test(url: str = "http://127.0.0.1:8000", concurrency: int = 4, duration
 
 def format_load(report: dict) -> str:
     e2e, ttft = report["e2e_ms"], report["ttft_ms"]
+    tokens = report["max_tokens"] if report.get("min_tokens") is None else \
+        f"{report['min_tokens']}-{report['max_tokens']}"
     lines = [f"load: {report['concurrency']} clients for {report['duration_s']:.1f} s against {report['url']}, "
-             f"{report['max_tokens']} tokens each",
+             f"{tokens} tokens each",
              f"  requests {report['requests']} ({report['ok']} ok), {report['requests_per_s']:.2f} req/s, "
              f"{report['tokens_per_s']:.1f} generated tokens/s"]
     if e2e:

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -341,6 +342,30 @@ def test_load_benchmark_has_no_errors_below_the_queue_limit(server):
     assert report["errors"] == {} and report["ok"] == report["requests"] > 3
     assert report["tokens_per_s"] > 0 and report["e2e_ms"]["p99"] >= report["e2e_ms"]["p50"] > 0
     assert "errors: none" in format_load(report)
+    mixed = load_test(server, concurrency=2, duration_s=1.0, max_tokens=8, min_tokens=1)  # lengths drawn 1..8
+    assert mixed["errors"] == {} and mixed["tokens_per_s"] / mixed["requests_per_s"] < 7  # tokens per request
+    assert "1-8 tokens each" in format_load(mixed)
+    from lite_sft.serve import ServeError
+
+    with pytest.raises(ServeError, match="--min-tokens 9: between 1 and --max-tokens 8"):
+        load_test(server, max_tokens=8, min_tokens=9)
+
+
+def test_continuous_batching_benchmark_parts(server, monkeypatch):
+    """benchmarks/continuous_batching.py's checks against a running server: same-seed answers alone and batched,
+    and the memory run's request count and RSS samples (here the test process's own, the server runs in it)."""
+    import os
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from continuous_batching import format_table, memory_run, same_seed
+
+    assert same_seed(server, 6) == {"requests": 8, "identical": True, "differing": []}
+    memory = memory_run(server, os.getpid(), requests=30, clients=3, every=10)
+    assert memory["requests"] == 30 and memory["errors"] == 0
+    assert [s["requests"] for s in memory["rss_mb"]] == [10, 20, 30, 30] and memory["rss_first_mb"] > 0
+    row = {"concurrency": 4, "tokens_per_s": 100.0, "ttft_ms": {"p50": 10.0, "p95": 20.0}}
+    table = format_table([{**row, "batching": "static"}, {**row, "batching": "continuous", "tokens_per_s": 150.0}])
+    assert "4 | 100.0 | 150.0 | 1.50x | 10 / 20 | 10 / 20" in table
 
 
 def test_port_in_use_and_bad_folders_are_clear_errors(onnx_dir, tmp_path):
