@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench_serve import SIZES, last_json, lite_sft, make_export, serving  # beside this script
-from workload import save_result
+from workload import cpu_model, save_result
 
 PROMPTS = ["Write 40817 backwards.", "hello there", "the quick brown fox", "a plan, a canal", "how are you?",
            "Write 123 backwards.", "one two three", "numbers: 9 8 7"]
@@ -128,7 +128,7 @@ def main() -> None:
     result = {"benchmark": "continuous_batching", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", "benchmarks/continuous_batching.py", *sys.argv[1:]]),
               "model": {"size": args.size, "variant": args.variant, "random_weights": True},
-              "threads": args.threads, "cpu": _cpu(), "tokens": [args.min_tokens, args.max_tokens], "load": []}
+              "threads": args.threads, "cpu": cpu_model(), "tokens": [args.min_tokens, args.max_tokens], "load": []}
     with serving(export, args.threads, "--batching", "static", *options) as (static_url, _), \
             serving(export, args.threads, "--batching", "continuous", *options) as (cont_url, cont):
         urls = dict(zip(MODES, (static_url, cont_url)))
@@ -162,14 +162,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {s['ttft_ms']['p50']:.0f} / "
                      f"{s['ttft_ms']['p95']:.0f} | {c['ttft_ms']['p50']:.0f} / {c['ttft_ms']['p95']:.0f}")
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

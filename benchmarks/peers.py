@@ -53,7 +53,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -63,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workload import WORDS, save_result, write_chat_data  # beside this script
+from workload import WORDS, cpu_model, save_result, write_chat_data  # beside this script
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "peers_worker.py"
@@ -320,14 +319,6 @@ def command(argv: list[str]) -> str:
     words = [w if prev != "--work-dir" else "WORK" for prev, w in zip(["", *argv], argv)]
     words = [w.split("=")[0] + "=WORK" if w.startswith("--work-dir=") else w for w in words]
     return " ".join(["python", "benchmarks/peers.py", *words])
-
-
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:

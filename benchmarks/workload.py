@@ -1,5 +1,5 @@
 """What the benchmarks share: a small chat data set, a locally trained tokenizer, how a fresh process
-measures its own peak memory, and how a result is saved.
+measures its own peak memory, the CPU's name, and how a result is saved.
 
 Random-weight models give honest time and memory figures (the arithmetic does not depend on the
 weights' values); the data only has to exercise the chat template and the masking.
@@ -8,6 +8,7 @@ weights' values); the data only has to exercise the chat template and the maskin
 from __future__ import annotations
 
 import json
+import platform
 import random
 import resource
 import sys
@@ -100,6 +101,14 @@ def peak_rss() -> int:
         return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def save_result(kind: str, result: dict) -> Path:
