@@ -207,6 +207,19 @@ def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     return ids, mask
 
 
+def align_left(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded rows as right-padded ones (the tokens first).
+
+    >>> [a.tolist() for a in align_left(np.array([[0, 7, 8], [5, 6, 9]]), np.array([[0, 1, 1], [1, 1, 1]]), 0)]
+    [[[7, 8, 0], [5, 6, 9]], [[1, 1, 0], [1, 1, 1]]]
+    """
+    out, out_mask = np.full_like(ids, pad_id), np.zeros_like(mask)
+    for i, (row, keep) in enumerate(zip(ids, mask.astype(bool))):
+        tokens = row[keep]
+        out[i, :len(tokens)], out_mask[i, :len(tokens)] = tokens, 1
+    return out, out_mask
+
+
 def over_context(prompt: int, new_tokens: int, backend) -> str | None:
     """Why `prompt` tokens + `new_tokens` do not fit the model, or None. A decoder-only model holds both in one
     context; an encoder-decoder reads the prompt with its encoder and writes the output with its decoder, each

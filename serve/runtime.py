@@ -22,6 +22,14 @@ Rows in one state share one cache length; a row is left-padded (mask 0) to it. j
 rows at the longer length, and keep drops the leading columns no remaining row attends to, so a batch that
 rows keep joining and leaving never holds more columns than its longest live row.
 
+A graph whose attention is onnxruntime's fused GroupQueryAttention (as onnxruntime-genai's model builder makes
+them: ~150 nodes a step where optimum's graph runs ~1,000) keeps each row's cache from column 0 instead: GQA
+reads a row's length from the attention mask's sum, places its positions from that, and writes a row's new
+key and value right after its own past (onnxruntime's GQA kernel: past_seqlen = seqlens_k + 1 - new), so rows
+are right-padded, and a left-padded batch would be wrong (measured: the batched tokens differ from alone).
+Such a graph has no position_ids input; the same three calls, join and keep work with the padding on the right.
+Its prompt is prefilled in one call (GQA's chunked "subsequent prompt" is not used).
+
 Why IO binding and ping-pong buffers: optimum's graph takes `past_key_values.N.*` of length L and returns
 `present.N.*` of length L + new, a fresh tensor each step. Without binding, onnxruntime allocates every
 present tensor and copies it to the host, and we copy it back. Here each layer's K and V live in two device
@@ -43,6 +51,7 @@ import numpy as np
 import torch
 
 from . import ServeError
+from .generate import align_left
 from .sessions import DEVICES, onnx_precision, open_session
 
 
@@ -259,16 +268,20 @@ class OrtBackend:
             raise ServeError(f"{self.folder / ONNX_FILE} is not a decoder with a KV cache (missing inputs "
                              f"{sorted(missing)}): export it with `lite-sft export` (task text-generation-with-past)")
         self.has_positions = "position_ids" in inputs
+        self.pad_right = _uses_gqa(self.folder / ONNX_FILE)  # rows from column 0: see the module docstring
         # past_key_values.N.key -> present.N.key, in layer order
         self.kv = [(name, name.replace("past_key_values", "present")) for name in inputs if name.startswith("past_key_values.")]
         past = inputs["past_key_values.0.key"]
+        config = json.loads((self.folder / "config.json").read_text())
         self.kv_heads, self.head_dim = past.shape[1], past.shape[3]
-        if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
+        if not isinstance(self.head_dim, int):  # a symbolic axis (onnxruntime-genai's builder names it): config's
+            heads = config.get("num_attention_heads")
+            self.head_dim = config.get("head_dim") or (heads and config.get("hidden_size", 0) // heads)
+        if not all(isinstance(d, int) and d > 0 for d in (self.kv_heads, self.head_dim)):
             raise ServeError(f"{self.folder}: cannot read the KV cache's head count and size from {past.shape}")
         self.kv_dtype = ORT_TYPES[past.type]
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         self.logits_dtype = ORT_TYPES[logits_type]
-        config = json.loads((self.folder / "config.json").read_text())
         self.vocab_size = config.get("vocab_size") or self.session.get_outputs()[0].shape[-1]
         self.max_context = max_context(self.folder)
         self.precision = onnx_precision(self.folder, self.kv_dtype == torch.float16)
@@ -338,28 +351,38 @@ class OrtBackend:
         """Read the (left-padded) prompts; `capacity` is the longest the cache will grow (prompt + new tokens)."""
         batch, seq = ids.shape
         state = OrtState(self._take(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding())
+        if self.pad_right:
+            ids, mask = align_left(ids, mask, 0)
+            logits = self._run(state, ids, mask)  # (batch, seq, vocab): each row's last token is its own
+            return _numpy(logits[torch.arange(batch), torch.from_numpy(mask.sum(axis=1) - 1)]), state
         chunk = max(1, LOGITS_BUDGET_BYTES // (batch * self.vocab_size * 4))
         for start in range(0, seq, chunk):
             logits = self._run(state, ids[:, start:start + chunk], mask[:, :start + chunk])
-        return logits, state
+        return _numpy(logits[:, -1]), state
 
     def decode(self, state: OrtState, tokens: np.ndarray) -> np.ndarray:
-        ones = np.ones((state.batch, 1), dtype=np.int64)
-        return self._run(state, tokens.reshape(-1, 1).astype(np.int64), np.concatenate([state.mask, ones], axis=1))
+        if self.pad_right:  # each row's next column is its own: ones up to its length + 1
+            mask = (np.arange(state.length + 1) <= state.mask.sum(axis=1)[:, None]).astype(np.int64)
+        else:
+            mask = np.concatenate([state.mask, np.ones((state.batch, 1), dtype=np.int64)], axis=1)
+        return _numpy(self._run(state, tokens.reshape(-1, 1).astype(np.int64), mask)[:, -1])
 
     def keep(self, state: OrtState, rows: list[int]) -> OrtState:
         """Only `rows` of the batch go on: their cache is gathered into the other buffer, without the leading
         columns that were padding for all of them (left there by a longer row that has left)."""
         mask = state.mask[rows]
-        pad = int(mask.any(axis=0).argmax())  # every row has a token, so some column is 1
-        length = state.length - pad
+        if self.pad_right:  # the columns after the longest kept row go
+            start, length = 0, int(mask.sum(axis=1).max())
+        else:  # every row has a token, so some column is 1
+            start = int(mask.any(axis=0).argmax())
+            length = state.length - start
         index = torch.tensor(rows, device=self.device)
         src, dst = state.buffers[state.current], state.buffers[1 - state.current]
         for name, _ in self.kv:
-            torch.index_select(self._view(src[name], state.batch, state.length)[:, :, pad:], 0, index,
-                               out=self._view(dst[name], len(rows), length))
+            torch.index_select(self._view(src[name], state.batch, state.length)[:, :, start:start + length], 0,
+                               index, out=self._view(dst[name], len(rows), length))
         self._synchronize()
-        state.current, state.length, state.mask = 1 - state.current, length, mask[:, pad:]
+        state.current, state.length, state.mask = 1 - state.current, length, mask[:, start:start + length]
         return state
 
     def join(self, state: OrtState, other: OrtState) -> OrtState:
@@ -374,12 +397,15 @@ class OrtBackend:
             out, row = self._view(buffers[0][name], batch, length), 0
             for part in (state, other):
                 pad = length - part.length
-                out[row:row + part.batch, :, :pad].zero_()
-                out[row:row + part.batch, :, pad:].copy_(self._view(part.buffers[part.current][name], part.batch,
+                cache, padding = (slice(0, part.length), slice(part.length, length)) if self.pad_right else \
+                    (slice(pad, length), slice(0, pad))
+                out[row:row + part.batch, :, padding].zero_()
+                out[row:row + part.batch, :, cache].copy_(self._view(part.buffers[part.current][name], part.batch,
                                                                      part.length))
                 row += part.batch
         self._synchronize()
-        mask = np.concatenate([np.pad(s.mask, ((0, 0), (length - s.length, 0))) for s in (state, other)])
+        mask = np.concatenate([np.pad(s.mask, ((0, 0), (0, length - s.length) if self.pad_right
+                                               else (length - s.length, 0))) for s in (state, other)])
         self.release(state)
         self.release(other)
         return OrtState(buffers, 0, length, mask, capacity, self.session.io_binding())
@@ -388,8 +414,8 @@ class OrtBackend:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # onnxruntime runs on its own stream
 
-    def _run(self, state: OrtState, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """One forward over `ids` (batch, new) after the cached tokens; returns the last position's logits."""
+    def _run(self, state: OrtState, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        """One forward over `ids` (batch, new) after the cached tokens; returns the logits (batch, new, vocab)."""
         batch, new = ids.shape
         length = state.length + new
         if length > state.capacity:
@@ -411,7 +437,19 @@ class OrtBackend:
         if self.device.type == "cuda":
             binding.synchronize_outputs()
         state.current, state.length, state.mask = 1 - state.current, length, mask
-        return logits[:, -1].float().cpu().numpy()  # (batch, vocab)
+        return logits
+
+
+def _numpy(logits: torch.Tensor) -> np.ndarray:
+    return logits.float().cpu().numpy()
+
+
+def _uses_gqa(model_file: Path) -> bool:
+    """Whether the graph's attention is onnxruntime's GroupQueryAttention (its weights are not read)."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return any(node.op_type == "GroupQueryAttention" for node in graph.node)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import ServeError
+from .generate import align_left
 from .runtime import max_context
 from .sessions import check_provider, onnx_precision, ort_providers, session_options
 
@@ -43,19 +44,6 @@ class Seq2SeqState:
     @property
     def batch(self) -> int:
         return self.mask.shape[0]
-
-
-def align_left(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded rows as right-padded ones (the tokens first).
-
-    >>> [a.tolist() for a in align_left(np.array([[0, 7, 8], [5, 6, 9]]), np.array([[0, 1, 1], [1, 1, 1]]), 0)]
-    [[[7, 8, 0], [5, 6, 9]], [[1, 1, 0], [1, 1, 1]]]
-    """
-    out, out_mask = np.full_like(ids, pad_id), np.zeros_like(mask)
-    for i, (row, keep) in enumerate(zip(ids, mask.astype(bool))):
-        tokens = row[keep]
-        out[i, :len(tokens)], out_mask[i, :len(tokens)] = tokens, 1
-    return out, out_mask
 
 
 class Seq2SeqBackend:
