@@ -17,6 +17,11 @@ export's merged/ folder, so all three run the same weights:
                       explicitly: MatMulNBits, block 32, int8 activations); its fused GroupQueryAttention graph
   llama.cpp           convert_hf_to_gguf.py from the llama-cpp-python sdist (--outtype f32), then llama.cpp's
                       quantiser (llama_model_quantize) to q8_0 and q4_0; run by llama-cpp-python's C binding
+  lite-sft-gqa        (with genai) the builder's graph served by lite-sft's runtime: its fused
+                      GroupQueryAttention, rows right-padded, the cache written in place (serve/runtime.py), from
+                      a folder linking its model.onnx beside lite-sft's config and tokenizer. Measured only when
+                      its gate passes (gqa_gate: fp32 greedy tokens equal lite-sft's own fp32 export's, and a
+                      padded batch's logits equal each row's alone); the comparison takes lite-sft's faster graph.
 The tokenizer is a SentencePiece model (a unigram vocabulary of ~300 pieces with byte fallback) written
 here as the protobuf that transformers ships the schema of, because the sentencepiece package is not a
 lite-sft dependency: convert_hf_to_gguf.py takes a `tokenizer.model` down Llama's SPM path with no
@@ -67,8 +72,10 @@ from workload import WORDS, cpu_model, save_result, write_chat_data  # beside th
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "peers_worker.py"
 REQUIREMENTS = HERE / "peers-requirements.txt"
-ENGINES = ("lite-sft", "genai", "llama.cpp")
+ENGINES = ("lite-sft", "lite-sft-gqa", "genai", "llama.cpp")
 PEER_NAMES = {"genai": "onnxruntime-genai", "llama.cpp": "llama.cpp"}
+OURS = ("lite-sft", "lite-sft-gqa")
+GATE_TOKENS = 16
 PRECISIONS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp16", "int4")}
 GGUF_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 # hidden, layers, intermediate, heads, vocabulary (key-value heads: --kv-heads)
@@ -237,6 +244,57 @@ def build_genai(work: Path, source: Path, precision: str, device: str, peer: dic
     return out, opts
 
 
+def served_gqa(work: Path, genai: Path, onnx: Path, precision: str) -> Path:
+    """The builder's graph as a folder lite-sft serves: its model.onnx (and weights) linked, and the config,
+    generation config and tokenizer of lite-sft's own export beside it."""
+    out = work / f"lite-sft-gqa-{precision}"
+    out.mkdir(exist_ok=True)
+    for f in genai.iterdir():
+        if f.name.startswith("model.onnx") and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    for f in onnx.iterdir():
+        if f.suffix in (".json", ".model", ".jinja", ".txt") and f.name != "genai_config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def gqa_gate(reference: Path, served: Path, precision: str, device: str, threads: int) -> dict:
+    """Whether lite-sft's runtime runs the builder's graph right, on 4 prompts of different lengths:
+    - fp32: its greedy tokens alone are lite-sft's own fp32 export's, token for token, and the same batched;
+    - every precision: a left-padded batch's logits (prefill, then one decode step on the same tokens) are each
+      row's logits alone, within 1e-4 in fp32 and 0.05 quantised (the int8 activations of MatMulNBits are
+      rounded per row, but its kernels take other paths for one row and for several). A padding or cache
+      placement error gives other logits altogether.
+    Agreement of the greedy tokens with lite-sft's fp32 export is told for every precision."""
+    from lite_sft.serve.generate import SamplingParams, generate_ids, pad_left
+    from lite_sft.serve.runtime import OrtBackend
+
+    ref, gqa = OrtBackend(reference, device, threads), OrtBackend(served, device, threads)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(16, ref.vocab_size, n).tolist() for n in (40, 7, 23, 2)]
+    params = SamplingParams(max_new_tokens=GATE_TOKENS)
+    expected = [generate_ids(ref, [p], params)[0] for p in prompts]
+    alone = [generate_ids(gqa, [p], params)[0] for p in prompts]
+
+    def two_steps(rows: list[list[int]]) -> np.ndarray:  # (2, rows, vocab): prefill's logits, then a decode's
+        ids, mask = pad_left(rows)
+        first, state = gqa.prefill(ids, mask, ids.shape[1] + 2)
+        second = gqa.decode(state, np.array([e[0] for e in expected[:len(rows)]] if len(rows) > 1
+                                            else [expected[prompts.index(rows[0])][0]]))
+        gqa.release(state)
+        return np.stack([first, second])
+
+    batched = two_steps(prompts)
+    each = np.concatenate([two_steps([p]) for p in prompts], axis=1)
+    drift = float(np.abs(batched - each).max())
+    fp = precision in ("fp32", "fp16")
+    agree = float(np.mean([a == b for x, y in zip(alone, expected) for a, b in zip(x, y)]))
+    passed = drift <= (1e-4 if fp else 5e-2) and (not fp or (alone == expected
+                                                              and generate_ids(gqa, prompts, params) == alone))
+    return {"passed": passed, "batch_logits_max_abs_diff": drift, "agreement_with_fp32": round(agree, 3),
+            "prompts": [len(p) for p in prompts], "tokens": GATE_TOKENS, "right_padded": gqa.pad_right}
+
+
 def build_gguf(work: Path, source: Path, precision: str, peer: dict, threads: int) -> Path:
     kind = GGUF_TYPES[precision]
     out = work / f"model-{kind}.gguf"
@@ -261,9 +319,10 @@ def measure(engine: str, model: Path, variant: str, prompts: Path, batch: int, a
     """One cell in a fresh process: the worker's per-run token times, summarised as lite-sft bench does."""
     from lite_sft.serve.bench import summarize
 
-    python, env = ((sys.executable, {**os.environ, "OMP_NUM_THREADS": str(args.threads)}) if engine == "lite-sft"
+    python, env = ((sys.executable, {**os.environ, "OMP_NUM_THREADS": str(args.threads)}) if engine in OURS
                    else (peer["python"], peer["env"]))
-    cmd = [python, str(WORKER), "measure", engine, str(model), "--variant", variant, "--prompts", str(prompts),
+    worker = "lite-sft" if engine in OURS else engine  # lite-sft-gqa: the same loop on another graph
+    cmd = [python, str(WORKER), "measure", worker, str(model), "--variant", variant, "--prompts", str(prompts),
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--device", args.device]
     try:
@@ -280,18 +339,20 @@ def measure(engine: str, model: Path, variant: str, prompts: Path, batch: int, a
 
 
 def compare(cells: list[dict]) -> list[dict]:
-    """Per (precision, batch): lite-sft's decode tok/s over the faster peer's, and its TTFT over the lower."""
+    """Per (precision, batch): lite-sft's decode tok/s over the faster peer's, and its TTFT over the lower; for
+    lite-sft, the faster of its graphs (optimum's export, or the builder's through lite-sft's runtime)."""
     rows = []
     for precision, batch in dict.fromkeys((c["precision"], c["batch"]) for c in cells):
         here = [c for c in cells if (c["precision"], c["batch"]) == (precision, batch) and "decode_tok_s" in c]
-        ours = next((c for c in here if c["engine"] == "lite-sft"), None)
-        peers = [c for c in here if c["engine"] != "lite-sft"]
+        ours = max((c for c in here if c["engine"] in OURS), key=lambda c: c["decode_tok_s"], default=None)
+        peers = [c for c in here if c["engine"] not in OURS]
         if ours is None or not peers:
             continue
         fastest = max(peers, key=lambda c: c["decode_tok_s"])
         quickest = min(peers, key=lambda c: c["ttft_ms"])
         decode, ttft = ours["decode_tok_s"] / fastest["decode_tok_s"], ours["ttft_ms"] / quickest["ttft_ms"]
-        rows.append({"precision": precision, "batch": batch, "fastest_peer": PEER_NAMES[fastest["engine"]],
+        rows.append({"precision": precision, "batch": batch, "lite_sft_graph": ours["engine"],
+                     "fastest_peer": PEER_NAMES[fastest["engine"]],
                      "decode_ratio": round(decode, 3), "lowest_ttft_peer": PEER_NAMES[quickest["engine"]],
                      "ttft_ratio": round(ttft, 3), "meets_goal": decode >= 1.2 and ttft <= 1.0})
     return rows
@@ -302,12 +363,13 @@ def format_table(cells: list[dict], comparison: list[dict]) -> str:
     lines = [f"{'precision':<9} {'batch':>5}  {'engine':<18} {'artefact':<10} {'decode tok/s':>12} {'TTFT ms':>9}  vs best",
              "-" * 84]
     for c in cells:
-        name = "lite-sft" if c["engine"] == "lite-sft" else PEER_NAMES[c["engine"]]
+        name = c["engine"] if c["engine"] in OURS else PEER_NAMES[c["engine"]]
         if "decode_tok_s" not in c:
             why = c.get("skip") or "error: " + c.get("error", "").strip().splitlines()[-1][:60]
             lines.append(f"{c['precision']:<9} {c['batch']:>5}  {name:<18} {c['artefact']:<10} {why}")
             continue
-        r = ratios.get((c["precision"], c["batch"])) if c["engine"] == "lite-sft" else None
+        r = ratios.get((c["precision"], c["batch"]))
+        r = r if r and r["lite_sft_graph"] == c["engine"] else None
         vs = f"  decode {r['decode_ratio']:.2f}x, TTFT {r['ttft_ratio']:.2f}x" if r else ""
         lines.append(f"{c['precision']:<9} {c['batch']:>5}  {name:<18} {c['artefact']:<10} "
                      f"{c['decode_tok_s']:>12.1f} {c['ttft_ms']:>9.1f}{vs}")
@@ -363,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     peer = peer_env(Path(args.work_dir), args) if peers else None
 
     artefacts: dict[tuple[str, str], tuple[Path, str, str] | str] = {}  # (engine, precision) -> (model, variant, name)
-    builder_options = {}
+    builder_options, gates = {}, {}
     for precision in precisions:
         out, variant = exports[precision]
         artefacts["lite-sft", precision] = (out, variant, f"onnx-{variant}" if variant != "fp" else "onnx")
@@ -371,6 +433,12 @@ def main(argv: list[str] | None = None) -> dict:
             folder, opts = build_genai(work, source, precision, args.device, peer)
             artefacts["genai", precision] = (folder, "fp", precision)
             builder_options[precision] = opts
+            served = served_gqa(work, folder, out / "onnx", precision)
+            gates[precision] = gate = gqa_gate(out / "onnx", served, precision, args.device, args.threads)
+            print(f"== lite-sft on the builder's {precision} graph: gate {'passed' if gate['passed'] else 'FAILED'} "
+                  f"({gate})", flush=True)
+            artefacts["lite-sft-gqa", precision] = ((served, "fp", f"gqa-{precision}") if gate["passed"] else
+                                                    "the gate failed: see gates in the JSON")
         if "llama.cpp" in peers:
             artefacts["llama.cpp", precision] = ("needs a CUDA build of llama-cpp-python, out of scope here"
                                                   if args.device == "cuda" else
@@ -384,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = work / f"prompts-{batch}x{args.prompt_len}.json"
         prompts.write_text(json.dumps(rng.integers(16, vocab, size=(batch, args.prompt_len)).tolist()))
         for precision in precisions:
-            for engine in [e for e in ENGINES if e == "lite-sft" or e in peers]:
+            for engine in [e for e in ENGINES if e == "lite-sft" or e in peers or (e == "lite-sft-gqa" and "genai" in peers)]:
                 found = artefacts[engine, precision]
                 cell = {"engine": engine, "precision": precision, "batch": batch}
                 if isinstance(found, str):
@@ -418,6 +486,9 @@ def main(argv: list[str] | None = None) -> dict:
         "engines": {
             "lite-sft": {"versions": versions.get("lite-sft"), "export": "lite-sft export RUN --quantize int8 | "
                          "int4 (block 32); served by lite_sft.serve load_backend + generate"},
+            **({"lite-sft-gqa": {"graph": "onnxruntime-genai's builder output (the genai cells' folder) with "
+                "lite-sft's config and tokenizer beside it; served by lite_sft.serve load_backend + generate "
+                "(rows right-padded, cache written in place)", "gates": gates}} if "genai" in peers else {}),
             **({"onnxruntime-genai": {"versions": versions.get("genai"), "builder": "python -m "
                 "onnxruntime_genai.models.builder -i MERGED -o DIR -c CACHE", "options": builder_options}}
                if "genai" in peers else {}),
@@ -428,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "peer_python": None if peer is None else ("venv from benchmarks/peers-requirements.txt" if peer["made"]
                                                   else "given (--peer-python)"),
-        "cells": [{k: v for k, v in c.items() if k != "versions" or c["engine"] == "lite-sft"} for c in cells],
+        "cells": [{k: v for k, v in c.items() if k != "versions" or c["engine"] in OURS} for c in cells],
         "comparison": comparison,
     }
     save_result("peers", result)

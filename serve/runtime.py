@@ -28,7 +28,10 @@ reads a row's length from the attention mask's sum, places its positions from th
 key and value right after its own past (onnxruntime's GQA kernel: past_seqlen = seqlens_k + 1 - new), so rows
 are right-padded, and a left-padded batch would be wrong (measured: the batched tokens differ from alone).
 Such a graph has no position_ids input; the same three calls, join and keep work with the padding on the right.
-Its prompt is prefilled in one call (GQA's chunked "subsequent prompt" is not used).
+Its prompt is prefilled in one call (GQA's chunked "subsequent prompt" is not used). And its cache is written
+in place, as onnxruntime-genai runs it: past and present are bound to one buffer of the state's whole
+capacity (GQA then appends each row's new key and value where its past ends and copies nothing), instead of
+the two buffers optimum's Concat needs, which copies the whole cache every step.
 
 Why IO binding and ping-pong buffers: optimum's graph takes `past_key_values.N.*` of length L and returns
 `present.N.*` of length L + new, a fresh tensor each step. Without binding, onnxruntime allocates every
@@ -96,6 +99,10 @@ def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ServeError(f"{folder} is a `lite-sft tune` run directory: export it first "
                          f"(`lite-sft export {folder} --out OUT`) and serve OUT")
+    if (folder / "genai_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ServeError(f"{folder} is onnxruntime-genai's builder output: copy config.json, generation_config.json "
+                         "and the tokenizer files of the model it was built from (an export's merged/ or onnx/) "
+                         "beside its model.onnx, and serve it")
     if not (folder / "config.json").is_file():
         raise ServeError(f"{folder} is not an exported model: expected model.onnx + config.json (an ONNX folder), "
                          "config.json + weights (a Hugging Face folder) or an export OUT with parity.json")
@@ -379,8 +386,8 @@ class OrtBackend:
         index = torch.tensor(rows, device=self.device)
         src, dst = state.buffers[state.current], state.buffers[1 - state.current]
         for name, _ in self.kv:
-            torch.index_select(self._view(src[name], state.batch, state.length)[:, :, start:start + length], 0,
-                               index, out=self._view(dst[name], len(rows), length))
+            kept = self._cache(src[name], state.batch, state.length, state.capacity)[:, :, start:start + length]
+            self._cache(dst[name], len(rows), length, state.capacity).copy_(torch.index_select(kept, 0, index))
         self._synchronize()
         state.current, state.length, state.mask = 1 - state.current, length, mask[:, start:start + length]
         return state
@@ -394,14 +401,14 @@ class OrtBackend:
         batch = state.batch + other.batch
         buffers = self._take(batch, capacity)
         for name, _ in self.kv:
-            out, row = self._view(buffers[0][name], batch, length), 0
+            out, row = self._cache(buffers[0][name], batch, length, capacity), 0
             for part in (state, other):
                 pad = length - part.length
                 cache, padding = (slice(0, part.length), slice(part.length, length)) if self.pad_right else \
                     (slice(pad, length), slice(0, pad))
                 out[row:row + part.batch, :, padding].zero_()
-                out[row:row + part.batch, :, cache].copy_(self._view(part.buffers[part.current][name], part.batch,
-                                                                     part.length))
+                out[row:row + part.batch, :, cache].copy_(self._cache(part.buffers[part.current][name], part.batch,
+                                                                      part.length, part.capacity))
                 row += part.batch
         self._synchronize()
         mask = np.concatenate([np.pad(s.mask, ((0, 0), (0, length - s.length) if self.pad_right
@@ -409,6 +416,13 @@ class OrtBackend:
         self.release(state)
         self.release(other)
         return OrtState(buffers, 0, length, mask, capacity, self.session.io_binding())
+
+    def _cache(self, flat: torch.Tensor, batch: int, length: int, capacity: int) -> torch.Tensor:
+        """The (batch, heads, length, dim) cache held in `flat`: contiguous at `length` columns, or, written in
+        place (GQA), the first `length` columns of a (batch, heads, capacity, dim) buffer."""
+        if self.pad_right:
+            return self._view(flat, batch, capacity)[:, :, :length]
+        return self._view(flat, batch, length)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -429,14 +443,20 @@ class OrtBackend:
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         src, dst = state.buffers[state.current], state.buffers[1 - state.current]
         for past, present in self.kv:
-            self._bind(binding, past, self._view(src[past], batch, state.length))
-            self._bind(binding, present, self._view(dst[past], batch, length), output=True)
+            if self.pad_right:  # in place: one buffer of the whole capacity is both past and present
+                self._bind(binding, past, self._view(src[past], batch, state.capacity))
+                self._bind(binding, present, self._view(src[past], batch, state.capacity), output=True)
+            else:
+                self._bind(binding, past, self._view(src[past], batch, state.length))
+                self._bind(binding, present, self._view(dst[past], batch, length), output=True)
         logits = torch.empty(batch, new, self.vocab_size, dtype=self.logits_dtype, device=self.device)
         self._bind(binding, "logits", logits, output=True)
         self.session.run_with_iobinding(binding)
         if self.device.type == "cuda":
             binding.synchronize_outputs()
-        state.current, state.length, state.mask = 1 - state.current, length, mask
+        if not self.pad_right:
+            state.current = 1 - state.current
+        state.length, state.mask = length, mask
         return logits
 
 

@@ -426,3 +426,61 @@ def fuzz_posts(url: str, mode: str, max_examples: int) -> set[str]:
 
         check()
     return {op.path for op in posts}
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory):
+    """A tiny random decoder whose attention is onnxruntime's GroupQueryAttention (rotary inside, 4 query heads
+    over 2 key-value heads), wired as onnxruntime-genai's builder wires it: the mask's sum gives each row's
+    length, its width the total length, and there is no position_ids input."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vocab, hidden, heads, kv_heads, dim, layers, positions = 64, 32, 4, 2, 16, 2, 128  # GQA: head size 16k
+    weights = {"embed": rng.normal(0, 1, (vocab, hidden)), "head": rng.normal(0, 0.3, (hidden, vocab))}
+    angles = np.outer(np.arange(positions), 1.0 / 10000 ** (np.arange(0, dim, 2) / dim))
+    weights |= {"cos": np.cos(angles), "sin": np.sin(angles), "one": np.array([1]), "axis": np.array([1])}
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
+    nodes = [helper.make_node("ReduceSum", ["attention_mask", "axis"], ["lengths"], keepdims=0),
+             helper.make_node("Sub", ["lengths", "one"], ["last"]),
+             helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
+             helper.make_node("Shape", ["attention_mask"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["width"], axis=0),
+             helper.make_node("Squeeze", ["width"], ["width0"]),
+             helper.make_node("Cast", ["width0"], ["total_len"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["embed", "input_ids"], ["x0"])]
+    for layer in range(layers):
+        weights[f"qkv{layer}"] = rng.normal(0, 0.3, (hidden, (heads + 2 * kv_heads) * dim))
+        weights[f"out{layer}"] = rng.normal(0, 0.3, (heads * dim, hidden))
+        past, present = f"past_key_values.{layer}", f"present.{layer}"
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"{past}.{kind}", TensorProto.FLOAT,
+                                                        ["batch", kv_heads, "past", "kv_cache_dim"]))
+            outputs.append(helper.make_tensor_value_info(f"{present}.{kind}", TensorProto.FLOAT,
+                                                         ["batch", kv_heads, "total", dim]))
+        nodes += [helper.make_node("MatMul", [f"x{layer}", f"qkv{layer}"], [f"qkv_out{layer}"]),
+                  helper.make_node("GroupQueryAttention", [f"qkv_out{layer}", "", "", f"{past}.key", f"{past}.value",
+                                                           "seqlens_k", "total_len", "cos", "sin"],
+                                   [f"att{layer}", f"{present}.key", f"{present}.value"], domain="com.microsoft",
+                                   num_heads=heads, kv_num_heads=kv_heads, do_rotary=1),
+                  helper.make_node("MatMul", [f"att{layer}", f"out{layer}"], [f"proj{layer}"]),
+                  helper.make_node("Add", [f"x{layer}", f"proj{layer}"], [f"x{layer + 1}"])]
+    nodes.append(helper.make_node("MatMul", [f"x{layers}", "head"], ["logits"]))
+    initializers = [numpy_helper.from_array(w.astype(np.int64 if name in ("one", "axis") else np.float32), name)
+                    for name, w in weights.items()]
+    model = helper.make_model(helper.make_graph(nodes, "gqa", inputs, outputs, initializers),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)  # what onnxruntime 1.31 reads (onnx may write a newer one)
+    folder = tmp_path_factory.mktemp("gqa")
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": dim,
+        "max_position_embeddings": positions}))  # the head size axis is symbolic, as the builder writes it
+    return folder

@@ -49,19 +49,21 @@ def test_quick_lite_sft_only_measures_every_cell(peers, tmp_path):
 
 
 def test_compare_takes_the_faster_peer_and_the_lower_ttft(peers):
-    cells = [cell("lite-sft", "int8", 1, 120.0, 80.0), cell("genai", "int8", 1, 170.0, 160.0),
-             cell("llama.cpp", "int8", 1, 200.0, 100.0),
-             cell("lite-sft", "fp32", 8, 300.0, 50.0), cell("genai", "fp32", 8, 240.0, 60.0),
+    cells = [cell("lite-sft", "int8", 1, 120.0, 80.0), cell("lite-sft-gqa", "int8", 1, 100.0, 70.0),
+             cell("genai", "int8", 1, 170.0, 160.0), cell("llama.cpp", "int8", 1, 200.0, 100.0),
+             cell("lite-sft", "fp32", 8, 200.0, 50.0), cell("lite-sft-gqa", "fp32", 8, 300.0, 50.0),
+             cell("genai", "fp32", 8, 240.0, 60.0),
              {"engine": "llama.cpp", "precision": "fp32", "batch": 8, "artefact": "f32", "error": "boom"},
              cell("lite-sft", "int4", 1, 50.0, 10.0)]  # no peer measured: no comparison row
     rows = peers.compare(cells)
-    assert rows == [
-        {"precision": "int8", "batch": 1, "fastest_peer": "llama.cpp", "decode_ratio": 0.6,
-         "lowest_ttft_peer": "llama.cpp", "ttft_ratio": 0.8, "meets_goal": False},
-        {"precision": "fp32", "batch": 8, "fastest_peer": "onnxruntime-genai", "decode_ratio": 1.25,
-         "lowest_ttft_peer": "onnxruntime-genai", "ttft_ratio": 0.833, "meets_goal": True}]
+    assert rows == [  # lite-sft's faster graph is the one compared
+        {"precision": "int8", "batch": 1, "lite_sft_graph": "lite-sft", "fastest_peer": "llama.cpp",
+         "decode_ratio": 0.6, "lowest_ttft_peer": "llama.cpp", "ttft_ratio": 0.8, "meets_goal": False},
+        {"precision": "fp32", "batch": 8, "lite_sft_graph": "lite-sft-gqa", "fastest_peer": "onnxruntime-genai",
+         "decode_ratio": 1.25, "lowest_ttft_peer": "onnxruntime-genai", "ttft_ratio": 0.833, "meets_goal": True}]
     table = peers.format_table(cells, rows)
     assert "decode 0.60x, TTFT 0.80x" in table and "error: boom" in table
+    assert "lite-sft-gqa" in table and table.count("decode 1.25x") == 1
 
 
 def test_spm_tokenizer_is_a_sentencepiece_model_with_llama_specials(peers, tmp_path):
@@ -90,3 +92,22 @@ def test_command_hides_the_work_folder(peers):
     assert peers.command(["--work-dir", "/scratch/x", "--batches", "1"]) == \
         "python benchmarks/peers.py --work-dir WORK --batches 1"
     assert peers.command(["--work-dir=/scratch/x"]) == "python benchmarks/peers.py --work-dir=WORK"
+
+
+def test_the_gate_on_a_group_query_attention_graph(peers, gqa_dir, tmp_path, monkeypatch):
+    """The graph onnxruntime-genai's builder makes, through lite-sft's runtime: served from a folder of links
+    and lite-sft's config, and gated; fed left-padded (as optimum's graphs are), the gate fails."""
+    import lite_sft.serve.runtime as runtime
+
+    builder_out = tmp_path / "genai"
+    builder_out.mkdir()
+    (builder_out / "model.onnx").symlink_to(gqa_dir / "model.onnx")
+    (builder_out / "genai_config.json").write_text("{}")
+    served = peers.served_gqa(tmp_path, builder_out, gqa_dir, "fp32")
+    assert (served / "model.onnx").resolve() == (gqa_dir / "model.onnx").resolve()
+    assert (served / "config.json").is_file() and not (served / "genai_config.json").exists()
+    gate = peers.gqa_gate(gqa_dir, served, "fp32", "cpu", 1)
+    assert gate["passed"] and gate["right_padded"] and gate["batch_logits_max_abs_diff"] < 1e-5
+    monkeypatch.setattr(runtime, "_uses_gqa", lambda _: False)
+    gate = peers.gqa_gate(gqa_dir, served, "int4", "cpu", 1)
+    assert not gate["passed"] and gate["batch_logits_max_abs_diff"] > 0.05
