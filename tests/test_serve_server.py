@@ -297,6 +297,41 @@ def test_clients_that_give_up_free_their_place_and_their_rows(onnx_dir, tokenize
         assert engine.tokens._value.get() < 50  # the first's rows left the batch when its client went away
 
 
+def test_queue_limit_and_a_client_that_leaves_under_continuous_batching(onnx_dir, tokenizer):
+    """Two rows fit: a second request joins the running one, a third waits (the queue holds one), a fourth is
+    refused with 429. When the second's client gives up, its row leaves the batch and the waiting request joins
+    it at once, finishing long before the first."""
+    with running(onnx_dir, tokenizer, delay=0.05, max_batch=2, max_queue=1) as (url, application):
+        engine, results = application.state.engine, {}
+
+        def ask(name: str, max_tokens: int, timeout: float) -> None:
+            body = {"prompt": "hello", "max_tokens": max_tokens, "ignore_eos": True}
+            try:
+                results[name] = httpx.post(url + "/v1/completions", json=body, timeout=timeout).status_code
+            except httpx.ReadTimeout:
+                results[name] = "gave up"
+
+        def start(name: str, max_tokens: int, timeout: float, until) -> threading.Thread:
+            thread = threading.Thread(target=ask, args=(name, max_tokens, timeout))
+            thread.start()
+            deadline = time.monotonic() + 5
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return thread
+
+        first = start("first", 60, 30, lambda: engine.running_rows == 1)  # 60 tokens at 50 ms: 3 s
+        leaver = start("leaver", 60, 0.8, lambda: engine.running_rows == 2)  # joins, then its client leaves
+        waiting = start("waiting", 3, 30, lambda: engine.queued == 1)
+        ask("refused", 3, 5)
+        assert results["refused"] == 429
+        leaver.join()
+        waiting.join()
+        assert results["leaver"] == "gave up" and results["waiting"] == 200
+        assert first.is_alive()  # the waiting request took the leaver's place in the running batch
+        first.join()
+        assert results["first"] == 200
+
+
 @pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_concurrent_requests_are_batched_and_answered_as_alone(onnx_dir, tokenizer, batching):
     """Requests arriving while another runs: continuous batching joins them to it at the next step, static
