@@ -27,19 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from lite_sft.config import _nest as nest  # {"train.lr": 2e-4} -> {"train": {"lr": 2e-4}}, as tune reads it
 from workload import save_result  # beside this script
-
-
-def nest(overrides: dict) -> dict:
-    """{"train.lr": 2e-4} -> {"train": {"lr": 2e-4}}: the YAML a config file holds."""
-    out: dict = {}
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def plan(overrides: dict, device: str, scratch: Path) -> dict:
