@@ -300,8 +300,8 @@ class Batch:
         """One token for every row, each as an event as soon as it is sampled; then the rows that go on are
         decoded (when the caller asks for the event after the last: events reach clients before the decode).
         `cancelled(key)` is asked per row: one that says yes ends with "cancelled"."""
-        tokens, live = [], []
-        for row, row_logits in zip(self.rows, self.logits):
+        tokens, live = [], []  # the tokens fed to the rows going on, and those rows' places in the batch
+        for place, (row, row_logits) in enumerate(zip(self.rows, self.logits)):
             if cancelled is not None and cancelled(row.index):
                 yield Event(row.index, None, "", "cancelled")
                 continue
@@ -314,14 +314,13 @@ class Batch:
             yield event
             if event.finish_reason is None:
                 tokens.append(token)
-                live.append(row)
+                live.append(place)
         if not live:
             self.close()
             return
         if len(live) < len(self.rows):
-            kept = {id(r) for r in live}
-            self.state = self.backend.keep(self.state, [i for i, r in enumerate(self.rows) if id(r) in kept])
-        self.rows = live
+            self.state = self.backend.keep(self.state, live)
+        self.rows = [self.rows[place] for place in live]
         try:
             self.logits = self.backend.decode(self.state, np.array(tokens, dtype=np.int64))
         except Exception:
