@@ -248,10 +248,10 @@ class OrtState:
     # x dim; None once released
     current: int  # which buffer holds the past
     length: int  # tokens in the cache
-    mask: np.ndarray  # (batch, length) int64: 0 on left padding
+    mask: np.ndarray  # (batch, length) int64: 0 on padding (left; right for a GroupQueryAttention graph)
     capacity: int
     binding: object = field(repr=False, default=None)
-    bound: tuple | None = None  # (buffer, batch) the in-place cache is bound as; no need to bind it again
+    bound: tuple | None = None  # (current, batch) the in-place cache was last bound as; the same needs no binding
 
     @property
     def batch(self) -> int:

@@ -70,6 +70,10 @@ class ServerSettings:
     batching: str = "continuous"
     """continuous (requests join the running batch at the next step) or static (each batch runs to its end)."""
 
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ServeError(f"--batching {self.batching!r}: choose one of {', '.join(BATCHING)}")
+
 
 def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int] | None = None) -> FastAPI:
     from contextlib import asynccontextmanager
@@ -79,7 +83,6 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     registry = CollectorRegistry()
     task = getattr(backend, "task", "causal-lm")
     scoring = task in SERVED["/v1/classify"] + SERVED["/v1/ner"]
-    check_batching(settings.batching)
     engine = (ScoreEngine(backend, tokenizer, settings.max_batch, settings.max_queue, registry=registry) if scoring
               else Engine(backend, tokenizer, settings.max_batch, settings.max_queue, registry=registry,
                           continuous=settings.batching == "continuous"))
@@ -355,11 +358,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_batching(batching: str) -> None:
-    if batching not in BATCHING:
-        raise ServeError(f"--batching {batching!r}: choose one of {', '.join(BATCHING)}")
-
-
 def build_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  variant: str = "fp", threads: int | None = None, model_name: str | None = None,
                  log_level: str = "info", **settings):
@@ -369,17 +367,17 @@ def build_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 800
 
     from .runtime import load_backend, stop_ids
 
-    check_batching(settings.get("batching", "continuous"))
+    given = Path(folder).resolve()
+    # exports/qwen/onnx-int8 is "qwen" too: the export's name, not the variant folder's
+    name = model_name or (given.parent.name if given.name in ("merged", "onnx", "onnx-int8", "onnx-int4") else given.name)
+    server_settings = ServerSettings(name, **settings)  # bad settings are refused before anything is loaded
     sock = bind(host, port)  # first: a port in use should not wait for the model to load
     try:
         backend, tokenizer = load_backend(folder, device, threads, variant)
     except BaseException:
         sock.close()
         raise
-    given = Path(folder).resolve()
-    # exports/qwen/onnx-int8 is "qwen" too: the export's name, not the variant folder's
-    name = model_name or (given.parent.name if given.name in ("merged", "onnx", "onnx-int8", "onnx-int4") else given.name)
-    app = create_app(backend, tokenizer, ServerSettings(name, **settings), stop_ids(backend.folder, tokenizer))
+    app = create_app(backend, tokenizer, server_settings, stop_ids(backend.folder, tokenizer))
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     return uvicorn.Server(config), sock, app
 
