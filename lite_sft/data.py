@@ -30,6 +30,7 @@ from lite_sft import data_cache
 from lite_sft.config import BUILTIN_DATA, DataConfig
 from lite_sft.masking import ROLES, DataError, DataStats, Example, Sample, build_examples, ensure_chat_template
 from lite_sft.packing import Row, pack, unpacked_rows
+from lite_sft.tasks.table import open_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
@@ -172,7 +173,7 @@ def _read_file(p: Path, name: str) -> list[Record]:
     if suffix == ".jsonl":
         records = []
         # Iterating the file, not str.splitlines(), which also splits at U+2028 inside JSON strings.
-        with p.open(encoding="utf-8") as f:
+        with open_text(p, name) as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -182,7 +183,8 @@ def _read_file(p: Path, name: str) -> list[Record]:
                     raise DataError(f"{name} line {n}: not valid JSON ({err}); fix or remove the line") from err
     elif suffix == ".json":
         try:
-            loaded = json.loads(p.read_text(encoding="utf-8"))
+            with open_text(p, name) as f:
+                loaded = json.load(f)
         except json.JSONDecodeError as err:
             hint = "; it looks like JSON Lines, rename it to .jsonl" if err.msg == "Extra data" else ""
             raise DataError(f"{name}: not valid JSON ({err}){hint}") from err
@@ -190,7 +192,7 @@ def _read_file(p: Path, name: str) -> list[Record]:
             raise DataError(f"{name}: expected a JSON array of records, got a {type(loaded).__name__}")
         records = [Record(f"{name} index {i}", r) for i, r in enumerate(loaded)]
     elif suffix == ".csv":
-        with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often write a BOM
+        with open_text(p, name, newline="") as f:
             records = [Record(f"{name} row {n}", dict(r)) for n, r in enumerate(csv.DictReader(f), start=1)]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with datasets

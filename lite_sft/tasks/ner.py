@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from lite_sft.tasks.base import IGNORE_INDEX, DataError
 from lite_sft.tasks.iob import entities, iob1_to_iob2, iob2_error, split_tag
 from lite_sft.tasks.labels import LabelMap
-from lite_sft.tasks.table import read_table
+from lite_sft.tasks.table import open_text, read_table
 
 CONLL_SUFFIXES = (".txt", ".conll", ".iob", ".bio", ".tsv")
 SCHEMES = ("iob2", "iob1")
@@ -186,7 +186,7 @@ def _conll(p: Path, name: str, tag_column: int) -> list[TaggedSentence]:
             sentences.append(TaggedSentence(f"{name} line {lines[0]}", tokens.copy(), tags.copy(), lines.copy()))
             tokens.clear(), tags.clear(), lines.clear()
 
-    with p.open(encoding="utf-8") as f:
+    with open_text(p, name) as f:
         for n, line in enumerate(f, start=1):
             fields = line.split()
             if not fields or fields[0] == "-DOCSTART-":  # document markers carry no tokens

@@ -5,16 +5,19 @@
     row = table.rows[0]
     row.where, text_field(row, "sentence")        # "train.tsv line 2", "hide new secretions ..."
 
-Every row knows its line in the file, so the readers' errors point at it.
+Every row knows its line in the file, so the readers' errors point at it. Every text data file is opened
+with `open_text`, which reads past a UTF-8 byte order mark and names the line of a byte that is not UTF-8.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lite_sft.tasks.base import DataError
 
@@ -80,10 +83,34 @@ def text_field(row: Row, column: str) -> str:
     return value
 
 
+@contextmanager
+def open_text(p: Path, name: str, newline: str | None = None) -> Iterator[IO[str]]:
+    """`p` opened as UTF-8 text. A byte order mark at the start is skipped (-sig: Windows editors and
+    spreadsheets write one); a byte that is not UTF-8, met anywhere while reading, raises DataError naming its line."""
+    try:
+        with p.open(encoding="utf-8-sig", newline=newline) as f:
+            yield f
+    except UnicodeDecodeError:
+        raise _not_utf8(p, name) from None
+
+
+def _not_utf8(p: Path, name: str) -> DataError:
+    # The decoder reads in blocks, so its error knows no line: find it. A line is decodable on its own,
+    # as UTF-8 never uses the byte of a newline inside a character.
+    with p.open("rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DataError(f"{name} line {n}: byte {line[err.start]:#04x} at column {err.start + 1} is not UTF-8; "
+                                 "save the file as UTF-8 (an editor's Save As, or `iconv -f cp1252 -t utf-8`)")
+    return DataError(f"{name}: not UTF-8 text; save the file as UTF-8")
+
+
 def _jsonl_rows(p: Path, name: str) -> list[Row]:
     rows = []
     # Iterating the file, not str.splitlines(), which also splits at U+2028 inside JSON strings.
-    with p.open(encoding="utf-8") as f:
+    with open_text(p, name) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -101,7 +128,7 @@ def _delimited(p: Path, name: str, delimiter: str) -> Table:
     # TSV has no quoting (IANA text/tab-separated-values; GLUE's files are written so): a sentence may
     # start with '"' and must stay as it is. CSV keeps the usual quoting rules.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often write a BOM
+    with open_text(p, name, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         if not reader.fieldnames:
             raise DataError(f"{name}: no header row; the first line must name the columns")
