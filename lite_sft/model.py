@@ -83,8 +83,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ModelError(f"could not load a tokenizer from {path}: {err}") from err
+    except (OSError, TypeError, AttributeError, ValueError) as err:
+        # A folder without tokenizer files fails deep inside transformers (a TypeError or AttributeError on None).
+        reason = f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        if Path(path).is_dir():
+            raise ModelError(f"{path} holds no tokenizer transformers can load{reason}: copy the base model's tokenizer "
+                             "files (tokenizer.json, tokenizer_config.json, ...) into it, or pass a folder or hub id "
+                             "that has them") from err
+        raise ModelError(f"could not load a tokenizer from {path}{reason}") from err
     if tokenizer.pad_token is None:
         # Padding positions are masked by position, so reusing EOS as pad is safe here.
         tokenizer.pad_token = tokenizer.eos_token
