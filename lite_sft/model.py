@@ -97,6 +97,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_vocab(model, tokenizer, path: str, added: tuple[str, ...] = ()) -> None:
+    """Refuse a tokenizer with token ids past the model's input embedding: training would fail on the first such
+    id with "IndexError: index out of range in self". `added` are the chat template tokens that data preparation
+    gave the tokenizer, for which the embedding is then resized (train.setup): they need no row yet."""
+    rows = model.get_input_embeddings().num_embeddings
+    ids = [i for token, i in tokenizer.get_vocab().items() if token not in added]
+    if ids and max(ids) >= rows:
+        raise ModelError(f"the tokenizer in {path} has {len(tokenizer) - len(added)} tokens (ids up to {max(ids)}) but "
+                         f"the model's embedding has {rows} rows: its ids past {rows - 1} have no embedding. Use the "
+                         "tokenizer the model was trained with, or a model folder whose weights and tokenizer match")
+
+
 def check_task_model(task, path: str, cfg: ModelConfig) -> None:
     """Refuse, before anything is loaded, a base whose architecture cannot do `task` (its config.json is read)."""
     from transformers import AutoConfig
