@@ -61,7 +61,7 @@ def _expected_errors():
 
 # Command parameter -> the config field it overrides (a parameter left at None changes nothing).
 FLAG_FIELDS = {
-    "model": "model.name_or_path", "quant": "model.quant", "dtype": "model.dtype",
+    "model": "model.name_or_path", "quant": "model.quant", "dtype": "model.dtype", "cpu_bf16": "model.cpu_bf16",
     "gradient_checkpointing": "model.gradient_checkpointing", "attn_implementation": "model.attn_implementation",
     "trust_remote_code": "model.trust_remote_code",
     "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
@@ -107,6 +107,7 @@ ValidationPath = Annotated[Optional[str], _opt("data.validation_path", "--valida
 ValidationFraction = Annotated[Optional[float], _opt("data.validation_fraction", "--validation-fraction")]
 Quant = Annotated[Optional[str], _opt("model.quant", "--quant")]
 Dtype = Annotated[Optional[str], _opt("model.dtype", "--dtype")]
+CpuBf16 = Annotated[Optional[str], _opt("model.cpu_bf16", "--cpu-bf16")]
 GradientCheckpointing = Annotated[Optional[bool], _opt("model.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")]
 TrustRemoteCode = Annotated[Optional[bool], _opt("model.trust_remote_code", "--trust-remote-code/--no-trust-remote-code")]
 LoraR = Annotated[Optional[int], _opt("lora.r", "--lora-r")]
@@ -141,6 +142,7 @@ def tune(
     output_dir: Annotated[Optional[str], _opt("output_dir", "--output-dir", "-o")] = None,
     quant: Quant = None,
     dtype: Dtype = None,
+    cpu_bf16: CpuBf16 = None,
     gradient_checkpointing: GradientCheckpointing = None,
     attn_implementation: Annotated[Optional[str], _opt("model.attn_implementation", "--attn-implementation")] = None,
     trust_remote_code: TrustRemoteCode = None,
@@ -376,7 +378,7 @@ def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A `lite-sft tune` output directory.")],
     data: Annotated[str, typer.Option("--data", "-d", help="The file to evaluate on, in the run's format.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the metrics JSON (default RUN_DIR/eval-<file>.json).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 16,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Examples per forward pass (default: the run's micro-batch, as its own evaluation used, so the figures match training's).")] = None,
     text_column: TextColumn = None,
     text_pair_column: TextPairColumn = None,
     label_column: LabelColumn = None,

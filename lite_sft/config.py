@@ -26,6 +26,7 @@ BUILTIN_DATA = "builtin:skill"
 
 QUANT_CHOICES = ("4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+CPU_BF16_CHOICES = ("auto", "on", "off")
 FORMAT_CHOICES = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
@@ -53,6 +54,10 @@ class ModelConfig:
     """Backbone quantisation: `4bit` (NF4 + double quantisation, QLoRA), `8bit`, or `none`."""
     dtype: str = "auto"
     """Compute dtype: `auto` picks bfloat16 where the device supports it, float32 otherwise."""
+    cpu_bf16: str = "auto"
+    """On a CPU, run the matmuls in bf16 under autocast over fp32 weights: `auto` where the CPU multiplies bf16
+    natively (AVX512-BF16 or AMX) and --dtype is auto, `on` always (emulated, slower, on other CPUs), `off` never
+    (fp32). The run records the choice, so eval and --resume compute as training did."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     offload_activations: bool = False
@@ -219,6 +224,7 @@ class RunConfig:
         m, lo, d, t, k = self.model, self.lora, self.data, self.train, self.task
         check(m.quant in QUANT_CHOICES, "model.quant", f"{m.quant!r} is not one of {QUANT_CHOICES}")
         check(m.dtype in DTYPE_CHOICES, "model.dtype", f"{m.dtype!r} is not one of {DTYPE_CHOICES}")
+        check(m.cpu_bf16 in CPU_BF16_CHOICES, "model.cpu_bf16", f"{m.cpu_bf16!r} is not one of {CPU_BF16_CHOICES}")
         check(lo.r > 0, "lora.r", f"must be positive, got {lo.r}")
         check(lo.alpha > 0, "lora.alpha", f"must be positive, got {lo.alpha}")
         check(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")

@@ -23,13 +23,15 @@ COLUMN_FIELDS = ("text_column", "text_pair_column", "label_column", "tag_column"
                  "source_column", "target_column")
 
 
-def evaluate_run(run_dir: str | Path, data: str, out: str | Path | None = None, batch_size: int = 16,
+def evaluate_run(run_dir: str | Path, data: str, out: str | Path | None = None, batch_size: int | None = None,
                  **columns) -> dict:
-    """Evaluate RUN_DIR on `data`; writes `out` (default RUN_DIR/eval-<file name>.json) and returns the report."""
+    """Evaluate RUN_DIR on `data`; writes `out` (default RUN_DIR/eval-<file name>.json) and returns the report.
+    `batch_size` defaults to the run's micro-batch: training evaluated in batches of that size, and other
+    batches pad differently, which moves the last digits of the figures."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from .model import load_tuned
+    from .model import load_tuned, mixed_precision
     from .report import versions
     from .tasks.base import get_task
 
@@ -49,8 +51,13 @@ def evaluate_run(run_dir: str | Path, data: str, out: str | Path | None = None, 
         raise ConfigError(f"{data}: no examples to evaluate")
     started = time.perf_counter()
     AcceleratorState._reset_state()  # as tune does: this process may have tuned with another precision
-    figures = task.evaluate(model, rows, tokenizer, Accelerator(cpu=model.device.type == "cpu"), batch_size)
+    # The precision the run trained and evaluated in (config.yaml records what cpu_bf16 auto chose), so the
+    # figures equal the final evaluation of training on the same data.
+    precision = mixed_precision(cfg.model, model.device.type)
+    accelerator = Accelerator(mixed_precision=precision, cpu=model.device.type == "cpu")
+    figures = task.evaluate(model, rows, tokenizer, accelerator, batch_size or cfg.train.micro_batch_size)
     report = {"run_dir": str(run_dir), "data": str(data), "task": task.name, "examples": len(rows),
+              "precision": "bf16 autocast" if precision == "bf16" else str(model.dtype).removeprefix("torch."),
               "seconds": round(time.perf_counter() - started, 3), **figures, "versions": versions()}
     path = Path(out) if out is not None else run_dir / f"eval-{Path(data).name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from . import checkpoint, report
 from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
 from .loss import check_loss_path
 from .masking import DEFAULT_TEMPLATE_TOKENS
-from .model import (ModelError, add_lora, check_task_model, cpu_has_fast_bf16, load_base_model, load_tokenizer,
+from .model import (ModelError, add_lora, check_task_model, load_base_model, load_tokenizer, mixed_precision,
                     resolve_model_path)
 from .tasks.base import Task, TaskData, all_sum, get_task
 
@@ -105,7 +105,11 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     # test suite may tune several models in one process. The distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
     # cpu=True without CUDA: that is what makes accelerate join a torchrun group over gloo on CPU.
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device_type), cpu=device_type == "cpu")
+    precision = mixed_precision(cfg.model, device_type)
+    if device_type == "cpu" and cfg.model.cpu_bf16 == "auto":
+        # Record what auto chose: eval and --resume then compute as training did, on whatever CPU they run.
+        cfg.model.cpu_bf16 = "on" if precision == "bf16" else "off"
+    accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")
     main = accelerator.is_main_process
     if cfg.model.offload_activations and accelerator.device.type != "cuda":
         raise ConfigError("model.offload_activations moves activations from GPU to CPU memory; on "
@@ -150,6 +154,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     if main:
         print(config_to_yaml(cfg), end="")
         print(f"data: {data.summary}; {total_steps} steps of {rows_per_step} rows")
+        print(f"precision: {_precision_line(precision, cfg.model.cpu_bf16, accelerator.device.type, model)}")
         _init_run_dir(run_dir, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save_pretrained(run_dir)
@@ -378,13 +383,13 @@ def _auto_batch(cfg: RunConfig, device: torch.device, main: bool) -> None:
     cfg.train.micro_batch_size, cfg.train.grad_accum = micro, accum
 
 
-def mixed_precision(cfg: RunConfig, device_type: str) -> str:
-    """Autocast for accelerate. `auto` on a GPU loads 16-bit weights and needs none; on a CPU with
-    native bf16 (AVX512-BF16 or AMX) it keeps fp32 weights and runs matmuls in bf16 under autocast, 1.5x
-    faster than fp32 for a 35M Llama (benchmarks/train_vs_trl.py)."""
-    if cfg.model.dtype == "auto":
-        return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "no"
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no")
+def _precision_line(precision: str, cpu_bf16: str, device_type: str, model) -> str:
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if precision == "no" and device_type == "cpu" and weights == "float32":
+        return "fp32 (--cpu-bf16 on computes in bf16 under autocast)"
+    if precision == "bf16" and weights == "float32":
+        return f"bf16 autocast over fp32 weights (--cpu-bf16 {cpu_bf16}; --cpu-bf16 off for fp32)"
+    return f"{weights} weights" + (f", {precision} autocast" if precision != "no" else "")
 
 
 def _optimizer(cfg: RunConfig, model, device: torch.device):
@@ -426,9 +431,11 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool)
 def _adopt_resolved(cfg: RunConfig, saved: RunConfig) -> None:
     """Take what the run resolved at its start for what it was asked, so that resuming with the command
     that started it is accepted: `format: auto` was saved as the format detected, `auto_batch` as the
-    micro-batch and accumulation it chose."""
+    micro-batch and accumulation it chose, `cpu_bf16: auto` as on or off."""
     if cfg.data.format == "auto":
         cfg.data.format = saved.data.format
+    if cfg.model.cpu_bf16 == "auto":
+        cfg.model.cpu_bf16 = saved.model.cpu_bf16
     if cfg.train.auto_batch and saved.train.auto_batch:
         cfg.train.micro_batch_size, cfg.train.grad_accum = saved.train.micro_batch_size, saved.train.grad_accum
 

@@ -10,6 +10,7 @@ The word-level tokenizer makes token boundaries obvious: one word is one token, 
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -18,6 +19,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+
+# Whether `cpu_bf16: auto` trains under bf16 autocast must not depend on the CPU that runs the suite: auto
+# resolves as this says (off unless the run sets it), in this process and in the CLI subprocesses it starts.
+# `make test` runs the suite again with it on; tests of exact numerics pin cpu_bf16 off in their configs.
+os.environ.setdefault("LITE_SFT_CPU_BF16", "off")
 
 # The test models are tiny: one thread is fastest, and a second OpenMP thread spin-waits badly
 # (hundreds of times slower) whenever anything else shares the two cores.

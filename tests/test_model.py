@@ -76,15 +76,25 @@ def test_qlora_keeps_frozen_16_bit_weights_in_16_bits(tiny_model_dir):
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters stay fp32
 
 
-@pytest.mark.parametrize("dtype, device, fast_bf16, expected", [
-    ("auto", "cpu", True, "bf16"), ("auto", "cpu", False, "no"), ("auto", "cuda", True, "no"),
-    ("float32", "cpu", True, "no"), ("bfloat16", "cpu", False, "bf16"), ("float16", "cuda", False, "fp16"),
+@pytest.mark.parametrize("dtype, cpu_bf16, device, fast_bf16, expected", [
+    ("auto", "auto", "cpu", True, "bf16"), ("auto", "auto", "cpu", False, "no"), ("auto", "auto", "cuda", True, "no"),
+    ("float32", "auto", "cpu", True, "no"), ("bfloat16", "auto", "cpu", False, "bf16"),
+    ("float16", "auto", "cuda", False, "fp16"),
+    # the setting forces either path on any CPU, and never touches a GPU's or 16-bit weights' precision
+    ("auto", "on", "cpu", False, "bf16"), ("float32", "on", "cpu", False, "bf16"), ("auto", "off", "cpu", True, "no"),
+    ("auto", "on", "cuda", False, "no"), ("float16", "off", "cpu", True, "fp16"),
 ])
-def test_autocast_follows_the_dtype_and_the_cpu(dtype, device, fast_bf16, expected, monkeypatch):
-    from lite_sft import train
-    from lite_sft.config import RunConfig
+def test_autocast_follows_the_dtype_the_setting_and_the_cpu(dtype, cpu_bf16, device, fast_bf16, expected, monkeypatch):
+    from lite_sft import model
+    from lite_sft.config import ModelConfig
 
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: fast_bf16)
-    cfg = RunConfig()
-    cfg.model.dtype = dtype
-    assert train.mixed_precision(cfg, device) == expected
+    monkeypatch.setattr(model, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert model.mixed_precision(ModelConfig(dtype=dtype, cpu_bf16=cpu_bf16), device) == expected
+
+
+@pytest.mark.parametrize("forced, expected", [("on", True), ("off", False), ("OFF", False)])
+def test_the_environment_forces_the_cpu_detection(forced, expected, monkeypatch):
+    from lite_sft.model import cpu_has_fast_bf16
+
+    monkeypatch.setenv("LITE_SFT_CPU_BF16", forced)
+    assert cpu_has_fast_bf16() is expected

@@ -231,6 +231,24 @@ def test_generation_settings_are_saved_and_loaded_back(t5_run, counting, tmp_pat
     assert all(len(s["prediction"].split()) <= 2 for s in short["samples"]) and short["bleu"] < report["bleu"]
 
 
+@pytest.mark.parametrize("cpu_bf16", ["on", "off"])
+def test_eval_after_reload_equals_trainings_final_evaluation_in_either_precision(tiny_t5_dir, counting, tmp_path,
+                                                                               cpu_bf16):
+    """Training's final evaluation and `lite-sft eval` on the same file compute in the precision the run
+    recorded: under bf16 autocast both do, so their figures and predictions are the same, not merely close."""
+    from lite_sft.evaluate import evaluate_run
+    from lite_sft.train import tune
+
+    out = tmp_path / "run"
+    summary = tune(seq2seq_cfg(tiny_t5_dir, counting, out, **{"train.max_steps": 40, "model.cpu_bf16": cpu_bf16}))
+    report = evaluate_run(out, str(counting / "dev.jsonl"), tmp_path / "eval.json")
+    final = summary["final_evaluation"]
+    assert report["precision"] == ("bf16 autocast" if cpu_bf16 == "on" else "float32")
+    assert report["samples"] == final["samples"]
+    for key in ("bleu", "rougeL", "exact_match", "val_loss"):
+        assert report[key] == final[key], key
+
+
 def test_the_cli_tunes_with_beams_then_evaluates_a_csv(tiny_t5_dir, counting, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["tune", "--task", "seq2seq", "--model", str(tiny_t5_dir), "--data",

@@ -68,7 +68,14 @@ def grad_norms(run_dir):
             if "grad_norm" in json.loads(line)]
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, chat_jsonl, tmp_path):
+# fp32 sums the same products in another order: 1e-4. bf16 autocast rounds each matmul's inputs to 8 bits of
+# mantissa (2^-8 = 0.4%), differently for rows batched differently; a wrong scale across accumulation steps
+# would still be off by a factor of 2 or 4.
+PRECISION_TOLERANCE = {"off": 1e-4, "on": 2e-2}
+
+
+@pytest.mark.parametrize("cpu_bf16", ["off", "on"])
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, chat_jsonl, tmp_path, cpu_bf16):
     """Loss is averaged per trained token across the whole optimiser step (transformers #34191). The
     gradient norms are compared too: AdamW's update hardly moves when every gradient is scaled by the same
     factor, and clipping hides it altogether, so equal losses alone would not catch a wrong scale."""
@@ -76,13 +83,14 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, chat_jsonl,
     for micro, accum in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"m{micro}a{accum}"
         tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"train.micro_batch_size": micro, "train.grad_accum": accum,
-                                                          "data.packing": False}))
+                                                          "data.packing": False, "model.cpu_bf16": cpu_bf16}))
         runs[(micro, accum)] = losses(out), grad_norms(out)
     reference, reference_norms = runs[(4, 1)]
     assert len(reference_norms) == 4 and all(n > 0 for n in reference_norms)
+    rel = PRECISION_TOLERANCE[cpu_bf16]
     for key, (values, norms) in runs.items():
-        assert values == pytest.approx(reference, rel=1e-4, abs=1e-5), key
-        assert norms == pytest.approx(reference_norms, rel=1e-4), key
+        assert values == pytest.approx(reference, rel=rel, abs=1e-5), key
+        assert norms == pytest.approx(reference_norms, rel=rel), key
 
 
 def test_logged_gradient_norm_is_the_norm_of_the_mean_token_loss_gradient(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch):
@@ -304,3 +312,33 @@ def test_auto_batch_picks_the_micro_batch_the_plan_fits_and_keeps_rows_per_step(
 
     saved = load_config(tmp_path / "run" / "config.yaml").train
     assert (saved.micro_batch_size, saved.grad_accum) == (2, 2)
+
+
+def test_bf16_autocast_trains_on_any_cpu_and_the_run_records_it(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch):
+    """`--cpu-bf16 on` computes in bf16 whatever the CPU (emulated where it has no native bf16): the losses
+    follow fp32's within bf16's rounding without equalling them. `auto` records what it chose."""
+    from lite_sft import model as model_module
+
+    seen = set()
+    linear_forward = torch.nn.Linear.forward
+
+    def recording_forward(self, x):
+        out = linear_forward(self, x)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording_forward)
+    runs = {}
+    for setting in ("off", "on"):
+        seen.clear()
+        tune(make_cfg(tiny_model_dir, chat_jsonl, tmp_path / setting, **{"model.cpu_bf16": setting}))
+        runs[setting] = losses(tmp_path / setting)
+        assert load_config(tmp_path / setting / "config.yaml").model.cpu_bf16 == setting
+        assert (torch.bfloat16 in seen) == (setting == "on"), (setting, seen)
+    assert runs["on"] != runs["off"]
+    assert runs["on"] == pytest.approx(runs["off"], rel=PRECISION_TOLERANCE["on"])
+    for detected in (True, False):  # auto takes the CPU's answer, and config.yaml keeps it for eval and resume
+        monkeypatch.setattr(model_module, "cpu_has_fast_bf16", lambda: detected)
+        out = tmp_path / f"auto-{detected}"
+        tune(make_cfg(tiny_model_dir, chat_jsonl, out, **{"train.max_steps": 1}))
+        assert load_config(out / "config.yaml").model.cpu_bf16 == ("on" if detected else "off")
