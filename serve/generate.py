@@ -14,59 +14,21 @@ batch between two steps (their prompts are prefilled, then backend.join puts the
 and leave it when done, so a request never waits for another to finish. generate() is a Batch that rows only
 leave.
 
-Sampling uses transformers' logits processors (repetition penalty, temperature, top-k, top-p), one list per
-row because rows differ; greedy rows without a penalty take the argmax directly.
+Sampling uses the logits processors sampling.py makes (repetition, presence and frequency penalties,
+temperature, top-k, top-p), one list per row because rows differ; greedy rows without a penalty take the
+argmax directly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from . import ServeError
-
-
-GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (as vLLM does)
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    """Most tokens to generate (the stop token included)."""
-    temperature: float = 0.0
-    """0 for greedy decoding."""
-    top_k: int = 0
-    """Sample among the k most likely tokens; 0 for all."""
-    top_p: float = 1.0
-    """Sample from the smallest set of tokens whose probability reaches p."""
-    repetition_penalty: float = 1.0
-    """Above 1 makes tokens already in the prompt or output less likely (CTRL's penalty)."""
-    seed: int | None = None
-    """Seeds this request's sampling alone: the same seed gives the same tokens, batched or not."""
-    stop: list[str] = field(default_factory=list)
-    """Text that ends generation; it is not part of the output."""
-    stop_ids: list[int] = field(default_factory=list)
-    """Token ids that end generation (end of sequence, end of turn)."""
-
-    def validate(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens {self.max_new_tokens}: at least 1")
-        if self.temperature < 0:
-            problems.append(f"temperature {self.temperature}: 0 (greedy) or more")
-        if self.top_k < 0:
-            problems.append(f"top_k {self.top_k}: 0 (off) or more")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p {self.top_p}: above 0, at most 1")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty {self.repetition_penalty}: above 0")
-        if any(not s for s in self.stop):
-            problems.append("stop strings must not be empty")
-        if problems:
-            raise ServeError("; ".join(problems))
+from .sampling import SamplingParams, processors
 
 
 @dataclass
@@ -144,27 +106,14 @@ class _Row:
     """One prompt's sampling state."""
 
     def __init__(self, index, prompt: list[int], params: SamplingParams, tokenizer):
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
-
         self.index, self.params, self.seen = index, params, list(prompt)
         self.generated = 0
         self.stops = set(params.stop_ids)
         self.text = TextStream(tokenizer, params.stop) if tokenizer is not None else None
         if params.stop and tokenizer is None:
             raise ServeError("stop strings need a tokenizer")
-        chain = []
-        if params.repetition_penalty != 1.0:
-            chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        self.greedy = params.temperature < GREEDY_BELOW  # dividing by a tiny temperature overflows to inf
-        if not self.greedy:
-            if params.temperature != 1.0:
-                chain.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k:
-                chain.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                chain.append(TopPLogitsWarper(params.top_p))
-        self.processors = LogitsProcessorList(chain)
+        self.greedy = params.greedy
+        self.processors = processors(params, start=len(prompt))
         self.rng = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                  else int(torch.randint(2**62, (1,))))
 

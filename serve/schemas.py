@@ -5,9 +5,11 @@ failure answers with, OpenAI's {"error": {"message", "type", "param", "code"}} (
     curl -s 127.0.0.1:8000/openapi.json | python -m json.tool | less
 
 Unknown fields are refused (extra="forbid"), so a client that asks for something this server does not do
-(logprobs, logit_bias, tools, ...) hears so instead of silently getting something else. The fields kept are
+(logit_bias, tools, ...) hears so instead of silently getting something else. The fields kept are
 OpenAI's names and meanings, plus `top_k` and `repetition_penalty` as vLLM accepts them (the openai
-client sends them with extra_body).
+client sends them with extra_body). Fields clients send with their default values (`"logprobs": false`,
+`"response_format": {"type": "text"}`) take those values only (NO_OP): any other would change the answer in
+a way this server does not do, and is refused naming the field.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 MAX_CHOICES = 8
+# The fields accepted with their no-op value alone, and what to say when another value is sent.
+NO_OP = {"logprobs": "log probabilities are not returned; send false or null, or leave it out",
+         "response_format": 'only {"type": "text"} (the default) is served; JSON modes and schemas are not'}
 
 
 class Strict(BaseModel):
@@ -32,6 +37,10 @@ class Strict(BaseModel):
 class StreamOptions(Strict):
     include_usage: bool = False
     """Send a last chunk with the token counts (choices empty), as OpenAI does."""
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"]
 
 
 class Sampling(Strict):
@@ -49,6 +58,18 @@ class Sampling(Strict):
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
     user: Optional[str] = Field(None, max_length=256)
     ignore_eos: bool = Field(False, description="Go on past end-of-sequence tokens (vLLM's; for benchmarks).")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from each generated token's logit.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from a token's logit per time it "
+                                     "was generated.")
+    logprobs: Optional[bool] = Field(None, description="false or null only: " + NO_OP["logprobs"] + ".")
+    response_format: Optional[ResponseFormat] = Field(None, description=NO_OP["response_format"] + ".")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:  # a bool (strict): the completions endpoint's count 0, which returns some, is refused as a type
+            raise ValueError("true")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -148,7 +169,10 @@ def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         if e.get("type") == "json_invalid":
             return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-        if e.get("type") == "extra_forbidden":
+        if loc and loc[0] in NO_OP:
+            parts.append(f"unsupported value for {loc[0]!r}: {NO_OP[loc[0]]}")
+            loc = loc[:1]
+        elif e.get("type") == "extra_forbidden":
             parts.append(f"unknown or unsupported field {'.'.join(loc)!r}")
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")

@@ -263,7 +263,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
                            f"most {engine.max_batch} per request", param="n")
         params = [SamplingParams(max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
                                  None if body.seed is None else body.seed + j, list(body.stop or []),
-                                 [] if body.ignore_eos else stop_ids)
+                                 [] if body.ignore_eos else stop_ids, body.presence_penalty, body.frequency_penalty)
                   for j in range(len(rows))]
         try:
             job = engine.submit(rows, params)
