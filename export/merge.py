@@ -50,13 +50,12 @@ def read_run(run_dir: Path):
 
 def base_path(cfg, run_dir: Path) -> str:
     """The base model folder (or hub id) the run's config names, with the config's name in any error."""
-    from lite_sft.model import ModelError, resolve_model_path
+    from lite_sft.model import ModelError, run_base_path
 
     try:
-        return resolve_model_path(cfg.model.name_or_path)
+        return run_base_path(cfg, run_dir)
     except ModelError as err:
-        raise ExportError(f"the base model in {run_dir}/config.yaml (model.name_or_path: {cfg.model.name_or_path}) "
-                          f"cannot be used: {err}") from err
+        raise ExportError(str(err)) from err
 
 
 def load_reference(run_dir: Path, cfg):

@@ -45,6 +45,27 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def recorded_model_name(name_or_path: str) -> str:
+    """What a run records as its base: a local folder as an absolute path (export, generate and eval may run
+    from another directory), the built-in name and hub ids as given."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path != BUILTIN_MODEL and path.is_dir():
+        return os.path.abspath(path)  # not resolve(): a symlinked folder stays the link the user named
+    return name_or_path
+
+
+def run_base_path(cfg, run_dir: str | Path) -> str:
+    """The base model folder (or hub id) of the run in `run_dir`, as its config.yaml records it."""
+    name, config = cfg.model.name_or_path, Path(run_dir) / "config.yaml"
+    if name != BUILTIN_MODEL and Path(name).expanduser().is_absolute() and not Path(name).expanduser().exists():
+        raise ModelError(f"base folder not found: {name} (model.name_or_path in {config}); put the base model back "
+                         "there, or set model.name_or_path in that file to where it is now")
+    try:
+        return resolve_model_path(name)
+    except ModelError as err:
+        raise ModelError(f"the base model in {config} (model.name_or_path: {name}) cannot be used: {err}") from err
+
+
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """Weights: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (where `auto` computes in
     bf16 under autocast instead, when the CPU has native bf16: see train.mixed_precision)."""
@@ -291,7 +312,7 @@ def load_tuned(run_dir: str | Path, device: torch.device | None = None):
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(str(run_dir), cfg.model.trust_remote_code)
     task = get_task(cfg.task.name)
-    base = load_base_model(cfg.model, resolve_model_path(cfg.model.name_or_path), device, task,
+    base = load_base_model(cfg.model, run_base_path(cfg, run_dir), device, task,
                            **task.saved_model_kwargs(run_dir))
     if base.config.pad_token_id is None:  # as training set it
         base.config.pad_token_id = tokenizer.pad_token_id

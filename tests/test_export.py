@@ -235,7 +235,7 @@ def test_bad_run_directories(tuned, tmp_path, bpe_tokenizer):
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         return run
 
-    with pytest.raises(ExportError, match=r"model.name_or_path: .*gone.*does not exist"):
+    with pytest.raises(ExportError, match=r"base folder not found: .*gone \(model.name_or_path in .*config.yaml\)"):
         export_run(moved("missing", tmp_path / "gone"), tmp_path / "out")
     other = build_base(tmp_path / "narrow", "llama", bpe_tokenizer, hidden_size=32)
     with pytest.raises(ExportError, match="not the model the adapter was trained on.*size mismatch"):
