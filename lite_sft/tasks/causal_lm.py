@@ -29,8 +29,13 @@ class CausalLMTask(Task):
 
         data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
         s, v = data.train_stats, data.validation_stats
+        limit = cfg.data.max_seq_len
+        overlong = (f"{s.truncated + v.truncated} truncated to {limit} tokens" if cfg.data.overlong == "truncate" else
+                    f"{s.dropped + v.dropped} dropped as longer than {limit} tokens")
+        if untrained := s.dropped_untrained + v.dropped_untrained:
+            overlong += f", {untrained} dropped with no trained token left after truncation"
         summary = (f"{s.examples} train / {v.examples} validation examples ({data.format}), {len(data.train)} rows, "
-                   f"{s.trained_tokens} trained tokens")
+                   f"{s.trained_tokens} trained tokens; {overlong}")
         return TaskData(data.train, data.validation, data.format, summary, (s.examples, v.examples),
                         added_tokens=data.added_tokens, validation_examples=data.validation_examples,
                         train_stats=s, validation_stats=v)
