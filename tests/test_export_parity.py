@@ -41,6 +41,28 @@ def test_one_changed_greedy_token_fails_fp32_but_not_a_looser_threshold():
     assert judge(ref, candidate, min_agreement=0.99, precision="int4").passed is False
 
 
+def test_a_flip_between_tied_tokens_is_a_tie_not_a_disagreement():
+    """Two tokens whose reference logits are equal to within rounding: which one a candidate picks is rounding,
+    not the model, so on a short prompt one such flip must not decide the gate. A flip past a real margin still
+    counts, at every precision."""
+    ref = reference(prompt_len=4, length=10)
+    row = 6
+    top2 = ref.logits[0][row].topk(2).indices
+    ref.logits[0][row, top2[1]] = ref.logits[0][row, top2[0]] - 1e-5  # a near-tie in the reference itself
+    candidate = ref.logits[0].clone()
+    candidate[row, top2[1]] += 2e-5  # the runner-up wins by a hair
+    gate = judge(ref, candidate)
+    assert gate.passed and gate.greedy_agreement == 1.0 and gate.ties == 1
+    assert json.loads(json.dumps(gate.to_dict()))["ties"] == 1  # parity.json says how many positions were ties
+    ref = reference(prompt_len=4, length=10)
+    ref.logits[0][row, top2[1]] = ref.logits[0][row, top2[0]] - 0.1  # a margin of 3% of the logit scale
+    clear = ref.logits[0].clone()
+    clear[row, top2[1]] += 0.11
+    for precision in THRESHOLDS:
+        gate = judge(ref, clear, precision)
+        assert gate.ties == 0 and gate.greedy_agreement == pytest.approx(6 / 7), precision
+
+
 def test_prompt_positions_count_for_the_logit_difference_not_for_agreement():
     ref = reference(prompt_len=4, length=10)
     candidate = ref.logits[0].clone()
