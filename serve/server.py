@@ -8,8 +8,9 @@ Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent e
 causal LM, /v1/completions alone for a seq2seq model (the prompt is the source text), POST /v1/classify for a
 sequence classifier and /v1/ner for a token classifier (classify.py); GET /v1/models, /health, /metrics
 (Prometheus text) and /openapi.json. An endpoint the served model does not do answers 400 naming the ones it does,
-and /openapi.json lists only those. With an API key, /v1/* want
-`Authorization: Bearer KEY`. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
+and /openapi.json lists only those (there is no /docs page: FastAPI's loads its scripts from a CDN). With an API
+key, /v1/* want `Authorization: Bearer KEY` (auth.py), and /health names the backend and its folder only to
+callers that send it. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
 400 for a request that cannot be served as asked (bad JSON, unknown field, value out of range, prompt over
 the context), 401 without the key, 404 for another model's name, 429 when the queue is full, 504 when a
 request outlives its timeout. A client that disconnects, streaming or not, has its rows dropped from the batch,
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import socket
 import time
 import uuid
@@ -33,10 +33,10 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from . import ServeError
+from .auth import ApiKey
 from .classify import Api, add_routes
 from .engine import Engine, QueueFull, ScoreEngine
 from .generate import SamplingParams
@@ -92,9 +92,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     first_token = Histogram("lite_sft_time_to_first_token_seconds", "Request start to first token", registry=registry)
     latency = Histogram("lite_sft_request_seconds", "Request start to last token", registry=registry)
     routes = {"/health", "/metrics", "/v1/models", *SERVED}
-    # The key as the bytes a client sends for it; a key from argv or the environment whose bytes are not UTF-8
-    # (Python holds those as surrogate escapes) becomes those very bytes again.
-    key = settings.api_key.encode("utf-8", "surrogateescape") if settings.api_key else None
+    api_key = ApiKey(settings.api_key)
     # Tokenising a context's worth of text, or rendering a chat template over it, takes long enough to stall
     # every other request if done on the event loop. A pool of its own bounds the threads: a flood of
     # prompts waits here for one, it does not start a thread each.
@@ -106,20 +104,12 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
         tokenizing.shutdown(wait=False, cancel_futures=True)
         engine.close()
 
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, so they are blank offline.
+    # /openapi.json is the schema itself, for any OpenAPI viewer.
     app = FastAPI(title="lite-sft", summary="OpenAI-compatible completions over an exported model",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.settings = engine, settings
-    bearer = HTTPBearer(auto_error=False)
-
-    def auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        # Starlette decodes header bytes as latin-1, so encoding back gives the bytes the client sent; compared
-        # as bytes, since compare_digest refuses str holding anything but ASCII (a TypeError, so a 500).
-        sent = credentials.credentials.encode("latin-1") if credentials else b""
-        if not (credentials and secrets.compare_digest(sent, key)):
-            raise ApiError(401, "missing or incorrect API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
-
-    # Only a server with a key declares one in its OpenAPI schema: the schema describes this server as it runs.
-    keyed = [Depends(auth)] if settings.api_key else []
+    keyed = api_key.routes()
 
     app.add_middleware(_CountRequests, counter=requests, routes=routes)
 
@@ -143,11 +133,12 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
         return ApiError(500, f"internal error: {type(err).__name__}", "server_error").response()
 
     @app.get("/health")
-    async def health():
-        labels = {"labels": backend.labels} if scoring else {}
-        return {"status": "ok", "model": settings.model_name, "task": task, "backend": backend.describe(),
-                "context": context, "queued": engine.queued, "running_rows": engine.running_rows,
-                "max_batch": engine.max_batch, **labels}
+    async def health(details: bool = Depends(api_key.caller_has_it)):
+        # The backend's description names the model's folder: with a key set, only its holders see it.
+        about = ({"backend": backend.describe(), **({"labels": backend.labels} if scoring else {})} if details
+                 else {})
+        return {"status": "ok", "model": settings.model_name, "task": task, **about, "context": context,
+                "queued": engine.queued, "running_rows": engine.running_rows, "max_batch": engine.max_batch}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
