@@ -176,10 +176,12 @@ def over_context(prompt: int, new_tokens: int, backend) -> str | None:
     limit = backend.max_context
     start = getattr(backend, "decoder_prompt", None)
     if start is None:
+        if prompt >= limit:  # no max_new_tokens would fit: the prompt is what is too long
+            return f"the prompt is {prompt} tokens; the model's context of {limit} must also hold one new token"
         if prompt + new_tokens > limit:
             return f"{prompt} tokens + max_new_tokens {new_tokens} exceed the model's context of {limit} tokens"
     elif prompt > limit:
-        return f"{prompt} tokens exceed the encoder's limit of {limit} tokens"
+        return f"the prompt is {prompt} tokens, over the encoder's limit of {limit} tokens"
     elif len(start) + new_tokens > limit:
         return f"max_new_tokens {new_tokens} exceeds the decoder's limit of {limit - len(start)} tokens"
     return None

@@ -160,20 +160,26 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
             raise ApiError(400, f"{settings.model_name!r} is {TASK_WORDS[task]}: it serves {ENDPOINTS[task]}, "
                            f"not {path}{hint}", code="unsupported_endpoint")
 
-    def over_context(prompt: int, max_tokens: int, field: str) -> None:
+    def over_context(prompt: int, max_tokens: int, field: str, prompt_field: str) -> None:
+        # A prompt that alone fills what the model reads is the prompt's fault, whatever max_tokens says.
+        room = context if task == "seq2seq" else context - 1  # a decoder-only model must still write one token
+        if prompt > room:
+            raise ApiError(400, f"the prompt is {prompt} tokens; this model reads at most {room} in the prompt "
+                           f"(a context of {context} tokens). Shorten the prompt.", param=prompt_field,
+                           code="context_length_exceeded")
         if task == "seq2seq":  # the encoder reads the prompt; the decoder writes after its start tokens
             start = len(backend.decoder_prompt)
-            if prompt <= context and start + max_tokens <= context:
+            if start + max_tokens <= context:
                 return
-            message = (f"this model's maximum context length is {context} tokens for the prompt and "
-                       f"{context - start} for the completion; the request has {prompt} in the prompt and asks "
-                       f"for {max_tokens}")
+            message = (f"this model's maximum context length is {context - start} tokens for the completion; "
+                       f"the request asks for {max_tokens}")
         else:
             if prompt + max_tokens <= context:
                 return
             message = (f"this model's maximum context length is {context} tokens; the request asks for "
                        f"{prompt + max_tokens} ({prompt} in the prompt, {max_tokens} for the completion)")
-        raise ApiError(400, f"{message}. Shorten the prompt or lower {field}.", param=field,
+        fix = f"lower {field}" if task == "seq2seq" else f"shorten the prompt or lower {field}"
+        raise ApiError(400, f"{message}. {fix[0].upper()}{fix[1:]}.", param=field,
                        code="context_length_exceeded")
 
     def check_chars(chars: int, param: str) -> None:
@@ -247,7 +253,7 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
     async def respond(request: Request, body: Sampling, prompts: list[list[int]], max_tokens: int, field: str,
                       chat: bool, start: float, deadline: float):
         for ids in prompts:
-            over_context(len(ids), max_tokens, field)
+            over_context(len(ids), max_tokens, field, "messages" if chat else "prompt")
         rows = [ids for ids in prompts for _ in range(body.n)]
         if len(rows) > engine.max_batch:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is {len(rows)} choices; this server takes at "
