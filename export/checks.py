@@ -18,7 +18,8 @@ from . import ExportError
 from .merge import save_merged
 from .onnx import load_ort, onnx_bytes
 from .parity import (Gate, batch_check, compare, held_out_prompts, make_reference, ort_batch_logits, ort_logits,
-                     perplexity, torch_logits)
+                     torch_logits)
+from .perplexity import held_out_texts, perplexity
 
 MERGED = "merged PyTorch model (merged/), fp32"
 
@@ -41,7 +42,8 @@ def run_stop_ids(run_dir: Path, tokenizer, generation_config) -> list[int]:
 
 
 class CausalChecks:
-    """causal-lm: greedy continuations of held-out prompts (parity.py), perplexity, the run's stop ids."""
+    """causal-lm: greedy continuations of held-out prompts (parity.py), perplexity on the held-out examples
+    (perplexity.py), the run's stop ids."""
 
     task = "causal-lm"
     noun = "prompts"
@@ -50,15 +52,18 @@ class CausalChecks:
     def __init__(self, run_dir: Path, cfg, model, tokenizer, opts):
         self.tokenizer, self.opts = tokenizer, opts
         self.prompts, self.source = held_out_prompts(run_dir, cfg, tokenizer, opts.parity_prompts)
+        self.texts, self.perplexity_on = held_out_texts(run_dir, cfg, tokenizer)
         self.stops = run_stop_ids(run_dir, tokenizer, model.generation_config)
 
     def reference(self, model):
-        return make_reference(model, self.prompts, self.opts.parity_tokens, self.stops, self.tokenizer.pad_token_id)
+        ref = make_reference(model, self.prompts, self.opts.parity_tokens, self.stops, self.tokenizer.pad_token_id)
+        ref.perplexity = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits[0], self.texts)
+        return ref
 
     def torch_gate(self, model, ref, **gate) -> Gate:
         result = compare(ref, torch_logits(model, ref), **gate)
         result.extra.update(perplexity_reference=ref.perplexity,
-                            perplexity=perplexity(lambda ids: model(input_ids=ids).logits[0], self.prompts))
+                            perplexity=perplexity(lambda ids: model(input_ids=ids).logits[0], self.texts))
         return result
 
     def ort_gate(self, folder: Path, ref, stage: str, precision: str) -> Gate:
@@ -69,7 +74,7 @@ class CausalChecks:
                        reference=MERGED, min_agreement=self.opts.min_agreement)
         # The server's shape too: two prompts of different lengths, left-padded into one batch.
         batch_check(gate, ref, ort_batch_logits(ort, ref.subset(ref.batch_rows())))
-        ppl = perplexity(lambda ids: ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], self.prompts)
+        ppl = perplexity(lambda ids: ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], self.texts)
         gate.extra.update(perplexity_reference=ref.perplexity, perplexity=ppl, size_bytes=onnx_bytes(folder))
         del ort
         gc.collect()
@@ -85,7 +90,7 @@ class CausalChecks:
 
     def report(self) -> dict:
         return {"prompts": {"source": self.source, "count": len(self.prompts), "new_tokens": self.opts.parity_tokens},
-                "stop_ids": self.stops}
+                "perplexity_on": self.perplexity_on, "stop_ids": self.stops}
 
 
 class TaskChecks:
@@ -93,6 +98,7 @@ class TaskChecks:
 
     noun = "examples"
     agreement = "agree"
+    perplexity_on = None  # their figures are the task's metrics, which `lite-sft eval` measures
 
     def __init__(self, run_dir: Path, cfg, model, tokenizer, opts):
         from lite_sft.tasks.base import get_task

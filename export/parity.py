@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # Precision of the artefact -> what it must reach against its reference. fp32 must decide every token as
 # the reference does, with logits equal to rounding. Lower precisions are judged on greedy agreement and
@@ -81,6 +80,7 @@ class Reference:
     prompt_lens: list[int]
     logits: list[torch.Tensor]  # each (seq, vocab), fp32, teacher-forced
     perplexity: float | None = None
+    """On the run's held-out examples (perplexity.py), set by the task's checks."""
 
     def subset(self, rows: list[int]) -> "Reference":
         return Reference([self.sequences[i] for i in rows], [self.prompt_lens[i] for i in rows],
@@ -129,7 +129,7 @@ def held_out_prompts(run_dir: Path, cfg, tokenizer, n: int) -> tuple[list[Prompt
     if not path.is_file():
         prompts, source = _derived_prompts(cfg, tokenizer, n)
         return prompts, f"no {SPLIT_FILE} in the run (made by an older lite-sft), so re-derived: {source}"
-    split = _read_split(path)
+    split = read_split(path)
     prompts = [p for p in (_split_prompt(ex) for ex in split["examples"]) if p][:n]
     if not prompts:
         prompts, source = _derived_prompts(cfg, tokenizer, n)
@@ -139,7 +139,7 @@ def held_out_prompts(run_dir: Path, cfg, tokenizer, n: int) -> tuple[list[Prompt
     return _top_up(prompts, source, cfg, tokenizer, n)
 
 
-def _read_split(path: Path) -> dict:
+def read_split(path: Path) -> dict:
     """validation_split.json, checked field by field (a malformed file is named, never a traceback)."""
     from . import ExportError
 
@@ -260,9 +260,7 @@ def make_reference(model, prompts: list[Prompt], new_tokens: int, eos_ids=None, 
         seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         sequences.append(seq)
         logits.append(model(input_ids=seq, use_cache=False).logits[0].float())  # (seq, vocab)
-    ref = Reference(sequences, [len(p.prompt_ids) for p in prompts], logits)
-    ref.perplexity = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits[0], prompts)
-    return ref
+    return Reference(sequences, [len(p.prompt_ids) for p in prompts], logits)
 
 
 @torch.no_grad()
@@ -319,20 +317,6 @@ def ort_batch_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
     return [torch.cat(r) for r in rows]  # each (seq, vocab)
 
 
-@torch.no_grad()
-def perplexity(logits_of, prompts: list[Prompt]) -> float | None:
-    """exp(mean next-token cross-entropy) over the held-out texts; logits_of(ids (1, seq)) -> (seq, vocab)."""
-    total, count = 0.0, 0
-    for p in prompts:
-        if len(p.text_ids) < 2:
-            continue
-        ids = torch.tensor([p.text_ids])
-        logits = logits_of(ids).float()
-        total += F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
-        count += len(p.text_ids) - 1
-    return math.exp(min(total / count, 50)) if count else None
-
-
 def compare(ref: Reference, candidate: list[torch.Tensor], *, stage: str, artefact: str, precision: str,
             reference: str, min_agreement: float | None = None, tolerance: str | None = None,
             thresholds: dict | None = None) -> Gate:
@@ -385,9 +369,10 @@ def batch_check(gate: Gate, ref: Reference, candidate: list[torch.Tensor], rows:
     gate.passed = gate.passed and batch.passed
 
 
-def format_report(gates: list[Gate], source: str, agreement: str = "greedy") -> str:
+def format_report(gates: list[Gate], source: str, agreement: str = "greedy", perplexity_on: str | None = None) -> str:
     """The table printed after an export (and on failure, so the user sees why); `agreement` heads the
-    agreement column (the classic tasks agree on labels, not greedy tokens)."""
+    agreement column (the classic tasks agree on labels, not greedy tokens); causal-lm: a last line with
+    each model's perplexity on `perplexity_on`."""
     lines = [f"parity on {source}:",
              f"  {'stage':<6} {'artefact':<11} {'precision':<9} {'max |dlogit|':>12} {'mean':>9} "
              f"{agreement:>7} {'needs':>6}  result"]
@@ -405,9 +390,13 @@ def format_report(gates: list[Gate], source: str, agreement: str = "greedy") -> 
             lines.append(f"  {'':<6} {'batch of ' + str(batch['rows']):<21} {batch['max_abs_diff']:>12.2e} "
                          f"{batch['mean_abs_diff']:>9.1e} {batch['greedy_agreement']:>7.1%} "
                          f"{g.thresholds['min_agreement']:>6.0%}  {'pass' if batch['passed'] else 'FAIL'}  ({shape})")
-        for key in ("size_bytes_before", "perplexity_before"):
-            if g.extra.get(key) is not None:
-                after = key.replace("before", "after")
-                unit = (lambda v: f"{v / 2**20:.2f} MiB") if key.startswith("size") else (lambda v: f"{v:.3f}")
-                lines.append(f"         {key.split('_')[0]}: {unit(g.extra[key])} -> {unit(g.extra[after])}")
+        if g.extra.get("size_bytes_before") is not None:
+            lines.append(f"         size: {g.extra['size_bytes_before'] / 2**20:.2f} MiB -> "
+                         f"{g.extra['size_bytes_after'] / 2**20:.2f} MiB")
+    if perplexity_on is not None and gates:
+        figures = [("adapter model", gates[0].extra.get("perplexity_reference"))]
+        figures += [(f"{g.artefact}/", g.extra.get("perplexity")) for g in gates]
+        measured = [f"{name} {value:.4f}" for name, value in figures if value is not None]
+        lines.append(f"perplexity on {perplexity_on}: {', '.join(measured)}" if measured
+                     else f"perplexity: {perplexity_on}")
     return "\n".join(lines)

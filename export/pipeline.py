@@ -218,7 +218,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         passed = all(g.passed for g in gates)
         report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings)
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
-        text = format_report(gates, checks.source, checks.agreement)
+        text = format_report(gates, checks.source, checks.agreement, checks.perplexity_on)
         if passed:
             _install(tmp, out)
             (out / TMP_LOCK).unlink(missing_ok=True)  # unlinked only now: no export saw tmp unlocked
