@@ -61,15 +61,12 @@ FIXED_PROMPTS = (
     "How are you today?",
 )
 MAX_PROMPT_TOKENS = 64
-MAX_TEXT_TOKENS = 128
 
 
 @dataclass
 class Prompt:
     prompt_ids: list[int]
     """What the reference continues (rendered with the run's chat template, generation prompt added)."""
-    text_ids: list[int]
-    """The whole held-out example, prompt and answer, for perplexity."""
 
 
 @dataclass
@@ -162,7 +159,7 @@ def read_split(path: Path) -> dict:
 
 
 def _split_prompt(example: dict) -> Prompt | None:
-    """Prompt = the ids before the example's last trained run (its last answer); text = the whole example."""
+    """Prompt = the ids before the example's last trained run (its last answer)."""
     from lite_sft.masking import IGNORE_INDEX
 
     ids, labels = example["input_ids"], example["labels"]
@@ -174,7 +171,7 @@ def _split_prompt(example: dict) -> Prompt | None:
         start -= 1
     if start == 0:
         return None
-    return Prompt(ids[:start][-MAX_PROMPT_TOKENS:], ids[:MAX_TEXT_TOKENS])
+    return Prompt(ids[:start][-MAX_PROMPT_TOKENS:])
 
 
 def _derived_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
@@ -230,19 +227,16 @@ def _render(sample, tokenizer, system_prompt: str | None) -> Prompt | None:
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         if last == 0:
             return None
-        def render(msgs: list[dict], generation_prompt: bool) -> list[int]:
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-            return encode(text, False)  # the template writes its own special tokens
-
-        prompt, text = render(messages[:last], True), render(messages, False)
+        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        prompt = encode(text, False)  # the template writes its own special tokens
     elif sample.prompt is not None:
-        prompt, text = encode(sample.prompt, True), encode(sample.prompt + (sample.completion or ""), True)
+        prompt = encode(sample.prompt, True)
     else:
         text = encode(sample.text or "", True)
         prompt = text[:max(1, min(len(text) // 2, 32))]
     if not prompt:
         return None
-    return Prompt(prompt[-MAX_PROMPT_TOKENS:], text[:MAX_TEXT_TOKENS])
+    return Prompt(prompt[-MAX_PROMPT_TOKENS:])
 
 
 @torch.no_grad()

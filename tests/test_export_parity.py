@@ -115,7 +115,7 @@ def tiny_llama():
 def test_the_batch_run_passes_a_model_that_masks_padding_and_fails_one_that_does_not(tiny_llama):
     from lite_sft.export.parity import Prompt
 
-    prompts = [Prompt([5, 6, 7], [5, 6, 7]), Prompt([9, 10, 11, 12, 13, 14, 15, 16], [9]), Prompt([20, 21], [20])]
+    prompts = [Prompt([5, 6, 7]), Prompt([9, 10, 11, 12, 13, 14, 15, 16]), Prompt([20, 21])]
     ref = make_reference(tiny_llama, prompts, new_tokens=5, pad_id=0)
     assert ref.batch_rows() == [2, 1]  # the shortest and the longest prompt: 6 tokens of left padding
 
@@ -159,9 +159,8 @@ def test_held_out_prompts_are_the_examples_the_run_wrote_down(tmp_path, tokenize
     cfg = load_config(None, {"data.path": str(tmp_path / "moved.jsonl"), "train.seed": 7})
     prompts, source = held_out_prompts(tmp_path, cfg, tokenizer, 2)
     assert source == "held-out examples in validation_split.json (held-out fraction 0.1 of data/train.jsonl, seed 42)"
-    # The prompt ends where the last trained run (the last answer) starts; the text is the whole example.
+    # The prompt ends where the last trained run (the last answer) starts.
     assert [p.prompt_ids for p in prompts] == [two_turns[:16], one_turn[:10]]
-    assert [p.text_ids for p in prompts] == [two_turns, one_turn]
     prompts, source = held_out_prompts(tmp_path, cfg, tokenizer, 3)  # fewer held out than asked for
     assert len(prompts) == 3 and source.startswith("2 from held-out examples in validation_split.json")
     assert source.endswith("+ 1 fixed prompts")
@@ -189,8 +188,6 @@ def test_a_run_without_the_split_file_re_derives_it_and_says_so(tmp_path, bpe_to
     first = bpe_tokenizer.decode(prompts[0].prompt_ids)
     assert first.endswith("<|im_start|>assistant\n")  # rendered with the generation prompt
     assert held[0].messages[0]["content"] in first
-    full = bpe_tokenizer.decode(prompts[0].text_ids)
-    assert full.startswith(first[:-len("assistant\n")]) and held[0].messages[-1]["content"] in full
 
 
 def test_a_split_file_without_examples_falls_back_and_says_so(tmp_path, bpe_tokenizer):
