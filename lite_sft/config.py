@@ -421,3 +421,19 @@ def field_docs() -> dict[str, str]:
                     text = " ".join(doc_node.value.value.split())
                     docs[sections[node.name] + field_node.target.id] = text
     return docs
+
+
+# The flags not spelled as their field's last part; tests/test_flag_hints.py checks every flag of
+# lite_sft/cli.py's FLAG_FIELDS against `setting`.
+_FLAG_NAMES = {"model.name_or_path": "--model", "data.path": "--data", "data.validation_path": "--validation-data",
+               "lora.r": "--lora-r", "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout",
+               "lora.use_dora": "--dora", "lora.use_rslora": "--rslora", "train.memory_budget": "--gpu-memory",
+               "task.name": "--task"}
+
+
+def setting(field: str, value: Any = None) -> str:
+    """A setting as error hints name it, for the command line and a config file alike: `--text-column
+    (task.text_column)`, or with a value `--validation-fraction 0 (data.validation_fraction=0)`. Only for
+    fields that have a flag."""
+    flag = _FLAG_NAMES.get(field, "--" + field.rsplit(".", 1)[-1].replace("_", "-"))
+    return f"{flag} ({field})" if value is None else f"{flag} {value} ({field}={value})"

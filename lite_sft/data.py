@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lite_sft import data_cache
-from lite_sft.config import BUILTIN_DATA, DataConfig
+from lite_sft.config import BUILTIN_DATA, DataConfig, setting
 from lite_sft.masking import ROLES, DataError, DataStats, Example, Sample, build_examples, ensure_chat_template
 from lite_sft.packing import Row, pack, unpacked_rows
 from lite_sft.tasks.table import open_text
@@ -115,7 +115,7 @@ def _examples(samples: list[Sample], tokenizer, cfg: DataConfig, split: str) -> 
         raise DataError(
             f"the {split} set is empty after dropping: {stats.dropped} of {len(samples)} examples were longer than "
             f"data.max_seq_len={cfg.max_seq_len} (data.overlong=drop) and {stats.dropped_untrained} had no trained "
-            "token left after truncation; raise data.max_seq_len or use data.overlong=truncate")
+            f"token left after truncation; raise {setting('data.max_seq_len')} or use {setting('data.overlong', 'truncate')}")
     return examples, stats
 
 
@@ -125,7 +125,7 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
         return samples, []
     if len(samples) < 2:
         raise DataError(f"data.validation_fraction={fraction} needs at least 2 examples to split, got "
-                        f"{len(samples)}; add data, give data.validation_path, or set data.validation_fraction=0")
+                        f"{len(samples)}; add data, give {setting('data.validation_path')}, or set {setting('data.validation_fraction', 0)}")
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     n_val = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
@@ -141,7 +141,7 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train", role: str =
     if fmt == "auto":
         fmt = detect_format(records, path)
     elif fmt not in FORMAT_KEYS:
-        raise DataError(f"unknown data.format {fmt!r}; use auto or one of {', '.join(FORMAT_KEYS)}")
+        raise DataError(f"unknown {setting('data.format')} {fmt!r}; use auto or one of {', '.join(FORMAT_KEYS)}")
     return fmt, [_CONVERTERS[fmt](r) for r in records]
 
 
@@ -242,7 +242,7 @@ def detect_format(records: list[Record], name: str) -> str:
         if fmt is None:
             expected = "; ".join(f"{f}: {', '.join(keys)}" for f, keys in FORMAT_KEYS.items())
             raise DataError(f"{r.source}: cannot tell the format from the fields {sorted(r.fields)}; expected the "
-                            f"fields of one format ({expected}). Rename the fields or set data.format")
+                            f"fields of one format ({expected}). Rename the fields or set {setting('data.format')}")
         first.setdefault(fmt, r)
         counts[fmt] = counts.get(fmt, 0) + 1
     if len(counts) > 1:

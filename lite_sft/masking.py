@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lite_sft.config import DataConfig
+from lite_sft.config import DataConfig, setting
 # Defined beside the task interface, which every task shares and serving may import without training code.
 from lite_sft.tasks.base import IGNORE_INDEX, DataError  # noqa: F401  (re-exported: the data pipeline's names)
 
@@ -205,7 +205,7 @@ def _render_chat(sample: Sample, tokenizer, system_prompt: str | None) -> tuple[
                 f"{sample.source}: the chat template renders the conversation up to message {i} differently "
                 "from the start of the whole conversation, so the assistant tokens cannot be located. "
                 "Templates that rewrite earlier turns depending on later ones are not supported; "
-                "set data.chat_template to one that renders each turn on its own.")
+                f"set {setting('data.chat_template')} to one that renders each turn on its own.")
         return len(rendered)
 
     full = render(messages, False)

@@ -87,11 +87,11 @@ def test_header_names_are_stripped(tmp_path):
 
 def test_a_missing_column_names_the_columns_the_file_has(tmp_path):
     path = write(tmp_path / "dev.tsv", "label\tcontent\n0\tbad\n1\tgood\n")
-    with pytest.raises(DataError, match=r"dev\.tsv: no column 'sentence' \(text_column\); its columns are label, "
-                                        r"content; set text_column"):
+    with pytest.raises(DataError, match=r"dev\.tsv: no column 'sentence'; its columns are label, "
+                                        r"content; set --text-column \(task\.text_column\)"):
         read_classification(path, text_column="sentence")
     path = jsonl(tmp_path / "d.jsonl", {"text": "a", "label": 0}, {"txt": "b", "label": 1})
-    with pytest.raises(DataError, match=r"d\.jsonl line 2: no field 'text' \(text_column\); the line has txt, label"):
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: no field 'text'; the line has txt, label; set --text-column"):
         read_classification(path)
 
 
@@ -168,7 +168,7 @@ def test_sst2_train_and_dev_name_their_text_columns_differently():
     assert (len(train), len(dev)) == (67349, 872)
     assert labels == LabelMap(("0", "1"), ids=True)
     assert (train[0].text, train[0].label) == ("hide new secretions from the parental units", 0)
-    with pytest.raises(DataError, match="its columns are label, content; set text_column"):
+    with pytest.raises(DataError, match=r"its columns are label, content; set --text-column \(task.text_column\)"):
         read_classification(SHARED_DATA / "sst2" / "dev.tsv", text_column="sentence", label_map=labels)
 
 
@@ -191,6 +191,6 @@ def test_seq2seq_errors_name_the_line_and_column(tmp_path):
         read_seq2seq(jsonl(tmp_path / "b.jsonl", {"source": "", "target": "b"}))
     with pytest.raises(DataError, match=r"line 1: column 'source' must be a string, got int"):
         read_seq2seq(jsonl(tmp_path / "c.jsonl", {"source": 3, "target": "b"}))
-    with pytest.raises(DataError, match=r"no column 'summary' \(target_column\); its columns are document, abstract"):
+    with pytest.raises(DataError, match=r"no column 'summary'; its columns are document, abstract; set --target-column"):
         read_seq2seq(write(tmp_path / "d.csv", "document,abstract\na,b\n"), source_column="document",
                      target_column="summary")

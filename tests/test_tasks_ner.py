@@ -104,7 +104,7 @@ def test_conll_sentences_docstart_and_the_last_column(tmp_path):
 def test_a_tag_column_that_is_not_the_last(tmp_path):
     path = write(tmp_path / "d.txt", "EU B-ORG 0\nrejects O 0\n")
     with pytest.raises(DataError, match=r"d\.txt line 1: tag '0' is not O, B-TYPE or I-TYPE; tag_column=-1 reads "
-                                        r"'0' of 'EU B-ORG 0', but column 1 holds 'B-ORG': set tag_column=1"):
+                                        r"'0' of 'EU B-ORG 0', but column 1 holds 'B-ORG': set --tag-column 1 \(task\.tag_column=1\)"):
         read_ner(path)
     assert read_ner(path, tag_column=1)[0].tags == ["B-ORG", "O"]
 
@@ -145,7 +145,7 @@ def test_jsonl_with_named_keys_and_tag_ids(tmp_path):
     ({"tokens": "a b", "tags": ["O", "O"]}, r"line 1: field 'tokens' must be a non-empty list"),
     ({"tokens": ["a", ""], "tags": ["O", "O"]}, r"line 1: tokens\[1\] must be a non-empty string"),
     ({"tokens": ["a", "b"], "tags": ["O", "I-PER"]}, r"line 1 token 1 \('b'\): tag 'I-PER' follows 'O'"),
-    ({"words": ["a"], "tags": ["O"]}, r"line 1: no field 'tokens' \(tokens_key\); the line has words, tags"),
+    ({"words": ["a"], "tags": ["O"]}, r"line 1: no field 'tokens'; the line has words, tags; set --tokens-key"),
 ])
 def test_jsonl_errors(tmp_path, record, message):
     with pytest.raises(DataError, match=message):

@@ -298,7 +298,7 @@ def test_a_model_without_an_encoder_and_a_decoder_is_refused_in_one_line(request
     ('{"source": "one", "target": "one"}\n{"source": " ", "target": "two"}\n',
      "train.jsonl line 2: column 'source' is empty"),
     ('{"source": "one", "target": "one"}\n{"input": "two", "target": "two"}\n',
-     "train.jsonl line 2: no field 'source' (source_column)"),
+     "train.jsonl line 2: no field 'source'; the line has input, target; set --source-column (task.source_column)"),
 ])
 def test_bad_pairs_exit_2_naming_the_line(tiny_t5_dir, tmp_path, lines, message):
     data = tmp_path / "train.jsonl"

@@ -197,7 +197,7 @@ def test_a_causal_lm_is_refused_before_anything_loads(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("train, valid, message", [
     ("mary B-PER 0\nvisited O 0\nparis I-LOC 0\n", None, r"train\.txt line 3 \('paris'\): tag 'I-LOC' follows 'O'"),
     (None, "mary B-PER 0\nat O 0\nparis B-MISC 0\n", r"valid\.txt line 3 \('paris'\): unknown label 'B-MISC'"),
-    (None, "mary 0 B-PER\n", r"valid\.txt line 1: tag '0' is not O, .* column 2 holds 'B-PER': set tag_column=2"),
+    (None, "mary 0 B-PER\n", r"valid\.txt line 1: tag '0' is not O, .* column 2 holds 'B-PER': set --tag-column 2 \(task\.tag_column=2\)"),
 ])
 def test_bad_tags_name_the_file_and_line(tiny_bert_dir, ner_conll, tmp_path, train, valid, message):
     data = tmp_path / "data"

@@ -109,7 +109,7 @@ class Task:
 
 
 def get_task(name: str) -> Task:
-    from lite_sft.config import ConfigError
+    from lite_sft.config import ConfigError, setting
 
     if name == "causal-lm":
         from lite_sft.tasks.causal_lm import CausalLMTask
@@ -127,7 +127,7 @@ def get_task(name: str) -> Task:
         from lite_sft.tasks.seq2seq import Seq2SeqTask
 
         return Seq2SeqTask()
-    raise ConfigError(f"task.name {name!r}: choose one of {', '.join(TASK_NAMES)}")
+    raise ConfigError(f"{setting('task.name')} {name!r}: choose one of {', '.join(TASK_NAMES)}")
 
 
 def max_tokens(cfg, tokenizer) -> int:

@@ -38,10 +38,10 @@ def read_classification(path: str | Path, *, text_column: str = "text", label_co
     Returns the records and the mapping they use (the one given, or the one built).
     """
     table = read_table(path)
-    table.require(text_column, "text_column")
+    table.require(text_column, "task.text_column")
     if pair_column is not None:
-        table.require(pair_column, "pair_column")
-    table.require(label_column, "label_column")
+        table.require(pair_column, "task.text_pair_column")
+    table.require(label_column, "task.label_column")
     raw = [(row.where, row.fields.get(label_column)) for row in table.rows]
     if label_map is None:
         label_map = build_label_map(raw, table.name, label_column)
@@ -74,10 +74,11 @@ def class_weights(setting: str, labels: list[int], n_classes: int) -> list[float
         counts = [labels.count(c) for c in range(n_classes)]
         return [len(labels) / (n_classes * count) if count else 0.0 for count in counts]
     from lite_sft.config import ConfigError
+    from lite_sft.config import setting as named  # the parameter `setting` is the user's value
 
     weights = [float(w) for w in setting.split(",")]
     if len(weights) != n_classes:
-        raise ConfigError(f"task.class_weights gives {len(weights)} weights for {n_classes} labels; give one per "
+        raise ConfigError(f"{named('task.class_weights')} gives {len(weights)} weights for {n_classes} labels; give one per "
                           "label id, in id order")
     return weights
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lite_sft.config import setting
 from lite_sft.tasks.base import DataError
 
 _INTEGER = re.compile(r"-?\d+")
@@ -83,7 +84,7 @@ def build_label_map(labels: Sequence[tuple[str, object]], name: str, column: str
     if len(distinct) < 2:
         only = f"only the label {next(iter(distinct))!r}" if distinct else "no labels"
         raise DataError(f"{name}: column {column!r} has {only}, so there is nothing to tell apart; a classifier "
-                        "needs training examples of at least two classes (is label_column the right column?)")
+                        f"needs training examples of at least two classes (is {setting('task.label_column')} the right column?)")
     if first_id:
         return LabelMap(tuple(str(i) for i in range(max(distinct) + 1)), ids=True)
     # Plain code-point order: the same on every machine and locale, so the ids never depend on row order.

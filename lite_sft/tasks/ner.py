@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lite_sft.config import setting
 from lite_sft.tasks.base import IGNORE_INDEX, DataError
 from lite_sft.tasks.iob import entities, iob1_to_iob2, iob2_error, split_tag
 from lite_sft.tasks.labels import LabelMap
 from lite_sft.tasks.table import open_text, read_table
 
+CHECK_TAGS = f"check {setting('task.tag_column')} / {setting('task.tags_key')}"
 CONLL_SUFFIXES = (".txt", ".conll", ".iob", ".bio", ".tsv")
 SCHEMES = ("iob2", "iob1")
 
@@ -77,7 +79,7 @@ def read_ner(path: str | Path, *, tag_column: int = -1, tokens_key: str = "token
             try:
                 split_tag(tag)
             except ValueError as err:
-                raise DataError(f"{sentence.token_where(i)}: {err}; check tag_column / tags_key") from None
+                raise DataError(f"{sentence.token_where(i)}: {err}; {CHECK_TAGS}") from None
         if scheme == "iob1":
             sentence.tags = iob1_to_iob2(sentence.tags)
         problem = iob2_error(sentence.tags)
@@ -92,7 +94,7 @@ def build_tag_map(sentences: Sequence[TaggedSentence], name: str) -> LabelMap:
     so an evaluation file's multi-token X entity is not an unknown tag."""
     kinds = sorted({split_tag(tag)[1] for s in sentences for tag in s.tags} - {""})
     if not kinds:
-        raise DataError(f"{name}: every tag is O, so there are no entities to learn; check tag_column / tags_key")
+        raise DataError(f"{name}: every tag is O, so there are no entities to learn; {CHECK_TAGS}")
     return LabelMap(("O", *(f"{prefix}-{kind}" for kind in kinds for prefix in "BI")))
 
 
@@ -198,8 +200,8 @@ def _conll(p: Path, name: str, tag_column: int) -> list[TaggedSentence]:
             try:
                 tag = fields[tag_column]
             except IndexError:
-                raise DataError(f"{name} line {n}: no column {tag_column} (tag_column) in a line of "
-                                f"{len(fields)} columns; set tag_column to the tag's column") from None
+                raise DataError(f"{name} line {n}: no column {tag_column} in a line of {len(fields)} columns; "
+                                f"set {setting('task.tag_column')} to the tag's column") from None
             try:
                 split_tag(tag)
             except ValueError as err:
@@ -219,14 +221,14 @@ def _tag_column_hint(fields: list[str], tag_column: int) -> str:
         except ValueError:
             continue
         return (f"; tag_column={tag_column} reads {fields[tag_column]!r} of {' '.join(fields)!r}, but column {i} "
-                f"holds {value!r}: set tag_column={i} (columns count from 0)")
-    return "; set tag_column to the column that holds the IOB2 tag"
+                f"holds {value!r}: set {setting('task.tag_column', i)} (columns count from 0)")
+    return f"; set {setting('task.tag_column')} to the column that holds the IOB2 tag"
 
 
 def _jsonl(p: Path, tokens_key: str, tags_key: str, tag_names: Sequence[str] | None) -> list[TaggedSentence]:
     table = read_table(p)
-    table.require(tokens_key, "tokens_key")
-    table.require(tags_key, "tags_key")
+    table.require(tokens_key, "task.tokens_key")
+    table.require(tags_key, "task.tags_key")
     sentences = []
     for row in table.rows:
         tokens, tags = row.fields[tokens_key], row.fields[tags_key]

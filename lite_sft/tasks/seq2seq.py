@@ -43,8 +43,8 @@ class Seq2SeqRecord:
 def read_seq2seq(path: str | Path, *, source_column: str = "source",
                  target_column: str = "target") -> list[Seq2SeqRecord]:
     table = read_table(path)
-    table.require(source_column, "source_column")
-    table.require(target_column, "target_column")
+    table.require(source_column, "task.source_column")
+    table.require(target_column, "task.target_column")
     return [Seq2SeqRecord(row.where, text_field(row, source_column), text_field(row, target_column))
             for row in table.rows]
 

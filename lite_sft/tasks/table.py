@@ -1,7 +1,7 @@
 """Rows of a CSV, TSV or JSONL file, for the readers whose records are flat (classification, seq2seq, NER JSONL).
 
     table = read_table("train.tsv")
-    table.require("sentence", "text_column")      # DataError naming the columns the file has
+    table.require("sentence", "task.text_column") # DataError naming the columns the file has
     row = table.rows[0]
     row.where, text_field(row, "sentence")        # "train.tsv line 2", "hide new secretions ..."
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from lite_sft.config import setting
 from lite_sft.tasks.base import DataError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -38,17 +39,17 @@ class Table:
     header: list[str] | None
     """The CSV/TSV header; None for JSONL, whose lines each have their own keys."""
 
-    def require(self, column: str, setting: str) -> None:
-        """DataError unless every row has `column`; `setting` is the option that named it."""
-        fix = f"set {setting} to the column that holds it (each file can name its own)"
+    def require(self, column: str, field: str) -> None:
+        """DataError unless every row has `column`; `field` is the setting that named it (task.text_column)."""
+        fix = f"set {setting(field)} to the column that holds it (each file can name its own)"
         if self.header is not None:
             if column not in self.header:
-                raise DataError(f"{self.name}: no column {column!r} ({setting}); its columns are "
+                raise DataError(f"{self.name}: no column {column!r}; its columns are "
                                 f"{', '.join(self.header)}; {fix}")
             return
         for row in self.rows:
             if column not in row.fields:
-                raise DataError(f"{row.where}: no field {column!r} ({setting}); the line has "
+                raise DataError(f"{row.where}: no field {column!r}; the line has "
                                 f"{', '.join(row.fields) or 'no fields'}; {fix}")
 
 
