@@ -3,7 +3,7 @@
     python -m lite_sft.serve.runtime exports/demo --prompt-ids 1,2,3      # which provider, and a greedy step
 
 A folder is one of (resolve_model):
-    an export OUT (parity.json beside onnx/, merged/)   -> OUT/onnx, or OUT/onnx-int8 / onnx-int4 with `variant`
+    an export OUT (parity.json beside onnx/, merged/)   -> OUT/onnx, onnx-int8 or onnx-int4 (layout.py says which)
     an ONNX folder (model.onnx, or encoder_model.onnx + decoder files, + config.json + tokenizer, as
         `lite-sft export` writes it in optimum's layout)
     a Hugging Face folder (config.json + weights)       -> PyTorch (torch_backend.py)
@@ -55,11 +55,10 @@ import torch
 
 from . import ServeError
 from .generate import align_left
+from .layout import ONNX_FILE, PARITY_FILE, VARIANTS, has_onnx, read_parity, served_variant, variant_folder
 from .sessions import DEVICES, onnx_precision, open_session
 
 
-ONNX_FILE = "model.onnx"
-ENCODER_FILE = "encoder_model.onnx"  # optimum's text2text-generation layout: this + decoder_model*.onnx
 TASKS = ("causal-lm", "seq2seq", "seq-cls", "token-cls")
 # parity.json may name the task as lite-sft does or as optimum's exporter did.
 OPTIMUM_TASKS = {"text-generation": "causal-lm", "text-generation-with-past": "causal-lm",
@@ -68,7 +67,6 @@ OPTIMUM_TASKS = {"text-generation": "causal-lm", "text-generation-with-past": "c
 ENDPOINTS = {"causal-lm": "POST /v1/completions and /v1/chat/completions", "seq2seq": "POST /v1/completions",
              "seq-cls": "POST /v1/classify", "token-cls": "POST /v1/ner"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-VARIANTS = ("fp", "int8", "int4")
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 NP_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 # Prefill's logits are (batch, chunk, vocab): a 2,000-token prompt with a 150k vocabulary would need 1.2 GB
@@ -79,22 +77,24 @@ LOGITS_BUDGET_BYTES = 256 * 2**20
 SPARE_PAIRS = 3
 
 
-def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
-    """("onnx" | "torch", the folder to load). Says what a folder lacks when it is not a model."""
+def resolve_model(folder: str | Path, variant: str | None = None) -> tuple[str, Path]:
+    """("onnx" | "torch", the folder to load); `variant` None picks an export's as layout.served_variant does.
+    Says what a folder lacks when it is not a model."""
     folder = Path(folder)
-    if variant not in VARIANTS:
+    if variant not in (None, *VARIANTS):
         raise ServeError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     if not folder.is_dir():
         raise ServeError(f"{folder} does not exist or is not a folder")
-    if (folder / "parity.json").is_file():  # an export OUT
-        sub = folder / ("onnx" if variant == "fp" else f"onnx-{variant}")
+    if (folder / PARITY_FILE).is_file():  # an export OUT
+        variant = variant or served_variant(folder)
+        sub = folder / variant_folder(variant)
         if not has_onnx(sub):
             have = sorted(p.name for p in folder.iterdir() if has_onnx(p))
             raise ServeError(f"{folder} is an export without {sub.name}/ (it has: {', '.join(have) or 'no ONNX model'}); "
                              f"re-export with `lite-sft export RUN --out {folder} --overwrite"
                              + (f" --quantize {variant}`" if variant != "fp" else "`"))
         folder = sub
-    elif variant != "fp":
+    elif variant not in (None, "fp"):
         raise ServeError(f"variant {variant} picks a folder inside an export OUT; {folder} is not one (no parity.json)")
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ServeError(f"{folder} is a `lite-sft tune` run directory: export it first "
@@ -114,21 +114,13 @@ def resolve_model(folder: str | Path, variant: str = "fp") -> tuple[str, Path]:
     raise ServeError(f"{folder} has a config.json but no model.onnx and no weights (*.safetensors)")
 
 
-def has_onnx(folder: Path) -> bool:
-    """An ONNX model in optimum's layout: model.onnx, or an encoder-decoder's encoder_model.onnx (and decoders)."""
-    return (folder / ONNX_FILE).is_file() or (folder / ENCODER_FILE).is_file()
-
-
 def model_task(folder: str | Path) -> str:
     """What the model in `folder` does (one of TASKS): the task parity.json records for an export, else the head
     config.json's architectures name. A model without a head lite-sft serves is one clear ServeError."""
     folder = Path(folder)
-    for parity in (folder / "parity.json", folder.parent / "parity.json"):  # an export OUT, or a folder in it
+    for parity in (folder / PARITY_FILE, folder.parent / PARITY_FILE):  # an export OUT, or a folder in it
         if parity.is_file():
-            try:
-                task = json.loads(parity.read_text()).get("task")
-            except (json.JSONDecodeError, AttributeError) as err:
-                raise ServeError(f"{parity} is not a JSON object ({err}): re-export the model") from err
+            task = read_parity(parity).get("task")
             if task is not None:
                 task = OPTIMUM_TASKS.get(task, task)
                 if task not in TASKS:
@@ -214,7 +206,7 @@ def max_context(folder: Path, tokenizer=None) -> int:
     return limit or 2048
 
 
-def load_backend(folder: str | Path, device: str = "auto", threads: int | None = None, variant: str = "fp"):
+def load_backend(folder: str | Path, device: str = "auto", threads: int | None = None, variant: str | None = None):
     """(backend, tokenizer) for a model folder; see resolve_model for the folders understood and model_task for
     the tasks. `backend.task` says which: generating backends (causal-lm, seq2seq) have prefill / decode /
     keep, encoder classifiers (seq-cls, token-cls) `logits` (encoder.py)."""

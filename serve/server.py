@@ -39,6 +39,7 @@ from . import ServeError
 from .auth import ApiKey
 from .classify import Api, add_routes
 from .engine import Engine, QueueFull, ScoreEngine
+from .layout import variant_line
 from .generate import SamplingParams
 from .runtime import ENDPOINTS
 from .schemas import ApiError, ChatRequest, CompletionRequest, Sampling, validation_message
@@ -356,7 +357,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def build_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-                 variant: str = "fp", threads: int | None = None, model_name: str | None = None,
+                 variant: str | None = None, threads: int | None = None, model_name: str | None = None,
                  log_level: str = "info", **settings):
     """(uvicorn.Server, its bound socket, the app): load the model, bind the port, build the app. Run with
     server.run(sockets=[sock]); tests run it in a thread and set server.should_exit."""
@@ -385,6 +386,8 @@ def serve(folder: str | Path, say=print, **options) -> None:
     host, port = sock.getsockname()[:2]
     settings: ServerSettings = app.state.settings
     say(f"serving {settings.model_name!r}: {app.state.engine.backend.describe()}")
+    if served := variant_line(Path(folder), options.get("variant")):
+        say(f"  {served}")
     if host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
         say(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
     engine = app.state.engine

@@ -191,7 +191,8 @@ def test_pad_left_and_invalid_requests(ort):
 def test_model_folders_are_found_and_bad_ones_explained(export_dir, tmp_path, tokenizer):
     import shutil
 
-    assert resolve_model(export_dir) == ("onnx", export_dir / "onnx")
+    assert resolve_model(export_dir) == ("onnx", export_dir / "onnx-int8")  # exported --quantize int8, and gated
+    assert resolve_model(export_dir, "fp") == ("onnx", export_dir / "onnx")
     assert resolve_model(export_dir, "int8") == ("onnx", export_dir / "onnx-int8")
     assert resolve_model(export_dir / "merged") == ("torch", export_dir / "merged")
     # EOS </s> and the chat template's end of turn <|im_end|>, as the export wrote them
