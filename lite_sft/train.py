@@ -31,8 +31,8 @@ from . import checkpoint, report
 from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
 from .loss import check_loss_path
 from .masking import DEFAULT_TEMPLATE_TOKENS
-from .model import (ModelError, add_lora, check_task_model, load_base_model, load_tokenizer, mixed_precision,
-                    resolve_model_path)
+from .model import (ModelError, add_lora, check_task_model, check_vocab, load_base_model, load_tokenizer,
+                    mixed_precision, recorded_model_name, resolve_model_path)
 from .tasks.base import Task, TaskData, all_sum, get_task
 
 
@@ -97,6 +97,12 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     from transformers import set_seed
 
     cfg.validate()
+    if cfg.data.path != BUILTIN_DATA and cfg.model.name_or_path == BUILTIN_MODEL:
+        # The demo's random tiny model would train on the user's data for the demo's 800 steps and look like a run.
+        raise ConfigError(f"--data {cfg.data.path} needs --model too (model.name_or_path): a hub id such as "
+                          "Qwen/Qwen2.5-0.5B-Instruct or a local model folder; the built-in tiny model only runs the "
+                          "demo on its bundled data")
+    cfg.model.name_or_path = recorded_model_name(cfg.model.name_or_path)  # config.yaml and peft record it absolute
     task = get_task(cfg.task.name)
     run_dir = Path(cfg.output_dir)
     _check_run_dir(run_dir, cfg, resume, overwrite)
@@ -134,6 +140,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     model = load_base_model(cfg.model, model_path, accelerator.device, task, **task.model_kwargs(data))
     if model.config.pad_token_id is None:  # a classifier finds each row's last real token by it
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_vocab(model, tokenizer, model_path, DEFAULT_TEMPLATE_TOKENS if data.added_tokens else ())
     new_token_ids = None
     if data.added_tokens:
         new_token_ids = tokenizer.convert_tokens_to_ids(list(DEFAULT_TEMPLATE_TOKENS))
