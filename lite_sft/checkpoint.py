@@ -30,6 +30,28 @@ BEST_DIR = "best"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint or the best adapter could not be written (a full disk, a lost mount); the partial folder
+    is removed and the message says which checkpoint is the last good one and how to resume from it."""
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where a stopped run can continue from, as a sentence: its newest complete checkpoint and the command."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return (f"no checkpoint of {run_dir} was saved yet (train.save_every, --save-every): start it again with "
+                f"--overwrite")
+    step, path = found[-1]
+    return (f"the last good checkpoint is step {step} ({path}): continue with "
+            f"`lite-sft tune --output-dir {run_dir} --resume`")
+
+
+def write_failed(what: str, run_dir: Path, err: Exception) -> CheckpointError:
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    return CheckpointError(f"could not write {what} ({type(err).__name__}: {first}; is the disk full?); "
+                           f"{resume_hint(run_dir)} once there is room")
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """The parameters that train (LoRA and any trainable token rows), by their full names."""
     return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -76,16 +98,20 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loop_
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "loop": loop_state},
-        tmp / "state.pt",
-    )
-    best = read_best(run_dir)
-    if best is not None:  # the best as of this step, so that a resume from here knows it (restore_best)
-        shutil.copytree(best[0], tmp / BEST_DIR)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "loop": loop_state}, tmp / "state.pt")
+        best = read_best(run_dir)
+        if best is not None:  # the best as of this step, so that a resume from here knows it (restore_best)
+            shutil.copytree(best[0], tmp / BEST_DIR)
+        _fsync_dir(tmp)
+    except BaseException as err:  # Ctrl-C too: no partial folder is left for anyone to mistake for a checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):  # safetensors, torch.save and shutil each fail on a full disk differently
+            raise write_failed(f"checkpoint step {step} in {root}", run_dir, err) from err
+        raise
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -128,9 +154,15 @@ def restore_best(checkpoint_dir: Path, run_dir: Path) -> None:
 def _replace_best(root: Path, fill) -> Path:
     final, tmp, old = root / BEST_DIR, root / f".tmp-{BEST_DIR}", root / f".old-{BEST_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        _fsync_dir(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            raise write_failed(f"the best adapter {final}", root, err) from err
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():  # a folder cannot be renamed over a non-empty one: move the old best aside first
         os.replace(final, old)

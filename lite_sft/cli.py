@@ -51,12 +51,13 @@ def _size(text: str, flag: str) -> int:
 
 
 def _expected_errors():
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .model import ModelError
     from .train import RunDirError
 
-    return ConfigError, DataError, ModelError, RunDirError
+    return CheckpointError, ConfigError, DataError, ModelError, RunDirError
 
 
 # Command parameter -> the config field it overrides (a parameter left at None changes nothing).
@@ -209,6 +210,7 @@ def tune(
 
     overrides = _overrides(locals())
     errors = _expected_errors()
+    cfg = None
     try:
         if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
             config = Path(output_dir) / "config.yaml"  # continue the run as it was configured
@@ -220,6 +222,8 @@ def tune(
         summary = run_tune(cfg, resume=resume, overwrite=overwrite)
     except errors as err:
         _fail(err)
+    except KeyboardInterrupt:
+        _interrupted(Path(cfg.output_dir) if cfg is not None else None)
     except TrainingDiverged as err:
         _fail(err, code=1)
     if summary is None:  # not the main process
@@ -232,7 +236,8 @@ def tune(
                + (f", final train loss {summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "")
                + (f", validation loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else ""))
     if summary.get("skill_exact_match_after") is not None:
-        typer.echo(f"  held-out exact match: {summary['skill_exact_match_before']:.1%} before -> "
+        before = summary["skill_exact_match_before"]  # None after resuming a checkpoint that did not keep it
+        typer.echo(f"  held-out exact match: {'?' if before is None else f'{before:.1%}'} before -> "
                    f"{summary['skill_exact_match_after']:.1%} after tuning")
     if summary.get("final_evaluation"):
         from .evaluate import format_report
@@ -244,6 +249,17 @@ def tune(
         typer.echo(f"  try it: lite-sft generate {cfg.output_dir} --prompt \"{example}\"")
     else:
         typer.echo(f"  evaluate it on a file: lite-sft eval {cfg.output_dir} --data FILE")
+
+
+def _interrupted(run_dir: Path | None):
+    """Ctrl-C during tune: what was saved, and how to go on (exit 130, as a shell reports SIGINT)."""
+    from .checkpoint import resume_hint
+
+    if run_dir is None or not (run_dir / "config.yaml").is_file():  # before the run directory was written
+        typer.secho("interrupted before training started: nothing was written", fg=typer.colors.YELLOW, err=True)
+    else:
+        typer.secho(f"interrupted: {resume_hint(run_dir)}", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(130)
 
 
 @app.command("inspect-data")

@@ -185,7 +185,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     run = Run(cfg, task, accelerator, tokenizer, data, model, optimizer, scheduler, loss_impl, total_steps,
               rows_per_step, loop, log)
     if not resume:
-        run.skill_before = _skill_score(run)
+        run.skill_before = loop["skill_before"] = _skill_score(run)  # checkpoints carry it for a resumed run
+    else:
+        run.skill_before = loop.get("skill_before")  # None from a checkpoint written before it was kept
     return run
 
 
@@ -303,7 +305,12 @@ def save(run: Run, stopped_early: bool) -> dict | None:
     if run.main:
         # Rows of added tokens are saved as peft trainable tokens; without this peft would also save the whole
         # resized embedding and output layer (135 MB on a 30M model) because their size changed.
-        unwrapped.save_pretrained(run.run_dir, save_embedding_layers=False)
+        try:
+            unwrapped.save_pretrained(run.run_dir, save_embedding_layers=False)
+        except Exception as err:  # a full disk: no half-written adapter may pass for a finished run
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                (run.run_dir / name).unlink(missing_ok=True)
+            raise checkpoint.write_failed(f"the adapter in {run.run_dir}", run.run_dir, err) from err
         summary = _summary(run, stopped_early, skill_after)
         report.write_summary(run.run_dir, summary)
         report.plot_losses(run.run_dir)
