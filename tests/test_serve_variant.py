@@ -75,8 +75,6 @@ def test_serve_says_which_variant_it_serves(tmp_path, tiny_model_dir, monkeypatc
         assert ("passed its parity gate" in said) == (variant is None), said
 
 
-@pytest.mark.xfail(strict=True, reason="lite_sft/cli.py's serve --variant defaults to 'fp', which reads as asked; "
-                   "it must default to None for the export's gated variant to be served")
 def test_the_cli_leaves_the_variant_to_the_export_unless_given(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
