@@ -32,21 +32,21 @@ def has_onnx(folder: Path) -> bool:
     return (folder / ONNX_FILE).is_file() or (folder / ENCODER_FILE).is_file()
 
 
-def read_parity(path: Path) -> dict:
-    """An export's parity.json, or one clear ServeError saying to re-export."""
+def read_json_object(path: Path) -> dict:
+    """A JSON object the export wrote (parity.json, config.json), or one clear ServeError saying to re-export."""
     try:
-        report = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ServeError(f"{path} is not a JSON object ({err}): re-export the model") from err
-    if not isinstance(report, dict):
+    if not isinstance(value, dict):
         raise ServeError(f"{path} is not a JSON object: re-export the model")
-    return report
+    return value
 
 
 def served_variant(out: Path) -> str:
     """The variant an export OUT serves when not told: the quantised one whose gate passed and whose folder is
     there, else fp."""
-    gates = read_parity(out / PARITY_FILE).get("gates")
+    gates = read_json_object(out / PARITY_FILE).get("gates")
     for gate in reversed(gates if isinstance(gates, list) else []):
         stage = gate.get("stage") if isinstance(gate, dict) else None
         if stage in VARIANTS[1:] and gate.get("passed") is True and has_onnx(out / variant_folder(stage)):

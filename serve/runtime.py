@@ -55,7 +55,7 @@ import torch
 
 from . import ServeError
 from .generate import align_left
-from .layout import ONNX_FILE, PARITY_FILE, VARIANTS, has_onnx, read_parity, served_variant, variant_folder
+from .layout import ONNX_FILE, PARITY_FILE, VARIANTS, has_onnx, read_json_object, served_variant, variant_folder
 from .sessions import DEVICES, onnx_precision, open_session
 
 
@@ -120,7 +120,7 @@ def model_task(folder: str | Path) -> str:
     folder = Path(folder)
     for parity in (folder / PARITY_FILE, folder.parent / PARITY_FILE):  # an export OUT, or a folder in it
         if parity.is_file():
-            task = read_parity(parity).get("task")
+            task = read_json_object(parity).get("task")
             if task is not None:
                 task = OPTIMUM_TASKS.get(task, task)
                 if task not in TASKS:
@@ -129,7 +129,7 @@ def model_task(folder: str | Path) -> str:
             break
     # An export OUT holds its config in onnx/ and merged/
     holder = next((f for f in (folder, folder / "onnx", folder / "merged") if (f / "config.json").is_file()), folder)
-    config = _config(holder)
+    config = read_json_object(holder / "config.json")
     archs = config.get("architectures") or []
     for arch in archs:
         if arch.endswith("ForSequenceClassification"):
@@ -144,17 +144,6 @@ def model_task(folder: str | Path) -> str:
                      "*ForCausalLM (generation), encoder-decoder *ForConditionalGeneration (seq2seq), "
                      "*ForSequenceClassification (classify) or *ForTokenClassification (ner); export a model "
                      "trained with one of these tasks")
-
-
-def _config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ServeError(f"cannot read {path} ({err}): re-export the model") from err
-    if not isinstance(config, dict):
-        raise ServeError(f"{path} is not a JSON object: re-export the model")
-    return config
 
 
 def check_tokenizer(folder: Path) -> None:

@@ -11,6 +11,7 @@ The word-level tokenizer makes token boundaries obvious: one word is one token, 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -378,6 +379,21 @@ def ner_conll(tmp_path_factory):
             lines.append("")
         (folder / name).write_text("\n".join(lines) + "\n")
     return folder
+
+
+class Slow:
+    """A backend whose every decode step takes `delay` seconds longer: makes queueing observable, and requests
+    sent together batch."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, state, tokens):
+        time.sleep(self.delay)
+        return self.inner.decode(state, tokens)
 
 
 @contextmanager

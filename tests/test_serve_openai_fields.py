@@ -13,25 +13,11 @@ from lite_sft.serve.runtime import load_tokenizer
 from lite_sft.serve.server import ServerSettings, create_app
 from lite_sft.serve.torch_backend import TorchBackend
 
-from conftest import uvicorn_running
+from conftest import Slow, uvicorn_running
 
 openai = pytest.importorskip("openai")
 PROMPT = [40, 41, 42, 43]
 N = 16
-
-
-class Slow:
-    """A backend whose every decode step takes `delay` seconds longer, so requests sent together batch."""
-
-    def __init__(self, inner, delay):
-        self.inner, self.delay = inner, delay
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def decode(self, state, tokens):
-        time.sleep(self.delay)
-        return self.inner.decode(state, tokens)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from lite_sft.serve.generate import SamplingParams, generate
 from lite_sft.serve.runtime import OrtBackend, load_tokenizer, stop_ids
 from lite_sft.serve.server import ServerSettings, create_app
 
-from conftest import fuzz_posts, uvicorn_running
+from conftest import Slow, fuzz_posts, uvicorn_running
 
 openai = pytest.importorskip("openai")
 runner = CliRunner()
@@ -39,20 +39,6 @@ def onnx_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def tokenizer(onnx_dir):
     return load_tokenizer(onnx_dir)
-
-
-class Slow:
-    """A backend whose every decode step takes `delay` seconds longer: makes queueing observable."""
-
-    def __init__(self, inner, delay):
-        self.inner, self.delay = inner, delay
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def decode(self, state, tokens):
-        time.sleep(self.delay)
-        return self.inner.decode(state, tokens)
 
 
 @contextmanager
