@@ -28,25 +28,19 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
-import glob
 import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; a leftover folder is then judged by its PID alone
-    fcntl = None
-
 from . import ExportError
 from .checks import make_checks, run_stop_ids  # noqa: F401  (run_stop_ids: imported from here by callers)
+from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
 from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, stored_dtype,
                     unquantized_base)
 from .onnx import ONNX_DTYPES, OPTIMUM_TASKS, check_dtype, check_supported, export_onnx, onnx_bytes
@@ -138,7 +132,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
     save_dtype = merged_dtype(opts.merged_dtype, cfg.model.quant, base_dtype)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    _remove_leftovers(out, say)
+    remove_leftovers(out, say)
     gates: list[Gate] = []
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -261,85 +255,6 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
                               "the new export has passed its gates)")
         if not out.is_dir() or (any(out.iterdir()) and not (out / "parity.json").is_file()):
             raise ExportError(f"{out} exists and is not an earlier export (no parity.json): refusing to replace it")
-
-
-# In every OUT.tmp-<pid> folder: a file its export holds locked (flock) from the moment it has written its
-# PID into it until the folder is installed, kept as OUT.parity-failed or removed. The kernel drops the lock
-# when the process ends, however it ends, so a later export tells a folder left by a killed export (PID
-# written, unlocked) from one still being written (locked), whatever its PID belongs to by then.
-TMP_LOCK = ".export-lock"
-
-
-def hold_tmp(tmp: Path):
-    """Create the temporary folder and lock it; closing the returned file releases it."""
-    tmp.mkdir(parents=True)
-    lock = open(tmp / TMP_LOCK, "a")
-    if fcntl is not None:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks only while a starting export looks at this folder
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
-
-
-def _remove_leftovers(out: Path, say: Callable[[str], None]) -> None:
-    """Remove the OUT.tmp-<pid> folders of exports that ended without cleaning up (SIGKILL, the OOM killer,
-    a power cut), saying so; leave alone, and say so, any an export may still be writing."""
-    for tmp in sorted(out.parent.glob(f"{glob.escape(out.name)}.tmp-*")):
-        pid = tmp.name.rpartition(".tmp-")[2]
-        if not pid.isdigit() or not tmp.is_dir():
-            continue
-        pid, mine = int(pid), int(pid) == os.getpid()
-        with _try_lock(tmp) as state:
-            if state == "locked":
-                if mine:
-                    raise ExportError(f"{tmp} is being written by another export in this process; wait for it")
-                say(f"left {tmp} alone: export process {pid} is still writing it")
-                continue
-            if state == "unlocked":
-                why = "which ended without cleaning up"
-            elif mine:  # no PID in the lock: an older lite-sft's folder, or one killed as it started
-                why = "a process that had this one's id"
-            elif not _running(pid):
-                why = "which is no longer running"
-            else:  # a live export of an older lite-sft, or a reused PID: nothing tells them apart
-                say(f"left {tmp} alone: process {pid} is running and may be the export writing it; "
-                    "delete the folder yourself if no export is")
-                continue
-            shutil.rmtree(tmp, ignore_errors=True)
-            say(f"removed {tmp}: left by export process {pid}, {why}")
-
-
-@contextmanager
-def _try_lock(tmp: Path):
-    """Yield "locked" (an export holds it), "unlocked" (its export wrote its PID and ended) or "none"
-    (no lock, or no PID in it yet); the lock is held, when taken, until the block ends."""
-    try:
-        lock = open(tmp / TMP_LOCK)
-    except OSError:
-        yield "none"
-        return
-    with lock:
-        if fcntl is None:
-            yield "none"
-            return
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield "locked"
-            return
-        yield "unlocked" if lock.read().strip() else "none"
-
-
-def _running(pid: int) -> bool:
-    if os.name == "nt":
-        return True  # os.kill(pid, 0) there would send Ctrl-C, not ask; keep the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _check_disk(tmp: Path, params: int, save_dtype, opts: ExportOptions, task: str = "causal-lm") -> None:
