@@ -132,7 +132,7 @@ def test_lite_sft_serve_runtime_loads_the_export(tuned, tmp_path):
 
     out = tmp_path / "export"
     export_run(tuned("qwen2"), out, ExportOptions(quantize="int4"), say=lambda _: None)
-    backend, _ = runtime.load_backend(out, device="cpu", threads=1)
+    backend, _ = runtime.load_backend(out, device="cpu", threads=1, variant="fp")  # unasked, it serves the int4
     ids = np.array([[5, 40, 41, 42, 43]])
     logits, state = backend.prefill(ids, np.ones_like(ids), capacity=ids.shape[1] + 6)
     steps = [logits]

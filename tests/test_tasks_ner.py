@@ -120,7 +120,7 @@ def test_an_i_tag_without_its_b_is_an_error_naming_the_line(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("Peter\n", r"line 1: one field 'Peter', but a CoNLL line is `token ... tag`"),
     ("Peter B-PER\nvisited O\nBrussels B-LOC extra\n",
-     r"line 3: tag 'extra' is not O.*column 1 holds 'B-LOC': set tag_column=1"),
+     r"line 3: tag 'extra' is not O.*column 1 holds 'B-LOC': set --tag-column 1 \(task.tag_column=1\)"),
     ("Peter B-PER\nvisited\tO\nX S-LOC\n", r"line 3: tag 'S-LOC' .*IOBES/BILOU tags are not supported"),
     ("\n\n-DOCSTART- O\n", "no sentences"),
 ])
