@@ -92,7 +92,7 @@ def write_data(work: Path, preset: dict, tokenizer, n_train: int, n_val: int) ->
             path = paths[f"{split}_{fmt}"] = work / f"{split}.{fmt}.jsonl"
             path.write_text("".join(json.dumps(record(u, a)) + "\n" for u, a in chats))
         if split == "train":
-            lengths = sorted(min(len(tokenizer.apply_chat_template(list(c))), max_len) for c in chats)
+            lengths = sorted(min(len(tokenizer.apply_chat_template(list(c), return_dict=False)), max_len) for c in chats)
     pick = lambda p: lengths[min(len(lengths) - 1, math.ceil(p / 100 * len(lengths)) - 1)]  # noqa: E731
     return {"paths": {k: str(v) for k, v in paths.items()},
             "length": {"p50": pick(50), "p90": pick(90), "p99": pick(99), "max": lengths[-1],

@@ -27,6 +27,7 @@ lite_sft.tasks.base, where every task (and the server, which must not import tra
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -131,8 +132,17 @@ def ensure_chat_template(tokenizer, override: str | None = None) -> bool:
     if not missing:
         return False
     before = len(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+    _add_special_tokens(tokenizer, missing)
     return len(tokenizer) > before
+
+
+def _add_special_tokens(tokenizer, tokens: list[str]) -> None:
+    """Add `tokens` as special tokens, keeping those the tokenizer has: transformers 5 renamed
+    `additional_special_tokens` to `extra_special_tokens` (and its replace_ flag with it)."""
+    if "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters:
+        tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+    else:
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
 
 
 def tokenize_sample(sample: Sample, tokenizer, train_on_prompt: bool = False,

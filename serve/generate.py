@@ -333,7 +333,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     args = parser.parse_args()
     backend, tokenizer = load_backend(args.folder, args.device)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             return_dict=False)
                if tokenizer.chat_template else tokenizer(p)["input_ids"] for p in args.prompt]
     params = SamplingParams(args.max_new_tokens, args.temperature, top_p=args.top_p, seed=args.seed,
                             stop_ids=stop_ids(backend.folder, tokenizer))

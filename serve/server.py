@@ -232,7 +232,8 @@ def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int]
 
     def render(messages: list[dict]) -> list[int]:
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x a list of ids
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         except Exception as err:  # noqa: BLE001  (jinja's TemplateError, or the template's raise_exception)
             raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from err
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)

@@ -249,7 +249,9 @@ def make_wordpiece(extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
+                                   # BERT's own names; transformers 5's plain fast tokenizer has no token_type_ids
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 @pytest.fixture(scope="session")

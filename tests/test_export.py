@@ -252,9 +252,10 @@ def test_parity_prompts_come_from_the_runs_split_file_or_the_console_says_they_d
     shutil.copytree(tuned("llama"), run)
     examples = []
     for line, (question, answer) in enumerate([("hello there", "how are you"), ("a plan", "a canal, panama")]):
-        prompt = bpe_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        prompt = bpe_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                    return_dict=False)
         ids = bpe_tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                                 {"role": "assistant", "content": answer}])
+                                                 {"role": "assistant", "content": answer}], return_dict=False)
         examples.append({"source": f"chats.jsonl line {line + 1}", "input_ids": ids,
                          "labels": [-100] * len(prompt) + ids[len(prompt):]})
     split = {"source": "validation file chats-val.jsonl", "data_sha256": None, "count": 2,

@@ -70,7 +70,8 @@ def test_export_and_serve_every_architecture(arch, quant, exported):
     assert stops == report["stop_ids"] == read_stop_tokens(out / "merged") == read_stop_tokens(run)
     assert {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} <= set(stops)
 
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               return_dict=False)
                for q in QUESTIONS]
     assert len(prompts[0]) < len(prompts[1])
     expected = []

@@ -88,7 +88,7 @@ def test_openai_client_completions(client, onnx_dir, tokenizer):
 
 def test_openai_client_chat(client, onnx_dir, tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     expected = direct(onnx_dir, tokenizer, prompt)
     done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
     assert done.choices[0].message.role == "assistant" and done.choices[0].message.content == expected

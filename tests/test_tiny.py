@@ -81,7 +81,7 @@ def test_tokenizer_is_fast_and_round_trips_the_data(builtin_tokenizer):
         text = tok.apply_chat_template(record["messages"], tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
-        prompt = tok.apply_chat_template(record["messages"][:1], add_generation_prompt=True)
+        prompt = tok.apply_chat_template(record["messages"][:1], add_generation_prompt=True, return_dict=False)
         assert ids[:len(prompt)] == prompt  # the answer's tokens start where the prompt's end
         answer = record["messages"][-1]["content"]
         assert tok.tokenize(answer) == list(answer)  # one token per digit

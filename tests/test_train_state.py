@@ -118,7 +118,7 @@ def test_template_tokens_of_an_untied_output_layer_are_saved_and_restored(tmp_pa
     templated = tokenizer_factory(chat_template=None, chatml=False)
     assert ensure_chat_template(templated)  # the tokens tuning adds, at the same ids
     ids = torch.tensor([templated.apply_chat_template(
-        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"}])])
+        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"}], return_dict=False)])
     trained = {}
 
     def on_step(step, record, model):
