@@ -1,11 +1,9 @@
-"""Convert a merged model to ONNX, in optimum's own folder layout.
+"""Convert a merged model to ONNX through optimum's exporter, in optimum's own folder layout.
 
     lite-sft export runs/qwen --out exports/qwen --dtype fp32        # exports/qwen/onnx/
 
-The exporter is the one torch_export.exporter_for names: seq-cls and token-cls of an encoder (BERT and
-kin) go through torch's own exporter (torch_export.py), everything else through optimum's. Each lite-sft
-task is laid out as the optimum task in OPTIMUM_TASKS (whichever exporter wrote it) and read back with the
-ORT class in ORT_CLASSES, the one a user loads it with:
+Each lite-sft task is exported as the optimum task in OPTIMUM_TASKS and read back with the ORT class in
+ORT_CLASSES, the one a user loads it with:
     causal-lm  text-generation-with-past        model.onnx
     seq-cls    text-classification              model.onnx (logits: batch, labels)
     token-cls  token-classification             model.onnx (logits: batch, sequence, labels)
@@ -31,7 +29,6 @@ import shutil
 from pathlib import Path
 
 from . import ExportError
-from .torch_export import export_encoder, exporter_for
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +65,17 @@ def check_dtype(dtype: str, task: str = "causal-lm") -> None:
                           "it with --quantize int8 or int4)")
 
 
-def export_onnx(model, out: Path, dtype: str = "fp32", task: str = "causal-lm") -> dict:
+def export_onnx(model, out: Path, dtype: str = "fp32", task: str = "causal-lm") -> None:
     """Write `model` (a merged PyTorch model loaded from its merged/ folder) to `out` as ONNX for `task`
-    (causal-lm and seq2seq with a KV cache); returns the torch exporter's fusion counts ({} from optimum).
+    (causal-lm and seq2seq with a KV cache).
 
     fp16 is traced in fp16 (on a GPU when there is one), which keeps the fp32 islands the modelling code
     asks for (RMSNorm's variance, rotary angles). The model is converted in place: the caller hands it over.
     """
     check_dtype(dtype, task)
-    if exporter_for(task, model.config.model_type) == "torch":
-        try:
-            return export_encoder(model, out)
-        except Exception as err:  # noqa: BLE001  (torch.export and onnxscript raise anything from deep inside)
-            raise ExportError(f"torch.onnx could not export this {model.config.model_type} model to ONNX for {task} "
-                              f"({one_line(err)}); the merged model is fine: export it alone with --no-onnx") from err
     if dtype == "fp32":
         _trace(model, out, "cpu", task)
-        return {}
+        return
     import torch
 
     try:
@@ -98,7 +89,6 @@ def export_onnx(model, out: Path, dtype: str = "fp32", task: str = "causal-lm") 
         shutil.rmtree(out, ignore_errors=True)
         _trace(model.float(), out, "cpu")
         _to_fp16(out / "model.onnx")
-    return {}
 
 
 def _trace(model, out: Path, device: str, task: str = "causal-lm") -> None:

@@ -5,12 +5,10 @@
 
 OUT holds:
     merged/                 Hugging Face folder, the adapter merged in (the task's Auto class loads it)
-    onnx/                   ONNX in optimum's layout for the task (onnx.py; seq-cls and token-cls written by
-                            torch.onnx, torch_export.py), fp32 or fp16 (causal-lm);
+    onnx/                   ONNX in optimum's layout for the task (onnx.py), fp32 or fp16 (causal-lm);
                             the task's ORT class loads it (ORTModelForCausalLM, ...ForSeq2SeqLM, ...)
     onnx-int8/, onnx-int4/  the quantised ONNX, beside the graph it was made from
-    parity.json             the task, the ONNX exporter (onnx_exporter) and every gate's figures, written
-                            whether the gates passed or not
+    parity.json             the task and every gate's figures, written whether the gates passed or not
 causal-lm: the generation_config.json of each folder lists the run's stop ids (lite_sft/stops.py), as
 parity.json does. seq-cls and token-cls: config.json keeps the label names (id2label, label2id). seq2seq:
 generation_config.json holds the run's own generation settings (RUN_DIR/generation_config.json).
@@ -48,7 +46,6 @@ from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, 
 from .onnx import ONNX_DTYPES, OPTIMUM_TASKS, check_dtype, check_supported, export_onnx, onnx_bytes
 from .parity import Gate, format_report
 from .quantize import QUANTIZE_CHOICES, quantize
-from .torch_export import exporter_for
 
 PRECISION = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "fp32": "float32",
              "fp16": "float16"}
@@ -137,7 +134,6 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     remove_leftovers(out, say)
     gates: list[Gate] = []
-    exporter = None  # the one that writes onnx/ (torch_export.exporter_for), once it does
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -188,18 +184,14 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         lap("merge_gate_s")
 
         if gate.passed and opts.onnx:
-            exporter = exporter_for(task, model.config.model_type)
-            say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''}, "
-                f"{exporter} exporter)")
+            say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''})")
             merged_ref = checks.reference(model)
-            fusions = export_onnx(model, tmp / "onnx", opts.dtype, task)
+            export_onnx(model, tmp / "onnx", opts.dtype, task)
             checks.finish_onnx(tmp / "onnx")
             del model
             gc.collect()
             lap("onnx_export_s")
             gate = checks.ort_gate(tmp / "onnx", merged_ref, "onnx", PRECISION[opts.dtype])
-            if fusions:  # the torch exporter's: what onnxscript fused for onnxruntime
-                gate.extra["fusions"] = fusions
             gates.append(gate)
             lap("onnx_gate_s")
             if gate.passed and opts.quantize != "none":
@@ -218,7 +210,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
                 lap("quantize_gate_s")
 
         passed = all(g.passed for g in gates)
-        report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter)
+        report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings)
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         text = format_report(gates, checks.source, checks.agreement, checks.perplexity_on)
         if passed:
@@ -293,11 +285,10 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter) -> dict:
+def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings) -> dict:
     from lite_sft.report import peak_memory, versions
 
     import onnxruntime
-    import onnxscript
     import optimum.version
 
     settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
@@ -305,7 +296,6 @@ def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporte
     return {
         "task": cfg.task.name,  # what the server and the benchmarks read to know what the model does
         "optimum_task": OPTIMUM_TASKS[cfg.task.name],
-        "onnx_exporter": exporter,  # what wrote onnx/: torch (torch_export.py) or optimum; null when nothing did
         "passed": all(g.passed for g in gates),
         "not_run": planned[len(gates):],  # stages after a failed gate
         "run_dir": str(run_dir),
@@ -319,6 +309,5 @@ def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporte
         "gates": [g.to_dict() for g in gates],
         "timings_s": timings,
         **peak_memory(torch.device("cpu")),
-        "versions": {**versions(), "optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__,
-                     "onnxscript": onnxscript.__version__},
+        "versions": {**versions(), "optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__},
     }

@@ -1,7 +1,7 @@
 """Export of the classic tasks end to end: tiny seq-cls, token-cls and seq2seq runs (BERT, T5, BART) tuned for
-a few seconds, exported to fp32 and int8 ONNX in optimum's layout (the classifiers by torch.onnx, seq2seq by
-optimum), each stage gated on the run's held-out examples; what optimum's ORT classes load from the export
-agrees with the merged model; and the errors a user sees."""
+a few seconds, exported to fp32 and int8 ONNX in optimum's layout, each stage gated on the run's held-out
+examples; what optimum's ORT classes load from the export agrees with the merged model; and the errors a
+user sees."""
 
 import json
 
@@ -20,9 +20,6 @@ TRAIN = {"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "train.micro_batch_
          "train.warmup_ratio": 0.0, "train.eval_every": 0, "train.save_every": 0}
 SEQ2SEQ_FILES = {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
                  "decoder_model_merged.onnx"}
-# What onnxscript's optimize_for_ort fuses in a BERT graph from the torch exporter (optimum's has none of them).
-FUSED_OPS = {"Attention", "SkipLayerNormalization", "BiasGelu"}
-ENCODER_FILES = {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 
 
 def tuned(out, steps: int, **settings):
@@ -112,7 +109,6 @@ def test_seq_cls_exports_through_the_cli_with_its_labels_and_every_gate_passes(s
     assert result.output.count("batch of 24") == 2  # onnx/ and onnx-int8/ each ran the 24 examples padded together
     report = json.loads((out / "parity.json").read_text())
     assert report["task"] == "seq-cls" and report["passed"] and stages(report) == ["merge", "onnx", "int8"]
-    assert report["onnx_exporter"] == "torch" and "torch exporter" in result.output
     assert report["labels"] == ["neg", "pos"] and report["examples"]["count"] == 24
     merge, fp, int8 = report["gates"]
     assert merge["greedy_agreement"] == fp["greedy_agreement"] == 1.0 and fp["positions"] == 24
@@ -122,9 +118,6 @@ def test_seq_cls_exports_through_the_cli_with_its_labels_and_every_gate_passes(s
     assert int8["mean_abs_diff"] <= int8["thresholds"]["mean_abs_rel"] * max(1, int8["logit_scale"])
     assert int8["size_bytes_after"] < int8["size_bytes_before"]
     assert "MatMulInteger" in graph_ops(out / "onnx-int8" / "model.onnx")
-    assert FUSED_OPS <= graph_ops(out / "onnx" / "model.onnx") and fp["fusions"]["attention"] == 2
-    for folder in ("onnx", "onnx-int8"):  # optimum's layout, whichever exporter wrote it
-        assert {p.name for p in (out / folder).iterdir()} == ENCODER_FILES
 
     # What a user loads: the labels are in config.json, and optimum's ORT class gives the merged model's logits.
     config = json.loads((out / "merged" / "config.json").read_text())
@@ -148,7 +141,6 @@ def test_token_cls_exports_int8_and_int4_with_its_tags(token_cls_run, tmp_path):
         out = tmp_path / method
         report = export(token_cls_run, out, quantize=method)
         assert report["task"] == "token-cls" and stages(report) == ["merge", "onnx", method]
-        assert report["onnx_exporter"] == "torch" and FUSED_OPS <= graph_ops(out / "onnx" / "model.onnx")
         assert report["labels"] == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
         fp, quantized = report["gates"][1:]
         # Every token of the 32 held-out sentences is a compared position.
@@ -174,7 +166,6 @@ def test_seq2seq_exports_encoder_and_decoders_that_generate_as_the_merged_model(
     run, out = seq2seq_run(arch), tmp_path / "export"
     report = export(run, out, quantize="int8", parity_tokens=6)
     assert report["task"] == "seq2seq" and stages(report) == ["merge", "onnx", "int8"]
-    assert report["onnx_exporter"] == "optimum" and "fusions" not in report["gates"][1]
     assert report["examples"]["count"] == 8 and report["examples"]["new_tokens"] == 6
     merge, fp, int8 = report["gates"]
     assert fp["greedy_agreement"] == 1.0 and fp["positions"] == 8 * 7 and fp["max_abs_diff"] < 1e-4
@@ -200,22 +191,6 @@ def test_seq2seq_exports_encoder_and_decoders_that_generate_as_the_merged_model(
     with torch.no_grad():
         expected = AutoModelForSeq2SeqLM.from_pretrained(out / "merged").generate(**batch)
     assert ORTModelForSeq2SeqLM.from_pretrained(out / "onnx").generate(**batch).tolist() == expected.tolist()
-
-
-def test_a_decoder_classifier_stays_on_optimum_and_passes(tiny_model_dir, sentiment_csv, tmp_path):
-    from lite_sft.export.torch_export import exporter_for
-
-    # torch's exporter takes the encoders; onnxscript would fuse a decoder's attention into a
-    # GroupQueryAttention that onnxruntime refuses for a padded batch, so a Llama classifier keeps optimum's.
-    assert [exporter_for("seq-cls", t) for t in ("bert", "xlm_roberta", "llama")] == ["torch", "torch", "optimum"]
-    assert exporter_for("causal-lm", "bert") == exporter_for("seq2seq", "t5") == "optimum"
-    run = tuned(tmp_path / "run", 20, **{
-        "task.name": "seq-cls", "model.name_or_path": str(tiny_model_dir),
-        "data.path": str(sentiment_csv / "train.csv"), "data.validation_path": str(sentiment_csv / "dev.csv"),
-        "task.validation_text_column": "content", "data.max_seq_len": 32})
-    report = export(run, tmp_path / "export", quantize="int8")
-    assert report["onnx_exporter"] == "optimum" and stages(report) == ["merge", "onnx", "int8"]
-    assert report["gates"][1]["batch"]["padding"] > 0 and not FUSED_OPS & graph_ops(tmp_path / "export/onnx/model.onnx")
 
 
 def test_a_4bit_classifier_merges_onto_its_dequantised_weights_with_its_head(tiny_bert_dir, sentiment_csv, tmp_path):
@@ -249,24 +224,17 @@ def test_an_architecture_optimum_cannot_export_for_the_task_is_one_line(tiny_t5_
     assert "bert" in line and "--no-onnx" in line and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("exporter", ["torch.onnx", "optimum"])
-def test_a_failure_inside_the_exporter_is_one_line_and_leaves_nothing(exporter, seq_cls_run, seq2seq_run, tmp_path,
-                                                                      monkeypatch):
+def test_a_failure_inside_optimum_is_one_line_and_leaves_nothing(seq_cls_run, tmp_path, monkeypatch):
     import optimum.exporters.onnx
 
     def broken(*args, **kwargs):
         raise RuntimeError("Unsupported ONNX opset\n  deep inside a trace")
 
-    # seq-cls goes through torch's exporter, seq2seq through optimum's.
-    if exporter == "torch.onnx":
-        monkeypatch.setattr(torch.onnx, "export", broken)
-        run, what = seq_cls_run, "bert model to ONNX for seq-cls"
-    else:
-        monkeypatch.setattr(optimum.exporters.onnx, "onnx_export_from_model", broken)
-        run, what = seq2seq_run("t5"), "t5 model to ONNX for seq2seq"
-    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(optimum.exporters.onnx, "onnx_export_from_model", broken)
+    result = runner.invoke(app, ["export", str(seq_cls_run), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"{exporter} could not export this {what} (RuntimeError: Unsupported ONNX opset)" in result.output
+    assert ("optimum could not export this bert model to ONNX for seq-cls (RuntimeError: Unsupported ONNX opset)"
+            in result.output)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ExportError, match="fp16 exports causal-lm runs only"):
         export(seq_cls_run, tmp_path / "out", dtype="fp16")

@@ -2,11 +2,10 @@
 on ONNX Runtime and PyTorch, and the encoder rows of `lite-sft bench`.
 
 The models are built here from the tiny conftest bases, each with its head and a fixed seed, and exported with
-the exporter `lite-sft export` picks (the classifiers torch.onnx, seq2seq optimum) in the layouts it writes
-(OUT/merged, OUT/onnx, OUT/onnx-int8, parity.json with the task), so these tests stand on their own. The
-classifiers are trained for a second or two, so that their answers mean something (a sentiment word decides
-the label, names and places are entities); the seq2seq models get large random weights, so that greedy
-decoding wanders through the vocabulary instead of repeating one token.
+optimum itself in the layouts `lite-sft export` writes (OUT/merged, OUT/onnx, OUT/onnx-int8, parity.json with
+the task), so these tests stand on their own. The classifiers are trained for a second or two, so that their
+answers mean something (a sentiment word decides the label, names and places are entities); the seq2seq models
+get large random weights, so that greedy decoding wanders through the vocabulary instead of repeating one token.
 The last test serves what `lite-sft tune` and `lite-sft export` themselves write.
 """
 
@@ -38,15 +37,10 @@ runner = CliRunner()
 SENTIMENT = ("neg", "pos")
 
 
-def export_onnx(model, tokenizer, out: Path, onnx_task: str, task: str) -> Path:
+def export_onnx(model, tokenizer, out: Path, task: str) -> Path:
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from lite_sft.export.torch_export import export_encoder, exporter_for
-
-    if exporter_for(task, model.config.model_type) == "torch":
-        export_encoder(model, out)
-    else:
-        onnx_export_from_model(model, out, task=onnx_task, do_validation=False)
+    onnx_export_from_model(model, out, task=task, do_validation=False)
     tokenizer.save_pretrained(out)
     return out
 
@@ -64,7 +58,7 @@ def export_out(root: Path, model, tokenizer, onnx_task: str, task: str, int8: bo
     out = root / "export"
     model.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
-    export_onnx(model, tokenizer, out / "onnx", onnx_task, task)
+    export_onnx(model, tokenizer, out / "onnx", onnx_task)
     if int8:
         quantize_int8(out / "onnx", out / "onnx-int8")
     (out / "parity.json").write_text(json.dumps({"task": task, "passed": True}))
