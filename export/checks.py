@@ -55,9 +55,12 @@ class CausalChecks:
         self.texts, self.perplexity_on = held_out_texts(run_dir, cfg, tokenizer)
         self.stops = run_stop_ids(run_dir, tokenizer, model.generation_config)
 
-    def reference(self, model):
+    def reference(self, model, perplexity_measured: float | None = None):
+        """What later gates compare with; `perplexity_measured`: the model's perplexity when a gate already
+        measured it (the merged model's, in the merge gate), so its held-out examples are not read twice."""
         ref = make_reference(model, self.prompts, self.opts.parity_tokens, self.stops, self.tokenizer.pad_token_id)
-        ref.perplexity = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits[0], self.texts)
+        ref.perplexity = (perplexity_measured if perplexity_measured is not None else
+                          perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits[0], self.texts))
         return ref
 
     def torch_gate(self, model, ref, **gate) -> Gate:
@@ -112,7 +115,7 @@ class TaskChecks:
         count = opts.parity_examples or DEFAULT_EXAMPLES[self.task.name]
         self.rows, self.source = held_out_rows(self.task, run_dir, cfg, tokenizer, count)
 
-    def reference(self, model):
+    def reference(self, model, perplexity_measured: float | None = None):  # the classic tasks measure none
         from .parity_tasks import make_reference
 
         return make_reference(model, self.task, self.rows, self.tokenizer, self.opts.parity_tokens, self.generation)

@@ -185,7 +185,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
 
         if gate.passed and opts.onnx:
             say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''})")
-            merged_ref = checks.reference(model)
+            merged_ref = checks.reference(model, gate.extra.get("perplexity"))
             export_onnx(model, tmp / "onnx", opts.dtype, task)
             checks.finish_onnx(tmp / "onnx")
             del model
