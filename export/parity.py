@@ -266,7 +266,8 @@ def torch_logits(model, ref: Reference) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ort_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
-    """An ORTModelForCausalLM's logits: the prompt in one call, then one token at a time via the KV cache."""
+    """An exported decoder's logits (ort_decoder.OnnxDecoder): the prompt in one call, then one token at a time
+    via the KV cache."""
     out = []
     for seq, n in zip(ref.sequences, ref.prompt_lens):
         step = ort_model(input_ids=seq[:, :n], attention_mask=torch.ones_like(seq[:, :n]), use_cache=True)
@@ -282,26 +283,34 @@ def ort_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ort_batch_logits(ort_model, ref: Reference) -> list[torch.Tensor]:
-    """ort_logits for the reference's sequences run together as a server runs them: left-padded to one
-    length, positions counting real tokens only, the continuation one token per row per step. Every
-    sequence has the same number of continuation tokens (make_reference generates a fixed number)."""
+    """ort_logits for the reference's sequences run together as a server runs them: padded to one length, the
+    continuation one token per row per step. Left-padded, positions counting real tokens only; a
+    GroupQueryAttention graph (`pad_right`) takes its rows padded on the right instead, each row's mask then
+    covering its own tokens and the one it adds (ort_decoder.py says why). Every sequence has the same number of
+    continuation tokens (make_reference generates a fixed number)."""
     seqs, lens = ref.sequences, ref.prompt_lens
     new = {s.shape[1] - n for s, n in zip(seqs, lens)}
     if len(new) != 1:
         raise ValueError(f"batched parity needs continuations of one length, got {sorted(new)}")
+    right = getattr(ort_model, "pad_right", False)
     width = max(lens)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    spans = [slice(0, n) if right else slice(width - n, width) for n in lens]  # each row's prompt columns
     for row, (seq, n) in enumerate(zip(seqs, lens)):
-        ids[row, width - n:], mask[row, width - n:] = seq[0, :n], 1
+        ids[row, spans[row]], mask[row, spans[row]] = seq[0, :n], 1
     # Graphs without position_ids (Gemma) count padding as positions; rotary embeddings make that a shift.
     positions = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if "position_ids" in ort_model.input_names else {}
     step = ort_model(input_ids=ids, attention_mask=mask, use_cache=True, **positions)
-    rows = [[step.logits[row, width - n:].float()] for row, n in enumerate(lens)]
+    rows = [[step.logits[row, spans[row]].float()] for row in range(len(seqs))]
     past = step.past_key_values
     for t in range(new.pop()):
         tokens = torch.stack([seq[0, n + t] for seq, n in zip(seqs, lens)]).unsqueeze(1)  # (batch, 1)
-        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
+        if right:  # row r holds lens[r] + t tokens and adds one: ones over those, zeros after
+            have = torch.tensor(lens) + t
+            mask = (torch.arange(width + t + 1) <= have[:, None]).long()
+        else:
+            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
         if positions:
             positions = {"position_ids": mask.sum(1, keepdim=True) - 1}
         step = ort_model(input_ids=tokens, attention_mask=mask, past_key_values=past, use_cache=True, **positions)
@@ -343,17 +352,17 @@ def compare(ref: Reference, candidate: list[torch.Tensor], *, stage: str, artefa
 
 
 def batch_check(gate: Gate, ref: Reference, candidate: list[torch.Tensor], rows: list[int] | None = None,
-                input_lengths: list[int] | None = None) -> None:
-    """Judge a batched run of ref's `rows` (default: ort_batch_logits on ref.batch_rows(), left-padded prompts)
-    with the gate's own thresholds. The gate passes only if the batch does too; gate.extra gets the batch's
-    figures and whether it passed alone. `input_lengths`: the rows' unpadded lengths, for inputs padded on
-    the right (the classic tasks' encoders), reported as such."""
+                input_lengths: list[int] | None = None, side: str = "left") -> None:
+    """Judge a batched run of ref's `rows` (default: ort_batch_logits on ref.batch_rows(), prompts padded on
+    `side`) with the gate's own thresholds. The gate passes only if the batch does too; gate.extra gets the
+    batch's figures and whether it passed alone. `input_lengths`: the rows' unpadded lengths, for inputs padded
+    on the right (the classic tasks' encoders), reported as such."""
     rows = ref.batch_rows() if rows is None else rows
     batch = compare(ref.subset(rows), candidate, stage=gate.stage, artefact=gate.artefact, precision=gate.precision,
                     reference=gate.reference, thresholds=gate.thresholds)
     if input_lengths is None:
         lengths = [ref.prompt_lens[i] for i in rows]
-        shape = {"prompt_lengths": lengths, "left_padding": max(lengths) - min(lengths)}
+        shape = {"prompt_lengths": lengths, f"{side}_padding": max(lengths) - min(lengths), "padding_side": side}
     else:
         shape = {"input_lengths": input_lengths, "padding": max(input_lengths) - min(input_lengths)}
     gate.extra["passed_alone"] = gate.passed
@@ -378,7 +387,8 @@ def format_report(gates: list[Gate], source: str, agreement: str = "greedy", per
                      + ("pass" if alone else "FAIL"))
         if batch:
             if "prompt_lengths" in batch:
-                shape = f"left-padded: prompts of {' and '.join(map(str, batch['prompt_lengths']))} tokens"
+                shape = (f"{batch.get('padding_side', 'left')}-padded: prompts of "
+                         f"{' and '.join(map(str, batch['prompt_lengths']))} tokens")
             else:
                 shape = f"padded: inputs of {min(batch['input_lengths'])} to {max(batch['input_lengths'])} tokens"
             lines.append(f"  {'':<6} {'batch of ' + str(batch['rows']):<21} {batch['max_abs_diff']:>12.2e} "

@@ -5,8 +5,9 @@
 
 OUT holds:
     merged/                 Hugging Face folder, the adapter merged in (the task's Auto class loads it)
-    onnx/                   ONNX in optimum's layout for the task (onnx.py), fp32 or fp16 (causal-lm);
-                            the task's ORT class loads it (ORTModelForCausalLM, ...ForSeq2SeqLM, ...)
+    onnx/                   ONNX for the task, fp32 or fp16 (causal-lm), by the exporter onnx.py picks:
+                            causal-lm through onnxruntime-genai's model builder where it takes the
+                            architecture (onnxruntime-genai runs the folder as it is), else torch.onnx
     onnx-int8/, onnx-int4/  the quantised ONNX, beside the graph it was made from
     parity.json             the task and every gate's figures, written whether the gates passed or not
 causal-lm: the generation_config.json of each folder lists the run's stop ids (lite_sft/stops.py), as
@@ -43,9 +44,10 @@ from .checks import make_checks, run_stop_ids  # noqa: F401  (run_stop_ids: impo
 from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
 from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, stored_dtype,
                     unquantized_base)
-from .onnx import ONNX_DTYPES, OPTIMUM_TASKS, check_dtype, check_supported, export_onnx, onnx_bytes
+from .exporters import EXPORTER_CHOICES, candidates
+from .onnx import HF_TASKS, ONNX_DTYPES, check_dtype, export_onnx, onnx_bytes, quantize_onnx
 from .parity import Gate, format_report
-from .quantize import QUANTIZE_CHOICES, quantize
+from .quantize import QUANTIZE_CHOICES
 
 PRECISION = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "fp32": "float32",
              "fp16": "float16"}
@@ -66,6 +68,9 @@ class ExportOptions:
     """QLoRA runs: merge onto the dequantised 4-bit weights the adapter was trained against, or `original`."""
     onnx: bool = True
     """Convert to ONNX after merging."""
+    exporter: str = "auto"
+    """ONNX exporter: auto (causal-lm: onnxruntime-genai's model builder where it takes the architecture, else
+    torch.onnx), builder or torch."""
     parity_prompts: int = 4
     """Held-out prompts the parity gate compares on; ONNX gates also run two of them as a left-padded batch."""
     parity_tokens: int = 16
@@ -87,6 +92,8 @@ class ExportOptions:
             problems.append(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
         if self.quantize != "none" and (self.dtype != "fp32" or not self.onnx):
             problems.append(f"--quantize {self.quantize} starts from the fp32 ONNX graph: use --dtype fp32 with --onnx")
+        if self.exporter not in EXPORTER_CHOICES:
+            problems.append(f"--exporter {self.exporter!r}: choose one of {', '.join(EXPORTER_CHOICES)}")
         if self.merge_onto not in MERGE_ONTO:
             problems.append(f"--merge-onto {self.merge_onto!r}: choose one of {', '.join(MERGE_ONTO)}")
         if self.quantize == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
@@ -123,17 +130,20 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
     task = cfg.task.name
     path = base_path(cfg, run_dir)
     base_dtype = stored_dtype(path, cfg.model.trust_remote_code)
+    rows = []
     if opts.onnx:
         from transformers import AutoConfig
 
         check_dtype(opts.dtype, task)
-        check_supported(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type,
-                        task)
+        # Before any work: an architecture no exporter takes is one line, and nothing is written.
+        rows = candidates(task, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code),
+                          opts.dtype, opts.exporter)
     save_dtype = merged_dtype(opts.merged_dtype, cfg.model.quant, base_dtype)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     remove_leftovers(out, say)
     gates: list[Gate] = []
+    exporter: dict = {}
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -184,9 +194,13 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         lap("merge_gate_s")
 
         if gate.passed and opts.onnx:
-            say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''})")
+            say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''}) with the "
+                f"{rows[0].name} exporter" + (f" ({rows[1].name} if it fails)" if len(rows) > 1 else ""))
             merged_ref = checks.reference(model, gate.extra.get("perplexity"))
-            export_onnx(model, tmp / "onnx", opts.dtype, task)
+            row, fallback = export_onnx(model, tmp / "onnx", opts.dtype, task, tmp / "merged", rows=rows, say=say)
+            exporter = {"name": row.name, "module": f"lite_sft.export.exporters.{row.module}",
+                        "chosen": "forced by --exporter" if opts.exporter != "auto" else "auto",
+                        "fallback_from": fallback}
             checks.finish_onnx(tmp / "onnx")
             del model
             gc.collect()
@@ -197,7 +211,8 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
             if gate.passed and opts.quantize != "none":
                 say(f"quantising ONNX to {opts.quantize}")
                 name = f"onnx-{opts.quantize}"
-                quantize(tmp / "onnx", tmp / name, opts.quantize, opts.block_size)
+                quantize_onnx(row, tmp / "onnx", tmp / name, opts.quantize, opts.block_size, tmp / "merged")
+                checks.finish_onnx(tmp / name)
                 lap("quantize_s")
                 fp = gate
                 gate = checks.ort_gate(tmp / name, merged_ref, opts.quantize, opts.quantize)
@@ -210,7 +225,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
                 lap("quantize_gate_s")
 
         passed = all(g.passed for g in gates)
-        report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings)
+        report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter)
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         text = format_report(gates, checks.source, checks.agreement, checks.perplexity_on)
         if passed:
@@ -285,17 +300,17 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings) -> dict:
-    from lite_sft.report import peak_memory, versions
-
+def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter) -> dict:
     import onnxruntime
-    import optimum.version
+
+    from lite_sft.report import peak_memory, versions
 
     settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
     planned = ["merge"] + (["onnx"] if opts.onnx else []) + ([opts.quantize] if opts.quantize != "none" else [])
     return {
         "task": cfg.task.name,  # what the server and the benchmarks read to know what the model does
-        "optimum_task": OPTIMUM_TASKS[cfg.task.name],
+        "optimum_task": HF_TASKS[cfg.task.name],  # the same task in Hugging Face's exporter vocabulary
+        "exporter": exporter or None,  # which exporter wrote onnx/, and whether it stood in for a failed one
         "passed": all(g.passed for g in gates),
         "not_run": planned[len(gates):],  # stages after a failed gate
         "run_dir": str(run_dir),
@@ -309,5 +324,18 @@ def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings) -> dict
         "gates": [g.to_dict() for g in gates],
         "timings_s": timings,
         **peak_memory(torch.device("cpu")),
-        "versions": {**versions(), "optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__},
+        "versions": {**versions(), "onnxruntime": onnxruntime.__version__,
+                     **{name: _version(name) for name in ONNX_PACKAGES}},
     }
+
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime-genai-cuda")  # recorded in parity.json beside onnxruntime
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None

@@ -428,6 +428,7 @@ def export(
     block_size: Annotated[int, typer.Option("--block-size", help="int4: input channels per scale (power of two, >= 16).")] = 32,
     merge_onto: Annotated[str, typer.Option("--merge-onto", help="QLoRA runs: `dequantized` (what the adapter was trained against) or `original` (changes the model; warns).")] = "dequantized",
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Convert the merged model to ONNX (causal-lm and seq2seq with a KV cache).")] = True,
+    exporter: Annotated[str, typer.Option("--exporter", help="ONNX exporter: auto (causal-lm: onnxruntime-genai's model builder where it takes the architecture, else torch.onnx), builder or torch.")] = "auto",
     parity_prompts: Annotated[int, typer.Option("--parity-prompts", min=1, help="Held-out prompts the parity gate compares on.")] = 4,
     parity_tokens: Annotated[int, typer.Option("--parity-tokens", min=1, help="Greedy tokens generated and compared per prompt (seq2seq: per source).")] = 16,
     parity_examples: Annotated[Optional[int], typer.Option("--parity-examples", min=2, help="seq-cls, token-cls, seq2seq: held-out examples the gate compares on (default 32; seq2seq 8).")] = None,
@@ -440,7 +441,7 @@ def export(
         from lite_sft.export.pipeline import ExportOptions, ParityFailed, export_run
 
         opts = ExportOptions(dtype=dtype, merged_dtype=merged_dtype, quantize=quantize, block_size=block_size,
-                             merge_onto=merge_onto, onnx=onnx, parity_prompts=parity_prompts,
+                             merge_onto=merge_onto, onnx=onnx, exporter=exporter, parity_prompts=parity_prompts,
                              parity_tokens=parity_tokens, parity_examples=parity_examples,
                              min_agreement=min_agreement, overwrite=overwrite)
         export_run(run_dir, out, opts, say=typer.echo)

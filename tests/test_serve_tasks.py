@@ -2,7 +2,7 @@
 on ONNX Runtime and PyTorch, and the encoder rows of `lite-sft bench`.
 
 The models are built here from the tiny conftest bases, each with its head and a fixed seed, and exported with
-optimum itself in the layouts `lite-sft export` writes (OUT/merged, OUT/onnx, OUT/onnx-int8, parity.json with
+lite-sft's exporters (without the gates) in the layouts `lite-sft export` writes (OUT/merged, OUT/onnx, OUT/onnx-int8, parity.json with
 the task), so these tests stand on their own. The classifiers are trained for a second or two, so that their
 answers mean something (a sentiment word decides the label, names and places are entities); the seq2seq models
 get large random weights, so that greedy decoding wanders through the vocabulary instead of repeating one token.
@@ -37,11 +37,10 @@ runner = CliRunner()
 SENTIMENT = ("neg", "pos")
 
 
-def export_onnx(model, tokenizer, out: Path, task: str) -> Path:
-    from optimum.exporters.onnx import onnx_export_from_model
+def export_onnx(model, merged: Path, out: Path, task: str) -> Path:
+    from lite_sft.export.onnx import export_onnx as export
 
-    onnx_export_from_model(model, out, task=task, do_validation=False)
-    tokenizer.save_pretrained(out)
+    export(model, out, "fp32", task, merged=merged)
     return out
 
 
@@ -53,12 +52,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
         quantize_dynamic(graph, dst / graph.name, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def export_out(root: Path, model, tokenizer, onnx_task: str, task: str, int8: bool = True) -> Path:
+def export_out(root: Path, model, tokenizer, task: str, int8: bool = True) -> Path:
     """An export OUT as `lite-sft export` lays it out: merged/, onnx/ (onnx-int8/) and parity.json naming the task."""
     out = root / "export"
     model.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
-    export_onnx(model, tokenizer, out / "onnx", onnx_task)
+    export_onnx(model, out / "merged", out / "onnx", task)
     if int8:
         quantize_int8(out / "onnx", out / "onnx-int8")
     (out / "parity.json").write_text(json.dumps({"task": task, "passed": True}))
@@ -98,7 +97,7 @@ def cls_out(tmp_path_factory, tiny_bert_dir, sentiment_csv):
         tiny_bert_dir, num_labels=2, id2label=dict(enumerate(SENTIMENT)), label2id={n: i for i, n in enumerate(SENTIMENT)})
     encoded = dict(tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt"))
     train(model, sample(encoded, torch.tensor([SENTIMENT.index(r["label"]) for r in rows])))
-    return export_out(tmp_path_factory.mktemp("serve-cls"), model, tokenizer, "text-classification", "seq-cls")
+    return export_out(tmp_path_factory.mktemp("serve-cls"), model, tokenizer, "seq-cls")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,7 @@ def ner_out(tmp_path_factory, tiny_bert_dir, ner_conll):
     enc = tokenizer([s.tokens for s in sentences], is_split_into_words=True, padding=True, return_tensors="pt")
     labels = torch.tensor([align_labels(enc.word_ids(i), encode_tags(s, tags)) for i, s in enumerate(sentences)])
     train(model, sample(dict(enc), labels))
-    return export_out(tmp_path_factory.mktemp("serve-ner"), model, tokenizer, "token-classification", "token-cls")
+    return export_out(tmp_path_factory.mktemp("serve-ner"), model, tokenizer, "token-cls")
 
 
 def wander(model, seed: int):
@@ -134,7 +133,7 @@ def t5_out(tmp_path_factory, tiny_t5_dir):
 
     model = wander(T5ForConditionalGeneration.from_pretrained(tiny_t5_dir), 1)
     return export_out(tmp_path_factory.mktemp("serve-t5"), model, load_tokenizer(tiny_t5_dir),
-                      "text2text-generation-with-past", "seq2seq", int8=False)
+                      "seq2seq", int8=False)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +142,7 @@ def bart_out(tmp_path_factory, tiny_bart_dir):
 
     model = wander(BartForConditionalGeneration.from_pretrained(tiny_bart_dir), 2)
     return export_out(tmp_path_factory.mktemp("serve-bart"), model, load_tokenizer(tiny_bart_dir),
-                      "text2text-generation-with-past", "seq2seq", int8=False)
+                      "seq2seq", int8=False)
 
 
 # -- which task, from which folder ---------------------------------------------------------------------------
@@ -251,7 +250,7 @@ def test_a_decoder_classifier_reads_each_rows_last_token_batched_as_alone(tiny_m
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
     tokenizer = load_tokenizer(tiny_model_dir)
-    out = export_out(tmp_path, model, tokenizer, "text-classification", "seq-cls", int8=False)
+    out = export_out(tmp_path, model, tokenizer, "seq-cls", int8=False)
     rows = [{"input_ids": tokenizer(t)["input_ids"]} for t in ("hello there, how are you?", "hi", "the lazy dog")]
     with torch.no_grad():  # each text alone, unpadded
         reference = np.concatenate([model(torch.tensor([r["input_ids"]])).logits.numpy() for r in rows])
