@@ -5,7 +5,7 @@
 A folder is one of (resolve_model):
     an export OUT (parity.json beside onnx/, merged/)   -> OUT/onnx, onnx-int8 or onnx-int4 (layout.py says which)
     an ONNX folder (model.onnx, or encoder_model.onnx + decoder files, + config.json + tokenizer, as
-        `lite-sft export` writes it in optimum's layout)
+        `lite-sft export` writes it)
     a Hugging Face folder (config.json + weights)       -> PyTorch (torch_backend.py)
 and its task one of (model_task): causal-lm (this module's OrtBackend, or TorchBackend), seq2seq (seq2seq.py),
 seq-cls or token-cls (encoder.py, which answer logits for a batch rather than generate).
@@ -23,7 +23,8 @@ rows at the longer length, and keep drops the leading columns no remaining row a
 rows keep joining and leaving never holds more columns than its longest live row.
 
 A graph whose attention is onnxruntime's fused GroupQueryAttention (as onnxruntime-genai's model builder makes
-them: ~150 nodes a step where optimum's graph runs ~1,000) keeps each row's cache from column 0 instead: GQA
+them, which `lite-sft export` uses for decoders it takes: ~150 nodes a step where an unfused graph runs ~1,000)
+keeps each row's cache from column 0 instead: GQA
 reads a row's length from the attention mask's sum, places its positions from that, and writes a row's new
 key and value right after its own past (onnxruntime's GQA kernel: past_seqlen = seqlens_k + 1 - new), so rows
 are right-padded, and a left-padded batch would be wrong (measured: the batched tokens differ from alone).
@@ -31,9 +32,9 @@ Such a graph has no position_ids input; the same three calls, join and keep work
 Its prompt is prefilled in one call (GQA's chunked "subsequent prompt" is not used). And its cache is written
 in place, as onnxruntime-genai runs it: past and present are bound to one buffer of the state's whole
 capacity (GQA then appends each row's new key and value where its past ends and copies nothing), instead of
-the two buffers optimum's Concat needs, which copies the whole cache every step.
+the two buffers an unfused graph's Concat needs, which copies the whole cache every step.
 
-Why IO binding and ping-pong buffers: optimum's graph takes `past_key_values.N.*` of length L and returns
+Why IO binding and ping-pong buffers: a graph without GQA (torch.onnx's, exporters/torch_decoder.py) takes `past_key_values.N.*` of length L and returns
 `present.N.*` of length L + new, a fresh tensor each step. Without binding, onnxruntime allocates every
 present tensor and copies it to the host, and we copy it back. Here each layer's K and V live in two device
 buffers big enough for a whole generation (batch x (prompt + max new tokens)), allocated once and kept for
@@ -60,7 +61,7 @@ from .sessions import DEVICES, onnx_precision, open_session
 
 
 TASKS = ("causal-lm", "seq2seq", "seq-cls", "token-cls")
-# parity.json may name the task as lite-sft does or as optimum's exporter did.
+# parity.json may name the task as lite-sft does or in Hugging Face's exporter vocabulary (older exports).
 OPTIMUM_TASKS = {"text-generation": "causal-lm", "text-generation-with-past": "causal-lm",
                  "text2text-generation": "seq2seq", "text2text-generation-with-past": "seq2seq",
                  "text-classification": "seq-cls", "token-classification": "token-cls"}
@@ -240,7 +241,7 @@ class OrtState:
 
 
 class OrtBackend:
-    """An exported ONNX decoder (optimum `text-generation-with-past`) under onnxruntime."""
+    """An exported ONNX decoder with a KV cache (the builder's GQA graph or torch.onnx's) under onnxruntime."""
 
     task = "causal-lm"
 
@@ -255,7 +256,7 @@ class OrtBackend:
         missing = {"input_ids", "attention_mask", "past_key_values.0.key"} - set(inputs)
         if missing or "logits" not in outputs:
             raise ServeError(f"{self.folder / ONNX_FILE} is not a decoder with a KV cache (missing inputs "
-                             f"{sorted(missing)}): export it with `lite-sft export` (task text-generation-with-past)")
+                             f"{sorted(missing)}): export it with `lite-sft export`")
         self.has_positions = "position_ids" in inputs
         self.pad_right = _uses_gqa(self.folder / ONNX_FILE)  # rows from column 0: see the module docstring
         # past_key_values.N.key -> present.N.key, in layer order
