@@ -196,6 +196,8 @@ def test_refuses_what_it_cannot_export():
     assert "conv" in builder.refuses(named(Lfm2Config(num_hidden_layers=2, layer_types=["conv", "full_attention"])),
                                      "fp32")
     assert "linear_attention" in builder.refuses(named(GraniteMoeHybridConfig()), "fp32")
+    # onnxruntime's GroupQueryAttention kernel takes head sizes in multiples of 8 only (48 / 4 heads = 12).
+    assert "multiple of 8" in builder.refuses(named(LlamaConfig(hidden_size=48, num_attention_heads=4)), "fp32")
 
 
 def test_a_builder_failure_is_one_export_error(tmp_path, bpe_tokenizer):

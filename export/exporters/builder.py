@@ -114,7 +114,13 @@ def refuses(config, dtype: str) -> str | None:
         return (f"Phi-3 with {rope} rope (original_max_position_embeddings {config.original_max_position_embeddings} "
                 f"!= max_position_embeddings {config.max_position_embeddings}): the builder fails on transformers 5's "
                 "rope_parameters")
-    kinds, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_attention_heads", None)
+    head_size = getattr(text, "head_dim", None) or (heads and text.hidden_size // heads)
+    if head_size and head_size % 8:
+        # onnxruntime's GroupQueryAttention kernel refuses it at run time: "head_size must be a multiple of 8"
+        return f"head size {head_size}: onnxruntime's GroupQueryAttention needs a multiple of 8"
+    kinds, _ = get_layer_types_and_kwargs(text)
     other = sorted(set(kinds) - set(KV_LAYERS))
     if other:
         return (f"{config.model_type} has {', '.join(other)} layers, whose state beside the key-value cache "
