@@ -1,6 +1,6 @@
-"""Every decoder family optimum exports, tuned with LoRA and on a 4-bit base: export passes its gates, and
-the served ONNX model (lite-sft's OrtBackend through generate()) decodes what the merged PyTorch model
-decodes, alone and in a left-padded batch. An architecture optimum cannot export fails in one line."""
+"""Every decoder family, tuned with LoRA and on a 4-bit base: export passes its gates, and the served ONNX model
+(lite-sft's OrtBackend through generate()) decodes what the merged PyTorch model decodes, alone and in a padded
+batch. An architecture no exporter takes fails in one line; a builder failure falls back to torch.onnx."""
 
 import json
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lite_sft.export.pipeline import ExportOptions, export_run
-from test_export import ARCHS, run_config, runner, tuned_run
+from test_export import ARCHS, padding, run_config, runner, tuned_run
 
 pytest.importorskip("bitsandbytes")
 
@@ -49,7 +49,7 @@ def test_export_and_serve_every_architecture(arch, quant, exported):
     assert merge["precision"] == ("float32" if quant == "none" else "float16")
     assert merge["greedy_agreement"] == 1.0 and fp["greedy_agreement"] == 1.0 and fp["max_abs_diff"] < 1e-4
     batch = fp["batch"]
-    assert batch["passed"] and batch["greedy_agreement"] == 1.0 and batch["left_padding"] > 0
+    assert batch["passed"] and batch["greedy_agreement"] == 1.0 and padding(batch) > 0
     assert json.loads((out / "parity.json").read_text()) == report
 
     # merged/: a plain Hugging Face folder, no quantisation or adapter left, the chat template kept.
@@ -96,7 +96,7 @@ def one_error_line(result) -> str:
     return errors[0]
 
 
-def test_an_architecture_optimum_does_not_export_is_one_line_from_the_cli(tmp_path, tmp_path_factory,
+def test_an_architecture_no_exporter_takes_is_one_line_from_the_cli(tmp_path, tmp_path_factory,
                                                                        bpe_tokenizer, chat_jsonl):
     import shutil
 
@@ -112,31 +112,43 @@ def test_an_architecture_optimum_does_not_export_is_one_line_from_the_cli(tmp_pa
     cfg["model"]["name_or_path"] = str(tmp_path / "mamba")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     line = one_error_line(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "out")]))
-    assert "'mamba'" in line and "--no-onnx" in line
-    assert all(f" {arch}," in line for arch in ("gemma2", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3"))
+    assert "no ONNX exporter takes this mamba model" in line and "--no-onnx" in line
+    assert "builder:" in line and "torch:" in line  # why each exporter refused it
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
 
 
-def test_a_failure_inside_optimums_exporter_is_one_line_from_the_cli(tmp_path, bpe_tokenizer, chat_jsonl):
-    """optimum lists Phi(-1/2) but sizes its dummy cache from the attention heads, so a Phi with fewer
-    key-value heads fails deep inside the trace."""
-    from transformers import AutoModelForCausalLM, PhiConfig
-
+def test_a_builder_failure_falls_back_to_torch_and_a_failure_of_both_is_one_line(tmp_path, tmp_path_factory,
+                                                                                 bpe_tokenizer, chat_jsonl,
+                                                                                 monkeypatch):
+    """The builder failing at export time hands over to torch.onnx (said in the log and parity.json); when the
+    torch exporter fails too, one line, nothing written, and --no-onnx still exports the merged model."""
     from lite_sft.cli import app
-    from lite_sft.train import tune
+    from lite_sft.export import ExportError
+    from lite_sft.export.exporters import builder, torch_decoder
 
-    config = PhiConfig(vocab_size=len(bpe_tokenizer), pad_token_id=bpe_tokenizer.pad_token_id,
-                       bos_token_id=bpe_tokenizer.bos_token_id, eos_token_id=bpe_tokenizer.eos_token_id,
-                       hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
-    bpe_tokenizer.save_pretrained(tmp_path / "phi")
-    tune(run_config(tmp_path / "phi", chat_jsonl, tmp_path / "run"))
-    line = one_error_line(runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+    def broken(name):
+        def export(*args, **kwargs):
+            raise ExportError(f"{name} broke (test)")
+        return export
+
+    run = tuned_run(tmp_path_factory, bpe_tokenizer, chat_jsonl, "llama")
+    monkeypatch.setattr(builder, "export", broken("builder"))
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "out"), "--parity-prompts", "2",
+                                 "--parity-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "the builder exporter failed (builder broke (test)); trying torch" in result.output
+    report = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert report["passed"] and report["exporter"]["name"] == "torch"
+    assert report["exporter"]["fallback_from"] == "builder failed (builder broke (test))"
+
+    monkeypatch.setattr(torch_decoder, "export", broken("torch"))
+    line = one_error_line(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "again"),
                                               "--parity-prompts", "2", "--parity-tokens", "2"]))
-    assert "optimum could not export this phi model to ONNX" in line and "--no-onnx" in line
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
-    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-onnx",
+    assert "torch broke (test)" in line
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob("again.*"))
+    forced = one_error_line(runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "again"),
+                                                "--exporter", "builder"]))
+    assert "builder broke (test)" in forced  # forced: no fallback
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "again"), "--no-onnx",
                                  "--parity-prompts", "2", "--parity-tokens", "2"])
     assert result.exit_code == 0, result.output  # the merged model alone, as the message says
