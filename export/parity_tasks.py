@@ -12,8 +12,8 @@ parity.compare and TASK_THRESHOLDS (agreement is the `greedy_agreement` figure o
   seq2seq    the reference greedily generates `new_tokens` from each source (EOS held back, so every
              example has as many positions); both then score that decoder sequence teacher-forced, and
              agreement = the same next token at each position. An ONNX candidate runs its encoder once and
-             its decoder one token at a time through the cache, as generation does (the merged decoder
-             ORTModelForSeq2SeqLM loads by default, and the two separate ones, checks.py).
+             its decoder one token at a time through the cache, as generation does (the exporter's runner:
+             exporters/torch_seq2seq.py's Runner, encode then step).
 
 Each ONNX gate also runs the examples as one padded batch (seq2seq: the shortest and the longest source
 together), as a server batches them, and judges every row with the same thresholds.
@@ -131,7 +131,9 @@ def torch_logits(model, ref: TaskReference) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ort_logits(ort_model, ref: TaskReference) -> list[torch.Tensor]:
-    """An optimum ORT model's logits on each reference example alone; seq2seq through its decoder cache."""
+    """The exported model's logits on each reference example alone: `ort_model` is the runner its exporter's
+    open() gives (seq-cls, token-cls: called as runner(**inputs).logits; seq2seq: encode and step through the
+    decoder's cache, _ort_decode)."""
     if ref.task == "seq2seq":
         return [_ort_decode(ort_model, inputs, ids)[0] for inputs, ids in zip(ref.inputs, ref.decoder_ids)]
     return [_per_example(ref.task, ort_model(**inputs).logits.float(), 0, inputs) for inputs in ref.inputs]
@@ -160,19 +162,13 @@ def _per_example(task: str, logits: torch.Tensor, row: int, inputs: dict) -> tor
     return logits[row, :inputs["input_ids"].shape[1]]
 
 
-def _ort_decode(ort_model, inputs: dict, decoder_ids: torch.Tensor) -> torch.Tensor:
-    """ORTModelForSeq2SeqLM teacher-forced as generate() drives it: the encoder and the first decoder step in
-    one call, then one token per call with the cache and the encoder's output. (batch, decoder length, vocab)"""
-    from transformers.modeling_outputs import BaseModelOutput
-
+def _ort_decode(runner, inputs: dict, decoder_ids: torch.Tensor) -> torch.Tensor:
+    """The exported encoder-decoder teacher-forced as generation drives it: the encoder once, then the decoder
+    one token per call on its cache (the runner of exporters/torch_seq2seq.py). (batch, decoder length, vocab)"""
     mask = inputs["attention_mask"]
-    step = ort_model(input_ids=inputs["input_ids"], attention_mask=mask, decoder_input_ids=decoder_ids[:, :1],
-                     use_cache=True)
-    steps, past = [step.logits.float()], step.past_key_values
-    encoded = BaseModelOutput(last_hidden_state=step.encoder_last_hidden_state)
-    for t in range(1, decoder_ids.shape[1]):
-        step = ort_model(attention_mask=mask, encoder_outputs=encoded, decoder_input_ids=decoder_ids[:, t:t + 1],
-                         past_key_values=past, use_cache=True)
-        steps.append(step.logits.float())
-        past = step.past_key_values
+    cache = runner.encode(inputs["input_ids"], mask)
+    steps = []
+    for t in range(decoder_ids.shape[1]):
+        logits, cache = runner.step(decoder_ids[:, t:t + 1], mask, cache)
+        steps.append(logits)
     return torch.cat(steps, dim=1)

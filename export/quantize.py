@@ -20,12 +20,9 @@ Embedding lookups (Gather) stay in float in both.
 Neither quantiser takes Gemm, the node GPT-2-style Conv1D layers export as, so such graphs are first
 rewritten to MatMul + Add (exactly equivalent); otherwise those layers would silently stay in fp32.
 
-Every graph of the folder is quantised: model.onnx, or an encoder-decoder's encoder_model.onnx,
-decoder_model.onnx and decoder_with_past_model.onnx. Its decoder_model_merged.onnx (both decoders in
-one graph behind an If node) is not quantised itself: onnxruntime's quantisers would give each branch
-its own copy of every shared weight, and a tiny T5 came out larger than before. It is rebuilt instead
-from the two quantised decoders with optimum's merge_decoders, as optimum's exporter built the original,
-which shares their identical quantised weights again.
+Every graph of the folder is quantised: model.onnx, or an encoder-decoder's encoder_model.onnx and
+decoder_model.onnx (exporters/torch_seq2seq.py: each weight is in one of them only, so nothing is
+quantised twice).
 
 Both start from the fp32 graph; the parity gate then compares the result with the merged PyTorch model
 and the held-out perplexity before and after is reported beside the sizes on disk.
@@ -42,9 +39,6 @@ from .onnx import is_model_file
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (see the module docstring)
-# optimum's seq2seq layout: the merged decoder is rebuilt from these two rather than quantised itself.
-DECODER, DECODER_WITH_PAST, DECODER_MERGED = "decoder_model.onnx", "decoder_with_past_model.onnx", \
-    "decoder_model_merged.onnx"
 
 
 def quantize(src: Path, dst: Path, method: str, block_size: int = 32) -> None:
@@ -59,17 +53,10 @@ def quantize(src: Path, dst: Path, method: str, block_size: int = 32) -> None:
     # The int4 quantiser logs every node at INFO; the parity report says what matters.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     graphs = sorted(p.name for p in src.glob("*.onnx"))
-    merged = DECODER_MERGED in graphs and DECODER in graphs and DECODER_WITH_PAST in graphs
     if not graphs:
         raise ExportError(f"{src} holds no ONNX graph (*.onnx) to quantise")
     for name in graphs:
-        if not (merged and name == DECODER_MERGED):
-            _quantize_graph(src / name, dst / name, method, block_size, large)
-    if merged:
-        from optimum.onnx import merge_decoders
-
-        # strict=False as optimum's exporter merges them: the with-past decoder has no cross-attention outputs.
-        merge_decoders(dst / DECODER, dst / DECODER_WITH_PAST, save_path=dst / DECODER_MERGED, strict=False)
+        _quantize_graph(src / name, dst / name, method, block_size, large)
 
 
 def _quantize_graph(src: Path, dst: Path, method: str, block_size: int, large: bool) -> None:
