@@ -18,7 +18,9 @@ from pathlib import Path
 from . import ServeError
 
 ONNX_FILE = "model.onnx"
-ENCODER_FILE = "encoder_model.onnx"  # optimum's text2text-generation layout: this + decoder_model*.onnx
+# An encoder-decoder's two graphs (export/exporters/torch_seq2seq.py writes them; its docstring has their inputs):
+# the encoder gives every decoder layer's cross-attention keys and values, the decoder takes every step.
+ENCODER_FILE, DECODER_FILE = "encoder_model.onnx", "decoder_model.onnx"
 PARITY_FILE = "parity.json"
 VARIANTS = ("fp", "int8", "int4")
 
@@ -28,7 +30,7 @@ def variant_folder(variant: str) -> str:
 
 
 def has_onnx(folder: Path) -> bool:
-    """An ONNX model in optimum's layout: model.onnx, or an encoder-decoder's encoder_model.onnx (and decoders)."""
+    """An ONNX model: model.onnx, or an encoder-decoder's encoder_model.onnx (and decoder_model.onnx)."""
     return (folder / ONNX_FILE).is_file() or (folder / ENCODER_FILE).is_file()
 
 

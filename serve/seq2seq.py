@@ -8,10 +8,12 @@ prefill(source ids, mask, _) runs the encoder once and the decoder's first step 
 decode(state, tokens) is one decoder step on the cache; keep(state, rows) drops finished rows from the encoder's
 output, its mask and the cache. Sampling, stop strings and streaming then work as for a decoder-only model.
 
-The ONNX path is optimum's ORTModelForSeq2SeqLM over the export's encoder_model.onnx and decoder files (the
-merged decoder where there is one, else decoder_model + decoder_with_past_model): it picks the decoder branch
-per step and binds the cache on the device under CUDA, and its forward takes the arguments transformers' own
-model takes, so one class drives both.
+Two models run those calls: TorchSeq2Seq, transformers' own model on a Hugging Face folder, and OrtSeq2Seq, the
+export's two graphs on onnxruntime (layout.py names them; `lite-sft export` writes them: the encoder gives every
+decoder layer's cross-attention keys and values once, and one decoder graph takes every step, the first on an
+empty cache). OrtSeq2Seq keeps both caches as torch tensors on the session's device and binds them to the graph
+(IO binding), so under CUDA the cache never leaves the GPU; each step's new self-attention cache is a fresh
+tensor (the graph's Concat cannot write into its own input), and keep drops finished rows with torch indexing.
 
 The loop hands prompts left-padded; BART numbers the source's positions from its first token, so the source is
 moved to the left here, its padding on the right. Every row's decoder starts from the same tokens, so the decoder
@@ -28,61 +30,157 @@ import torch
 
 from . import ServeError
 from .generate import align_left
-from .runtime import max_context
-from .sessions import check_provider, onnx_precision, ort_providers, session_options
+from .layout import DECODER_FILE, ENCODER_FILE, read_json_object
+from .runtime import NP_TYPES, ORT_TYPES, max_context
+from .sessions import onnx_precision, open_session
 
 
 @dataclass
 class Seq2SeqState:
     encoder: object
-    """transformers' BaseModelOutput: last_hidden_state (batch, source, hidden)."""
+    """What the decoder cross-attends to: transformers' BaseModelOutput (TorchSeq2Seq), or each decoder layer's
+    cross-attention key and value, (batch, heads, source, head_dim) tensors (OrtSeq2Seq)."""
     mask: torch.Tensor
     """(batch, source) long: 1 on the source's tokens, 0 on the padding after them."""
     past: object = None
-    """The decoder's cache: transformers' EncoderDecoderCache, or optimum's tuple per layer."""
+    """The decoder's self-attention cache: transformers' EncoderDecoderCache, or per layer key and value."""
 
     @property
     def batch(self) -> int:
         return self.mask.shape[0]
 
 
+class TorchSeq2Seq:
+    """transformers' *ForConditionalGeneration, called as generate() calls it."""
+
+    def __init__(self, model):
+        self.model, self.device = model, torch.device(model.device)
+
+    def encode(self, source: torch.Tensor, mask: torch.Tensor):
+        return self.model.get_encoder()(input_ids=source, attention_mask=mask)
+
+    def step(self, state: Seq2SeqState, decoder_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(encoder_outputs=state.encoder, attention_mask=state.mask, decoder_input_ids=decoder_ids,
+                         cache=state.past, use_cache=True)
+        state.past = out.cache
+        return out.logits[:, -1]
+
+    def select(self, state: Seq2SeqState, index: torch.Tensor) -> None:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        state.encoder = BaseModelOutput(last_hidden_state=state.encoder.last_hidden_state[index])
+        state.past.batch_select_indices(index)
+
+
+class OrtSeq2Seq:
+    """The export's encoder_model.onnx and decoder_model.onnx on onnxruntime, the caches bound as torch tensors."""
+
+    def __init__(self, folder: Path, device: str, threads: int | None, vocab_size: int):
+        self.encoder = open_session(folder / ENCODER_FILE, device, threads)
+        self.decoder = open_session(folder / DECODER_FILE, device, threads)
+        provider = self.encoder.get_providers()[0]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if provider == "CUDAExecutionProvider" \
+            else torch.device("cpu")
+        self.cross = [o.name for o in self.encoder.get_outputs()]  # present.N.encoder.key / .value
+        outputs = self.decoder.get_outputs()
+        self.own = [o.name for o in outputs[1:]]  # present.N.decoder.key / .value
+        inputs = {i.name: i for i in self.decoder.get_inputs()}
+        missing = [n for n in ["decoder_input_ids", "encoder_attention_mask", *self._past(self.cross + self.own)]
+                   if n not in inputs]
+        if outputs[0].name != "logits" or missing or not self.cross:
+            raise ServeError(f"{folder} is not an encoder-decoder export lite-sft serves (its decoder lacks "
+                             f"{', '.join(missing) or 'logits'}); re-export it with `lite-sft export`")
+        key = inputs[self._past(self.own[:1])[0]]
+        _, self.heads, _, self.head_dim = key.shape  # (batch, heads, past, head_dim): the exporter fixes heads, dim
+        self.dtype = ORT_TYPES[key.type]
+        vocab = outputs[0].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else vocab_size
+
+    @staticmethod
+    def _past(names: list[str]) -> list[str]:
+        return [n.replace("present.", "past_key_values.", 1) for n in names]
+
+    def encode(self, source: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        binding = self.encoder.io_binding()
+        self._bind(binding, "input_ids", source)
+        self._bind(binding, "attention_mask", mask)
+        batch, length = source.shape
+        cross = [torch.empty(batch, self.heads, length, self.head_dim, dtype=self.dtype, device=self.device)
+                 for _ in self.cross]
+        for name, tensor in zip(self.cross, cross):
+            self._bind(binding, name, tensor, output=True)
+        self._run(self.encoder, binding)
+        return cross
+
+    def step(self, state: Seq2SeqState, decoder_ids: torch.Tensor) -> torch.Tensor:
+        batch, new = decoder_ids.shape
+        if state.past is None:  # the first step reads an empty cache
+            state.past = [torch.empty(batch, self.heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+                          for _ in self.own]
+        length = state.past[0].shape[2] + new
+        binding = self.decoder.io_binding()
+        self._bind(binding, "decoder_input_ids", decoder_ids)
+        self._bind(binding, "encoder_attention_mask", state.mask)
+        for name, tensor in zip(self._past(self.own + self.cross), state.past + state.encoder):
+            self._bind(binding, name, tensor)
+        logits = torch.empty(batch, new, self.vocab_size, dtype=self.dtype, device=self.device)
+        present = [torch.empty(batch, self.heads, length, self.head_dim, dtype=self.dtype, device=self.device)
+                   for _ in self.own]
+        for name, tensor in zip(["logits", *self.own], [logits, *present]):
+            self._bind(binding, name, tensor, output=True)
+        self._run(self.decoder, binding)
+        state.past = present
+        return logits[:, -1]
+
+    def select(self, state: Seq2SeqState, index: torch.Tensor) -> None:
+        state.encoder = [t[index] for t in state.encoder]
+        state.past = [t[index] for t in state.past]
+
+    def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        """Bind a contiguous tensor (every one here is: fresh, or indexed by keep) by its address."""
+        (binding.bind_output if output else binding.bind_input)(
+            name, self.device.type, self.device.index or 0, NP_TYPES[tensor.dtype], tuple(tensor.shape),
+            tensor.data_ptr())
+
+    def _run(self, session, binding) -> None:
+        session.run_with_iobinding(binding)
+        if self.device.type == "cuda":
+            binding.synchronize_outputs()
+
+
 class Seq2SeqBackend:
     task = "seq2seq"
 
-    def __init__(self, model, folder: Path, name: str, precision: str, provider: str, context: int):
+    def __init__(self, model, folder: Path, name: str, precision: str, provider: str, context: int,
+                 config: dict, generation: dict):
+        """`model`: TorchSeq2Seq or OrtSeq2Seq; `config`, `generation`: the folder's config.json and
+        generation_config.json as dicts (the latter may be empty)."""
         self.model, self.folder, self.name, self.precision, self.provider = model, folder, name, precision, provider
-        self.device = torch.device(model.device)
+        self.device = model.device
         self.max_context = context
-        config, generation = model.config, getattr(model, "generation_config", None)
-        start = getattr(generation, "decoder_start_token_id", None)
-        start = start if isinstance(start, int) else config.decoder_start_token_id
+        start = generation.get("decoder_start_token_id")
+        start = start if isinstance(start, int) else config.get("decoder_start_token_id")
         if not isinstance(start, int):
             raise ServeError(f"{folder}: neither config.json nor generation_config.json gives decoder_start_token_id, "
                              "the token every output starts from; re-export the model")
-        forced = getattr(generation, "forced_bos_token_id", None)
+        forced = generation.get("forced_bos_token_id")
         self.decoder_prompt = [start] + ([forced] if isinstance(forced, int) else [])
         """What the decoder reads before the first generated token (and what a repetition penalty sees)."""
-        self.pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
-        self.vocab_size = config.vocab_size
+        pad = config.get("pad_token_id")
+        self.pad_id = pad if isinstance(pad, int) else 0
+        self.vocab_size = config.get("vocab_size")
 
     @classmethod
     def from_onnx(cls, folder: str | Path, device: str = "auto", threads: int | None = None,
                   tokenizer=None) -> "Seq2SeqBackend":
-        from optimum.onnxruntime import ORTModelForSeq2SeqLM
-
-        folder, providers = Path(folder), ort_providers(device)
-        try:
-            model = ORTModelForSeq2SeqLM.from_pretrained(folder, provider=providers[0],
-                                                         session_options=session_options(threads),
-                                                         use_io_binding=providers[0] == "CUDAExecutionProvider")
-        except Exception as err:  # noqa: BLE001  (optimum and onnxruntime raise their own types)
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise ServeError(f"onnxruntime could not load the encoder-decoder in {folder}: {first[:300]}") from err
-        session = model.encoder.session
-        check_provider(session.get_providers()[0], providers)
-        fp16 = session.get_outputs()[0].type == "tensor(float16)"
-        return cls(model, folder, f"onnx-{folder.name}", onnx_precision(folder, fp16), session.get_providers()[0],
-                   max_context(folder, tokenizer))
+        folder = Path(folder)
+        config = read_json_object(folder / "config.json")
+        generation = read_json_object(folder / "generation_config.json") \
+            if (folder / "generation_config.json").is_file() else {}
+        model = OrtSeq2Seq(folder, device, threads, config.get("vocab_size"))
+        provider = model.encoder.get_providers()[0]
+        return cls(model, folder, f"onnx-{folder.name}", onnx_precision(folder, model.dtype == torch.float16),
+                   provider, max_context(folder, tokenizer), config, generation)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None,
@@ -99,7 +197,8 @@ class Seq2SeqBackend:
             model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=DTYPES[precision]).to(dev).eval()
         except (OSError, ValueError) as err:
             raise ServeError(f"could not load the PyTorch seq2seq model in {folder}: {err}") from err
-        return cls(model, folder, "torch-merged", precision, f"torch {dev.type}", max_context(folder, tokenizer))
+        return cls(TorchSeq2Seq(model), folder, "torch-merged", precision, f"torch {dev.type}",
+                   max_context(folder, tokenizer), model.config.to_dict(), model.generation_config.to_dict())
 
     def describe(self) -> str:
         return f"{self.folder} on {self.provider} ({self.precision}), seq2seq"
@@ -111,9 +210,7 @@ class Seq2SeqBackend:
         """Encode the (left-padded) sources and take the decoder's first step; `capacity` is a decoder-only's."""
         source, source_mask = align_left(ids, mask, self.pad_id)
         source_mask = torch.from_numpy(source_mask).to(self.device)
-        encoder = self.model.get_encoder()(input_ids=torch.from_numpy(source).to(self.device),
-                                           attention_mask=source_mask)
-        state = Seq2SeqState(encoder, source_mask)
+        state = Seq2SeqState(self.model.encode(torch.from_numpy(source).to(self.device), source_mask), source_mask)
         start = torch.tensor([self.decoder_prompt] * len(ids), dtype=torch.long)
         return self._run(state, start), state
 
@@ -121,20 +218,12 @@ class Seq2SeqBackend:
     def decode(self, state: Seq2SeqState, tokens: np.ndarray) -> np.ndarray:
         return self._run(state, torch.from_numpy(tokens.reshape(-1, 1)).long())
 
+    @torch.inference_mode()
     def keep(self, state: Seq2SeqState, rows: list[int]) -> Seq2SeqState:
-        from transformers.modeling_outputs import BaseModelOutput
-
         index = torch.tensor(rows, device=self.device)
-        state.encoder = BaseModelOutput(last_hidden_state=state.encoder.last_hidden_state[index])
         state.mask = state.mask[index]
-        if hasattr(state.past, "batch_select_indices"):  # transformers' cache object
-            state.past.batch_select_indices(index)
-        else:  # optimum's: per layer (self key, self value, cross key, cross value)
-            state.past = tuple(tuple(t[index] for t in layer) for layer in state.past)
+        self.model.select(state, index)
         return state
 
     def _run(self, state: Seq2SeqState, decoder_ids: torch.Tensor) -> np.ndarray:
-        out = self.model(encoder_outputs=state.encoder, attention_mask=state.mask,
-                         decoder_input_ids=decoder_ids.to(self.device), past_key_values=state.past, use_cache=True)
-        state.past = out.past_key_values
-        return out.logits[:, -1].float().cpu().numpy()  # (batch, vocab)
+        return self.model.step(state, decoder_ids.to(self.device)).float().cpu().numpy()  # (batch, vocab)
