@@ -24,8 +24,9 @@ Training is `lite-sft tune --task seq2seq` in this process (the library's setup 
 pairs, never trained on, are its validation data, scored with greedy generation before the first step (LoRA
 starts as the identity, so that is the random base) and after the last. tokens/s counts source and target
 tokens and excludes the evaluations. Each run is then exported as `lite-sft export RUN --quantize int8` does
-(merge, ONNX encoder and decoders, int8), with its parity gates' figures, and the ONNX models generate from
-the held-out sources with the settings the export carries, scored the same way (--no-export skips it).
+(merge, ONNX encoder and decoder, int8), with its parity gates' figures, and the ONNX models generate from
+the held-out sources through lite-sft's own server backend (serve/seq2seq.py, greedy, the export's
+max_new_tokens and stop ids), scored the same way (--no-export skips it).
 Prints a table, then one JSON line, and saves benchmarks/results/seq2seq-<time>.json.
 """
 
@@ -169,26 +170,25 @@ def export_and_score(run_dir: Path, out: Path, held_out: list[dict], threads: in
     export_s = time.perf_counter() - started
     gates = [{"stage": g["stage"], "precision": g["precision"], "max_abs_diff": g["max_abs_diff"],
               "greedy_agreement": g["greedy_agreement"], "passed": g["passed"],
-              "split_decoders_passed": (g.get("split_decoders") or {}).get("passed"),
               "size_bytes": g.get("size_bytes_after")} for g in report["gates"]]
     return {"export_s": export_s, "parity_examples": report["examples"]["count"], "gates": gates,
             **{folder: onnx_scores(out / folder, held_out, threads) for folder in ARTEFACTS}}
 
 
 def onnx_scores(folder: Path, held_out: list[dict], threads: int) -> dict:
-    import onnxruntime
-    from optimum.onnxruntime import ORTModelForSeq2SeqLM
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
+    from lite_sft.serve.generate import SamplingParams, generate_ids
+    from lite_sft.serve.runtime import load_backend, stop_ids
     from lite_sft.tasks.metrics import bleu
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    model = ORTModelForSeq2SeqLM.from_pretrained(folder, session_options=options)
-    tokenizer, gen = AutoTokenizer.from_pretrained(folder), GenerationConfig.from_pretrained(folder)
-    batch = tokenizer([p["source"] for p in held_out], padding=True, return_tensors="pt", return_token_type_ids=False)
+    backend, tokenizer = load_backend(folder, "cpu", threads=threads)
+    gen = GenerationConfig.from_pretrained(folder)
+    params = SamplingParams(gen.max_new_tokens or gen.max_length,
+                            stop_ids=stop_ids(folder, tokenizer))
+    sources = [tokenizer(p["source"])["input_ids"] for p in held_out]
     started = time.perf_counter()
-    predictions = [p.strip() for p in tokenizer.batch_decode(model.generate(**batch, generation_config=gen),
+    predictions = [p.strip() for p in tokenizer.batch_decode(generate_ids(backend, sources, params),
                                                              skip_special_tokens=True)]
     seconds = time.perf_counter() - started
     references = [p["target"] for p in held_out]
@@ -201,9 +201,10 @@ def export_versions(exported: bool) -> dict:
     if not exported:
         return {}
     import onnxruntime
-    import optimum.version
+    import onnxscript
 
-    return {"optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__}
+    # torch.onnx (dynamo) writes the graphs through onnxscript; onnxruntime runs and quantises them.
+    return {"onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def scores(figures: dict) -> dict:
