@@ -1,54 +1,57 @@
-"""lite-sft's ONNX decode against onnxruntime-genai and llama.cpp on the same model, threads and prompts.
+"""lite-sft's runtime against onnxruntime-genai's (and llama.cpp) decoding the same model, threads and prompts.
 
     python benchmarks/peers.py                                   # CPU, 1 thread: ~100M Llama, fp32/int8/int4, batch 1 and 8
+    python benchmarks/peers.py --peers genai                     # the same without llama.cpp (no venv to build)
     python benchmarks/peers.py --peers none --quick              # lite-sft only, a tiny model (the test does this)
     python benchmarks/peers.py --precisions int8 --batches 1 --peers genai
-    python benchmarks/peers.py --device cuda --peer-python /opt/peers/bin/python     # GPU: fp16 and int4; no llama.cpp
+    python benchmarks/peers.py --device cuda --peers genai       # GPU: fp16 and int4; no llama.cpp
 
 What is compared. One random-weight Llama (seeded; hidden 640, 12 layers, 10 heads, 2 key-value heads
 (`--kv-heads`), intermediate 1728, vocabulary 32,000: 93M parameters), tuned for one LoRA step so lite-sft's
 own `lite-sft export` can take it (export starts from a tune run directory, not a plain Hugging Face folder),
-and exported with `--quantize int8` and `--quantize int4` (parity gates and all). Both peers convert the
-export's merged/ folder, so all three run the same weights:
-  lite-sft            OUT/onnx (fp32), OUT/onnx-int8 (dynamic int8), OUT/onnx-int4 (MatMulNBits, block 32),
-                      through lite_sft.serve (load_backend + the generate loop, as `lite-sft bench` does)
-  onnxruntime-genai   `python -m onnxruntime_genai.models.builder -i merged -o DIR -p fp32|int8|int4 -e cpu
-                      -c CACHE` with `--extra_options accuracy_level=4` for int8/int4 (its CPU default, said
-                      explicitly: MatMulNBits, block 32, int8 activations); its fused GroupQueryAttention graph
-  llama.cpp           convert_hf_to_gguf.py from the llama-cpp-python sdist (--outtype f32), then llama.cpp's
-                      quantiser (llama_model_quantize) to q8_0 and q4_0; run by llama-cpp-python's C binding
-  lite-sft-gqa        (with genai) the builder's graph served by lite-sft's runtime: its fused
-                      GroupQueryAttention, rows right-padded, the cache written in place (serve/runtime.py), from
-                      a folder linking its model.onnx beside lite-sft's config and tokenizer. Measured only when
-                      its gate passes (gqa_gate: fp32 greedy tokens equal lite-sft's own fp32 export's, and a
-                      padded batch's logits equal each row's alone); the comparison takes lite-sft's faster graph.
+and exported on the CPU with `--quantize int8` and `--quantize int4` (on CUDA once, `--dtype fp16 --quantize
+int4`), parity gates and all. For a Llama `lite-sft export` runs onnxruntime-genai's model builder (parity.json's
+"exporter" says which exporter wrote each folder): OUT/onnx is the builder's fp32 graph (fused
+GroupQueryAttention) with its genai_config.json, OUT/onnx-int8 onnxruntime's quantize_dynamic over it,
+OUT/onnx-int4 the builder's int4 (MatMulNBits, block 32, accuracy level 4). The engines:
+  lite-sft            OUT/onnx (fp32; fp16 on CUDA), OUT/onnx-int8, OUT/onnx-int4 through lite_sft.serve
+                      (load_backend + the generate loop, as `lite-sft bench` does: rows right-padded, the cache
+                      written in place)
+  onnxruntime-genai   its Generator on THE SAME folders (each carries the genai_config.json export wrote), so
+                      the graph, the weights and onnxruntime are the same and the difference is the runtime
+                      around them; "tokens" checks it: the share of its greedy tokens equal to lite-sft's
+  llama.cpp           convert_hf_to_gguf.py from the llama-cpp-python sdist (--outtype f32) on the export's
+                      merged/, then llama.cpp's quantiser (llama_model_quantize) to q8_0 and q4_0; run by
+                      llama-cpp-python's C binding: other kernels and other quantisation, the same weights
 The tokenizer is a SentencePiece model (a unigram vocabulary of ~300 pieces with byte fallback) written
 here as the protobuf that transformers ships the schema of, because the sentencepiece package is not a
 lite-sft dependency: convert_hf_to_gguf.py takes a `tokenizer.model` down Llama's SPM path with no
 pre-tokenizer hash check (a BPE tokenizer.json it does not know is refused) and pads the vocabulary to the
-config's 32,000 with [PAD] entries; ORT-GenAI's builder reads the tokenizer.json beside it. Prompts are ids,
-so the tokenizer only has to load.
+config's 32,000 with [PAD] entries. Prompts are ids, so the tokenizer only has to load.
 
 How. Every (engine, precision, batch) cell runs in a fresh process (benchmarks/peers_worker.py), cells of one
-(precision, batch) back to back so the machine's drift hits the engines alike. `--threads` (default 1) is
-every engine's thread count (onnxruntime intra-op threads; llama.cpp n_threads and n_threads_batch;
-OMP_NUM_THREADS). A run: `--prompt-len` (128) fixed random ids per row (seeded, the same for every engine),
-`--new-tokens` (64) greedy tokens, no stop token, from an empty cache; `--warmup` (1) untimed runs, then
-`--repeats` (5) timed ones. Per run, as lite-sft bench defines them (serve/bench.py summarize):
+(precision, batch) back to back so the machine's drift hits the engines alike; `--rounds N` runs each cell N
+times, the engines' order alternating (A B, B A, ...), and pools their timed runs: on a machine others share. `--threads` (default 1) is
+every engine's thread count (onnxruntime intra-op threads, set in genai_config.json's session options for
+onnxruntime-genai; llama.cpp n_threads and n_threads_batch; OMP_NUM_THREADS). A run: `--prompt-len` (128)
+fixed random ids per row (seeded, the same for every engine), `--new-tokens` (64) greedy tokens, no stop token,
+from an empty cache; `--warmup` (1) untimed runs, then `--repeats` (5) timed ones. Per run, as lite-sft bench
+defines them (serve/bench.py summarize):
   TTFT ms        from the request to the first generated token: prefill of the whole batch and one sample
   decode tok/s   batch x (new tokens - 1) / the seconds from the first token to the last: every row's
                  tokens after the first, summed over the batch
 and the table shows the medians. "vs best" is lite-sft's decode tok/s over the faster peer's at the same
-precision and batch (the goal is 1.2x), and its TTFT over the lower peer TTFT (the goal is at most 1.0x).
+precision and batch (the goal: at least 0.95x at batch 1, 1.2x at larger batches), and its TTFT over the
+lower peer TTFT (the goal: at most 1.0x).
 
-The peers' environment is their own: a venv in --work-dir from benchmarks/peers-requirements.txt
-(onnxruntime-genai 0.18.0, transformers 5, torch 2.13 CPU, llama-cpp-python 0.3.36 built from its sdist with
-CMAKE_ARGS=-DGGML_NATIVE=ON, i.e. for this CPU), remade when that file changes (a stamp holds its digest);
-peer processes get only that venv (and --peer-pythonpath), lite-sft processes only lite-sft's interpreter.
-Time on 2 shared CPU cores: the venv ~30 min the first time (llama-cpp-python's build), the model and its two
-exports ~5 min, the peers' conversions ~1 min, then the 18 cells ~6 min; all that is built is kept in
---work-dir and reused (delete a folder there to rebuild it). A cell that fails is recorded with its error
-and the run goes on.
+onnxruntime-genai is a lite-sft dependency (onnxruntime-genai-cuda, beside onnxruntime-gpu), so its cells run
+in lite-sft's own interpreter. llama.cpp's environment is its own: a venv in --work-dir from
+benchmarks/peers-requirements.txt (llama-cpp-python 0.3.36 built from its sdist with CMAKE_ARGS=-DGGML_NATIVE=ON,
+i.e. for this CPU, and what its converter imports), remade when that file changes (a stamp holds its digest), or
+--peer-python; llama.cpp processes get only that interpreter (and --peer-pythonpath). Time on 2 shared CPU
+cores: the venv ~30 min the first time (llama-cpp-python's build), the model and its two exports ~5 min, the
+GGUF conversions ~1 min, then the 18 cells ~6 min; all that is built is kept in --work-dir and reused (delete a
+folder there to rebuild it). A cell that fails is recorded with its error and the run goes on.
 Prints the table, then one JSON line, and saves it as benchmarks/results/peers-<date>.json.
 """
 
@@ -72,10 +75,11 @@ from workload import WORDS, cpu_model, save_result, write_chat_data  # beside th
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "peers_worker.py"
 REQUIREMENTS = HERE / "peers-requirements.txt"
-ENGINES = ("lite-sft", "lite-sft-gqa", "genai", "llama.cpp")
+ENGINES = ("lite-sft", "genai", "llama.cpp")
 PEER_NAMES = {"genai": "onnxruntime-genai", "llama.cpp": "llama.cpp"}
-OURS = ("lite-sft", "lite-sft-gqa")
-GATE_TOKENS = 16
+IN_PROCESS = ("lite-sft", "genai")  # engines that run in lite-sft's interpreter (the rest in the peers' venv)
+# lite-sft's decode tok/s over the fastest peer's that the project asks for, by batch (larger batches: 1.2)
+DECODE_GOAL = {1: 0.95}
 PRECISIONS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp16", "int4")}
 GGUF_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 # hidden, layers, intermediate, heads, vocabulary (key-value heads: --kv-heads)
@@ -129,8 +133,22 @@ def spm_tokenizer(folder: Path):
     return tokenizer
 
 
+def export_plan(precisions: list[str], device: str) -> dict[str, tuple[list[str], str]]:
+    """{precision: (the `lite-sft export` options of the export that holds it, the variant to serve)}. On the CPU
+    fp32 comes with whichever quantised export is made anyway, and int8 and int4 are one export each (--quantize
+    takes one). On CUDA fp16 is `--dtype fp16` (the builder's CUDA graph), and int4 its own export from it
+    (`--dtype fp16 --quantize int4`: the builder's int4 follows its source onto CUDA), so that an export refusing
+    one costs only that precision's cells."""
+    if device == "cuda":
+        return {p: (["--dtype", "fp16"] + (["--quantize", "int4"] if p == "int4" else []), "fp" if p == "fp16" else p)
+                for p in precisions}
+    fp32 = "int8" if "int8" in precisions else "int4" if "int4" in precisions else "none"
+    return {p: (["--quantize", fp32 if p == "fp32" else p], "fp" if p == "fp32" else p) for p in precisions}
+
+
 def build_model(work: Path, dims: tuple[int, ...], kv: int, precisions: list[str], device: str, threads: int) -> dict:
-    """Base -> one-step LoRA run -> `lite-sft export` per quantisation; returns {precision: (OUT, variant)}."""
+    """Base -> one-step LoRA run -> `lite-sft export` per export_plan; returns {precision: (OUT, variant)}, or
+    {precision: why} where its export failed (a parity gate, a refusal): the run goes on without those cells."""
     import torch
 
     from workload import one_step_run, random_llama
@@ -146,26 +164,37 @@ def build_model(work: Path, dims: tuple[int, ...], kv: int, precisions: list[str
     if not (run / "adapter_config.json").is_file():
         print("== one LoRA step, so that lite-sft export has a run to take", flush=True)
         one_step_run(base, write_chat_data(work / "chats.jsonl"), run)
-    plan = {"fp32": ("int8" if "int8" in precisions else "int4" if "int4" in precisions else "none", "fp"),
-            "int8": ("int8", "int8"), "int4": ("int4", "int4"), "fp16": ("fp16", "fp")}
-    exports = {}
-    for precision in precisions:
-        quant, variant = plan[precision]
-        out = work / f"export-{quant}"
-        if not (out / "parity.json").is_file():
-            print(f"== lite-sft export --quantize {quant}", flush=True)
-            args = ["--dtype", "fp16"] if quant == "fp16" else ["--quantize", quant]
+    exports, failed = {}, {}
+    for precision, (args, variant) in export_plan(precisions, device).items():
+        out = work / ("export" + "".join("-" + a for a in args[1::2]))  # export-int8, export-fp16-int4
+        parity = out / "parity.json"
+        # An export from before the exporter registry (optimum's graphs) has no "exporter": made again.
+        if out not in failed and not (parity.is_file() and json.loads(parity.read_text()).get("exporter")):
+            print(f"== lite-sft export {' '.join(args)}", flush=True)
             cmd = [sys.executable, "-m", "lite_sft", "export", str(run), "--out", str(out), "--overwrite", *args]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             if done.returncode:
-                raise RuntimeError(f"lite-sft export failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        exports[precision] = (out, variant)
+                print(f"   failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", flush=True)
+                said = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+                failed[out] = f"lite-sft export {' '.join(args)} failed: " + next(
+                    (line for line in reversed(said) if line.startswith(("error", "Error"))), said[-1] if said else "")
+        exports[precision] = failed.get(out) or (out, variant)
     return exports
 
 
+def exporter_of(out: Path, variant: str) -> str:
+    """Which exporter wrote a variant's folder, as parity.json says: the builder for onnx/ and its int4; int8
+    is onnxruntime's quantize_dynamic over onnx/ whichever exporter wrote that."""
+    name = (json.loads((out / "parity.json").read_text()).get("exporter") or {}).get("name", "?")
+    if variant == "int8":
+        return f"quantize_dynamic over the {name} graph"
+    return f"MatMulNBitsQuantizer over the {name} graph" if variant == "int4" and name != "builder" else name
+
+
 def peer_source(work: Path, merged: Path) -> Path:
-    """merged/ as lite-sft exported it, plus the SentencePiece file transformers could not save beside it
-    (it saves tokenizer.model only through the sentencepiece package); links, so the weights are the same."""
+    """What llama.cpp converts: merged/ as lite-sft exported it, plus the SentencePiece file transformers could
+    not save beside it (it saves tokenizer.model only through the sentencepiece package); links, so the weights
+    are the same."""
     folder = work / "peer-source"
     if not (folder / "tokenizer.model").is_file():
         folder.mkdir(exist_ok=True)
@@ -177,7 +206,7 @@ def peer_source(work: Path, merged: Path) -> Path:
 
 
 def peer_env(root: Path, args) -> dict:
-    """{"python", "env"} for the peer processes: --peer-python, or the venv made from peers-requirements.txt."""
+    """{"python", "env"} for llama.cpp's processes: --peer-python, or the venv made from peers-requirements.txt."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(PYTHONNOUSERSITE="1", OMP_NUM_THREADS=str(args.threads))
     if args.peer_pythonpath:
@@ -188,8 +217,8 @@ def peer_env(root: Path, args) -> dict:
     stamp = venv / "requirements.sha256"
     if not (stamp.is_file() and stamp.read_text().strip() == digest):
         shutil.rmtree(venv, ignore_errors=True)
-        print(f"== making the peers' venv {venv} from {REQUIREMENTS.name} (llama-cpp-python builds from source: "
-              "minutes)", flush=True)
+        print(f"== making llama.cpp's venv {venv} from {REQUIREMENTS.name} (llama-cpp-python builds from source: "
+              "~30 minutes)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         build = {**env, "CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())}
         subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-r", str(REQUIREMENTS)],
@@ -229,72 +258,6 @@ def peer_run(peer: dict, cmd: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
-def build_genai(work: Path, source: Path, precision: str, device: str, peer: dict) -> tuple[Path, list[str]]:
-    out = work / f"genai-{precision}-{device}"
-    opts = ["-p", precision, "-e", device]
-    if precision in ("int8", "int4") and device == "cpu":
-        opts += ["--extra_options", "accuracy_level=4"]
-    if not (out / "genai_config.json").is_file():
-        print(f"== onnxruntime-genai builder {precision}", flush=True)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        peer_run(peer, ["-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(tmp), *opts,
-                        "-c", str(work / "genai-cache")], "onnxruntime-genai's builder")
-        tmp.rename(out)
-    return out, opts
-
-
-def served_gqa(work: Path, genai: Path, onnx: Path, precision: str) -> Path:
-    """The builder's graph as a folder lite-sft serves: its model.onnx (and weights) linked, and the config,
-    generation config and tokenizer of lite-sft's own export beside it."""
-    out = work / f"lite-sft-gqa-{precision}"
-    out.mkdir(exist_ok=True)
-    for f in genai.iterdir():
-        if f.name.startswith("model.onnx") and not (out / f.name).exists():
-            (out / f.name).symlink_to(f.resolve())
-    for f in onnx.iterdir():
-        if f.suffix in (".json", ".model", ".jinja", ".txt") and f.name != "genai_config.json":
-            shutil.copy(f, out / f.name)
-    return out
-
-
-def gqa_gate(reference: Path, served: Path, precision: str, device: str, threads: int) -> dict:
-    """Whether lite-sft's runtime runs the builder's graph right, on 4 prompts of different lengths:
-    - fp32: its greedy tokens alone are lite-sft's own fp32 export's, token for token, and the same batched;
-    - every precision: a left-padded batch's logits (prefill, then one decode step on the same tokens) are each
-      row's logits alone, within 1e-4 in fp32 and 0.05 quantised (the int8 activations of MatMulNBits are
-      rounded per row, but its kernels take other paths for one row and for several). A padding or cache
-      placement error gives other logits altogether.
-    Agreement of the greedy tokens with lite-sft's fp32 export is told for every precision."""
-    from lite_sft.serve.generate import SamplingParams, generate_ids, pad_left
-    from lite_sft.serve.runtime import OrtBackend
-
-    ref, gqa = OrtBackend(reference, device, threads), OrtBackend(served, device, threads)
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(16, ref.vocab_size, n).tolist() for n in (40, 7, 23, 2)]
-    params = SamplingParams(max_new_tokens=GATE_TOKENS)
-    expected = [generate_ids(ref, [p], params)[0] for p in prompts]
-    alone = [generate_ids(gqa, [p], params)[0] for p in prompts]
-
-    def two_steps(rows: list[list[int]]) -> np.ndarray:  # (2, rows, vocab): prefill's logits, then a decode's
-        ids, mask = pad_left(rows)
-        first, state = gqa.prefill(ids, mask, ids.shape[1] + 2)
-        second = gqa.decode(state, np.array([e[0] for e in expected[:len(rows)]] if len(rows) > 1
-                                            else [expected[prompts.index(rows[0])][0]]))
-        gqa.release(state)
-        return np.stack([first, second])
-
-    batched = two_steps(prompts)
-    each = np.concatenate([two_steps([p]) for p in prompts], axis=1)
-    drift = float(np.abs(batched - each).max())
-    fp = precision in ("fp32", "fp16")
-    agree = float(np.mean([a == b for x, y in zip(alone, expected) for a, b in zip(x, y)]))
-    passed = drift <= (1e-4 if fp else 5e-2) and (not fp or (alone == expected
-                                                              and generate_ids(gqa, prompts, params) == alone))
-    return {"passed": passed, "batch_logits_max_abs_diff": drift, "agreement_with_fp32": round(agree, 3),
-            "prompts": [len(p) for p in prompts], "tokens": GATE_TOKENS, "right_padded": gqa.pad_right}
-
-
 def build_gguf(work: Path, source: Path, precision: str, peer: dict, threads: int) -> Path:
     kind = GGUF_TYPES[precision]
     out = work / f"model-{kind}.gguf"
@@ -315,14 +278,12 @@ def build_gguf(work: Path, source: Path, precision: str, peer: dict, threads: in
     return out
 
 
-def measure(engine: str, model: Path, variant: str, prompts: Path, batch: int, args, peer: dict | None) -> dict:
-    """One cell in a fresh process: the worker's per-run token times, summarised as lite-sft bench does."""
-    from lite_sft.serve.bench import summarize
-
-    python, env = ((sys.executable, {**os.environ, "OMP_NUM_THREADS": str(args.threads)}) if engine in OURS
+def measure(engine: str, model: Path, variant: str, prompts: Path, args, peer: dict | None) -> dict:
+    """One process of one cell: the worker's report (per-run token times, the first run's greedy tokens,
+    versions), or {"error"}."""
+    python, env = ((sys.executable, {**os.environ, "OMP_NUM_THREADS": str(args.threads)}) if engine in IN_PROCESS
                    else (peer["python"], peer["env"]))
-    worker = "lite-sft" if engine in OURS else engine  # lite-sft-gqa: the same loop on another graph
-    cmd = [python, str(WORKER), "measure", worker, str(model), "--variant", variant, "--prompts", str(prompts),
+    cmd = [python, str(WORKER), "measure", engine, str(model), "--variant", variant, "--prompts", str(prompts),
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--device", args.device]
     try:
@@ -331,48 +292,74 @@ def measure(engine: str, model: Path, variant: str, prompts: Path, batch: int, a
         return {"error": f"timed out after {args.cell_timeout} s"}
     if done.returncode:
         return {"error": (done.stderr.strip() or done.stdout.strip())[-2000:]}
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    stats = summarize(report["runs"], batch)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(reports: list[dict], batch: int) -> dict:
+    """A cell from its rounds' reports: every timed run pooled and summarised as lite-sft bench does (medians in
+    the table), the first round's tokens (compared across engines by agree()); a failed round fails the cell."""
+    from lite_sft.serve.bench import summarize
+
+    failed = next((r for r in reports if "error" in r), None)
+    if failed is not None:
+        return {"error": failed["error"]}
+    stats = summarize([run for r in reports for run in r["runs"]], batch)
     return {"decode_tok_s": stats["decode_tok_s"]["p50"], "ttft_ms": stats["ttft_ms"]["p50"],
-            "tpot_ms": stats["tpot_ms"]["p50"], "stats": stats, "versions": report["versions"],
-            "wall_s": report["wall_s"]}
+            "tpot_ms": stats["tpot_ms"]["p50"], "stats": stats, "versions": reports[0]["versions"],
+            "wall_s": round(sum(r["wall_s"] for r in reports), 3), "rounds": len(reports),
+            "tokens": reports[0]["tokens"]}
+
+
+def agree(cells: list[dict]) -> None:
+    """Give every peer cell `same_tokens`: the share of its greedy tokens (row by row, step by step) equal to
+    lite-sft's at the same precision and batch. onnxruntime-genai runs lite-sft's own graph, so anything below
+    1.0 there means the two runtimes fed it differently; llama.cpp's kernels and quantisation are its own."""
+    ours = {(c["precision"], c["batch"]): c["tokens"] for c in cells if c["engine"] == "lite-sft" and "tokens" in c}
+    for c in cells:
+        mine = ours.get((c["precision"], c["batch"]))
+        if c["engine"] != "lite-sft" and "tokens" in c and mine is not None:
+            pairs = [(a, b) for x, y in zip(c["tokens"], mine) for a, b in zip(x, y)]
+            c["same_tokens"] = round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 4)
 
 
 def compare(cells: list[dict]) -> list[dict]:
-    """Per (precision, batch): lite-sft's decode tok/s over the faster peer's, and its TTFT over the lower; for
-    lite-sft, the faster of its graphs (optimum's export, or the builder's through lite-sft's runtime)."""
+    """Per (precision, batch): lite-sft's decode tok/s over the faster peer's, and its TTFT over the lower one,
+    against DECODE_GOAL and a TTFT no higher than the peer's."""
     rows = []
     for precision, batch in dict.fromkeys((c["precision"], c["batch"]) for c in cells):
         here = [c for c in cells if (c["precision"], c["batch"]) == (precision, batch) and "decode_tok_s" in c]
-        ours = max((c for c in here if c["engine"] in OURS), key=lambda c: c["decode_tok_s"], default=None)
-        peers = [c for c in here if c["engine"] not in OURS]
+        ours = next((c for c in here if c["engine"] == "lite-sft"), None)
+        peers = [c for c in here if c["engine"] != "lite-sft"]
         if ours is None or not peers:
             continue
         fastest = max(peers, key=lambda c: c["decode_tok_s"])
         quickest = min(peers, key=lambda c: c["ttft_ms"])
         decode, ttft = ours["decode_tok_s"] / fastest["decode_tok_s"], ours["ttft_ms"] / quickest["ttft_ms"]
-        rows.append({"precision": precision, "batch": batch, "lite_sft_graph": ours["engine"],
-                     "fastest_peer": PEER_NAMES[fastest["engine"]],
-                     "decode_ratio": round(decode, 3), "lowest_ttft_peer": PEER_NAMES[quickest["engine"]],
-                     "ttft_ratio": round(ttft, 3), "meets_goal": decode >= 1.2 and ttft <= 1.0})
+        goal = DECODE_GOAL.get(batch, 1.2)
+        rows.append({"precision": precision, "batch": batch, "fastest_peer": PEER_NAMES[fastest["engine"]],
+                     "decode_ratio": round(decode, 3), "decode_goal": goal,
+                     "lowest_ttft_peer": PEER_NAMES[quickest["engine"]], "ttft_ratio": round(ttft, 3),
+                     "meets_goal": decode >= goal and ttft <= 1.0})
     return rows
 
 
 def format_table(cells: list[dict], comparison: list[dict]) -> str:
     ratios = {(r["precision"], r["batch"]): r for r in comparison}
-    lines = [f"{'precision':<9} {'batch':>5}  {'engine':<18} {'artefact':<10} {'decode tok/s':>12} {'TTFT ms':>9}  vs best",
-             "-" * 84]
+    lines = [f"{'precision':<9} {'batch':>5}  {'engine':<18} {'artefact':<10} {'decode tok/s':>12} {'TTFT ms':>9} "
+             f"{'tokens':>7}  vs best (goal)", "-" * 100]
     for c in cells:
-        name = c["engine"] if c["engine"] in OURS else PEER_NAMES[c["engine"]]
+        name = PEER_NAMES.get(c["engine"], c["engine"])
         if "decode_tok_s" not in c:
             why = c.get("skip") or "error: " + c.get("error", "").strip().splitlines()[-1][:60]
             lines.append(f"{c['precision']:<9} {c['batch']:>5}  {name:<18} {c['artefact']:<10} {why}")
             continue
-        r = ratios.get((c["precision"], c["batch"]))
-        r = r if r and r["lite_sft_graph"] == c["engine"] else None
-        vs = f"  decode {r['decode_ratio']:.2f}x, TTFT {r['ttft_ratio']:.2f}x" if r else ""
+        r = ratios.get((c["precision"], c["batch"])) if c["engine"] == "lite-sft" else None
+        vs = (f"  decode {r['decode_ratio']:.2f}x ({r['decode_goal']}x), TTFT {r['ttft_ratio']:.2f}x (1.0x)"
+              if r else "")
+        same = f"{c['same_tokens']:.0%}" if "same_tokens" in c else ""
         lines.append(f"{c['precision']:<9} {c['batch']:>5}  {name:<18} {c['artefact']:<10} "
-                     f"{c['decode_tok_s']:>12.1f} {c['ttft_ms']:>9.1f}{vs}")
+                     f"{c['decode_tok_s']:>12.1f} {c['ttft_ms']:>9.1f} {same:>7}{vs}")
+    lines.append("tokens: the share of a peer's greedy tokens equal to lite-sft's (the same graph for onnxruntime-genai)")
     return "\n".join(lines)
 
 
@@ -392,16 +379,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs a cell (at least 1: it gives the tokens)")
+    parser.add_argument("--rounds", type=int, default=1, help="processes a cell, the engines' order alternating "
+                        "round by round; their timed runs are pooled")
     parser.add_argument("--kv-heads", type=int, default=2, help="key-value heads (grouped-query attention)")
     parser.add_argument("--quick", action="store_true", help="a tiny model (hidden 64, 2 layers), prompt 16, "
                         "8 new tokens, 1 repeat: checks the plumbing, not the speed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--peer-python", help="the peers' interpreter, instead of making a venv")
-    parser.add_argument("--peer-pythonpath", help="PYTHONPATH for the peer processes only")
+    parser.add_argument("--peer-python", help="llama.cpp's interpreter, instead of making a venv")
+    parser.add_argument("--peer-pythonpath", help="PYTHONPATH for llama.cpp's processes only")
     parser.add_argument("--cell-timeout", type=int, default=1800, help="seconds one cell may take")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "lite-sft-peers"),
-                        help="models, exports, peer conversions and the peers' venv (kept and reused)")
+                        help="models, exports, GGUF conversions and llama.cpp's venv (kept and reused)")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt_len, args.new_tokens, args.repeats = 16, 8, 1
@@ -412,8 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
     problems = [f"--peers {p}: choose genai, llama.cpp or none" for p in peers if p not in PEER_NAMES]
     problems += [f"--precisions {p}: on {args.device} choose from {', '.join(PRECISIONS[args.device])}"
                  for p in precisions if p not in PRECISIONS[args.device]]
-    if args.new_tokens < 2 or args.repeats < 1 or min(batches) < 1 or dims[3] % args.kv_heads:
-        problems.append("new tokens at least 2, repeats and batches at least 1, heads a multiple of --kv-heads")
+    if args.new_tokens < 2 or min(args.repeats, args.warmup, args.rounds, *batches) < 1 or dims[3] % args.kv_heads:
+        problems.append("new tokens at least 2; repeats, warmup, rounds and batches at least 1; heads a multiple of "
+                        "--kv-heads")
     if problems:
         parser.error("; ".join(problems))
 
@@ -421,29 +411,32 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir) / f"llama-h{hidden}-l{layers}-i{inter}-a{heads}-kv{args.kv_heads}-v{vocab}"
     work.mkdir(parents=True, exist_ok=True)
     exports = build_model(work, dims, args.kv_heads, precisions, args.device, args.threads)
-    source = peer_source(work, next(iter(exports.values()))[0] / "merged")
-    peer = peer_env(Path(args.work_dir), args) if peers else None
+    llama = "llama.cpp" in peers and args.device == "cpu"
+    peer = peer_env(Path(args.work_dir), args) if llama else None
+    made = [e[0] for e in exports.values() if not isinstance(e, str)]
+    source = peer_source(work, made[0] / "merged") if llama and made else None
 
     artefacts: dict[tuple[str, str], tuple[Path, str, str] | str] = {}  # (engine, precision) -> (model, variant, name)
-    builder_options, gates = {}, {}
+    exporters = {}
     for precision in precisions:
+        if isinstance(exports[precision], str):
+            for engine in ENGINES:
+                artefacts[engine, precision] = exports[precision]
+            continue
         out, variant = exports[precision]
-        artefacts["lite-sft", precision] = (out, variant, f"onnx-{variant}" if variant != "fp" else "onnx")
+        name = "onnx" if variant == "fp" else f"onnx-{variant}"
+        exporters[precision] = exporter_of(out, variant)
+        artefacts["lite-sft", precision] = (out, variant, name)
         if "genai" in peers:
-            folder, opts = build_genai(work, source, precision, args.device, peer)
-            artefacts["genai", precision] = (folder, "fp", precision)
-            builder_options[precision] = opts
-            served = served_gqa(work, folder, out / "onnx", precision)
-            gates[precision] = gate = gqa_gate(out / "onnx", served, precision, args.device, args.threads)
-            print(f"== lite-sft on the builder's {precision} graph: gate {'passed' if gate['passed'] else 'FAILED'} "
-                  f"({gate})", flush=True)
-            artefacts["lite-sft-gqa", precision] = ((served, "fp", f"gqa-{precision}") if gate["passed"] else
-                                                    "the gate failed: see gates in the JSON")
+            artefacts["genai", precision] = (
+                (out / name, "fp", name) if (out / name / "genai_config.json").is_file() else
+                f"{name}/ has no genai_config.json: written by {exporters[precision]}, not the builder")
+    for precision in precisions:
         if "llama.cpp" in peers:
-            artefacts["llama.cpp", precision] = ("needs a CUDA build of llama-cpp-python, out of scope here"
-                                                  if args.device == "cuda" else
-                                                  (build_gguf(work, source, precision, peer, args.threads), "fp",
-                                                   GGUF_TYPES[precision]))
+            artefacts["llama.cpp", precision] = (
+                "needs a CUDA build of llama-cpp-python, out of scope here" if not llama else
+                "no export made a merged/ to convert" if source is None else
+                (build_gguf(work, source, precision, peer, args.threads), "fp", GGUF_TYPES[precision]))
 
     rng = np.random.default_rng(0)
     cells = []
@@ -452,18 +445,23 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = work / f"prompts-{batch}x{args.prompt_len}.json"
         prompts.write_text(json.dumps(rng.integers(16, vocab, size=(batch, args.prompt_len)).tolist()))
         for precision in precisions:
-            for engine in [e for e in ENGINES if e == "lite-sft" or e in peers or (e == "lite-sft-gqa" and "genai" in peers)]:
-                found = artefacts[engine, precision]
+            engines = [(e, artefacts[e, precision]) for e in ENGINES if e == "lite-sft" or e in peers]
+            measured = [(e, found) for e, found in engines if not isinstance(found, str)]
+            reports: dict[str, list[dict]] = {e: [] for e, _ in measured}
+            for round_ in range(args.rounds):
+                # Each round in the other order (A B, B A, ...): drift on a shared machine hits the engines alike.
+                for engine, (model, variant, _) in measured if round_ % 2 == 0 else measured[::-1]:
+                    print(f"-- {engine} {precision} batch {batch}"
+                          + (f" (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
+                    reports[engine].append(measure(engine, model, variant, prompts, args, peer))
+                    if "error" in reports[engine][-1]:
+                        print(f"   failed: {reports[engine][-1]['error'][-500:]}", flush=True)
+            for engine, found in engines:
                 cell = {"engine": engine, "precision": precision, "batch": batch}
-                if isinstance(found, str):
-                    cells.append({**cell, "artefact": "-", "skip": found})
-                    continue
-                model, variant, cell["artefact"] = found
-                print(f"-- {engine} {precision} batch {batch}", flush=True)
-                cells.append({**cell, **measure(engine, model, variant, prompts, batch, args, peer)})
-                if "error" in cells[-1]:
-                    print(f"   failed: {cells[-1]['error'][-500:]}", flush=True)
+                cells.append({**cell, "artefact": "-", "skip": found} if isinstance(found, str) else
+                             {**cell, "artefact": found[2], **summarise(reports[engine], batch)})
 
+    agree(cells)
     comparison = compare(cells)
     print(format_table(cells, comparison))
     versions = {}
@@ -480,17 +478,19 @@ def main(argv: list[str] | None = None) -> dict:
                   "heads": heads, "kv_heads": args.kv_heads, "vocab": vocab, "weights": "random (seed 0), one LoRA "
                   "step merged", "tokenizer": "SentencePiece unigram, byte fallback"},
         "workload": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": batches,
-                     "repeats": args.repeats, "warmup": args.warmup, "greedy": True, "stop": None,
+                     "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
+                     "order": "per (batch, precision) the engines' cells back to back, alternating order each round",
+                     "greedy": True, "stop": None,
                      "decode_tok_s": "batch x (new tokens - 1) / seconds from the first token to the last; median",
                      "ttft_ms": "request to first token (prefill + one sample); median"},
         "engines": {
-            "lite-sft": {"versions": versions.get("lite-sft"), "export": "lite-sft export RUN --quantize int8 | "
-                         "int4 (block 32); served by lite_sft.serve load_backend + generate"},
-            **({"lite-sft-gqa": {"graph": "onnxruntime-genai's builder output (the genai cells' folder) with "
-                "lite-sft's config and tokenizer beside it; served by lite_sft.serve load_backend + generate "
-                "(rows right-padded, cache written in place)", "gates": gates}} if "genai" in peers else {}),
-            **({"onnxruntime-genai": {"versions": versions.get("genai"), "builder": "python -m "
-                "onnxruntime_genai.models.builder -i MERGED -o DIR -c CACHE", "options": builder_options}}
+            "lite-sft": {"versions": versions.get("lite-sft"), "export": "lite-sft export RUN "
+                         + ("--dtype fp16 --quantize int4" if args.device == "cuda" else "--quantize int8 | int4")
+                         + " (block 32)", "exporter": exporters,
+                         "runtime": "lite_sft.serve load_backend + generate (as lite-sft bench times it)"},
+            **({"onnxruntime-genai": {"versions": versions.get("genai"), "model": "the same folders as lite-sft "
+                "(OUT/onnx, OUT/onnx-int8, OUT/onnx-int4), through the genai_config.json lite-sft export wrote, "
+                "threads overlaid", "api": "og.Generator per request: append_tokens, then generate_next_token"}}
                if "genai" in peers else {}),
             **({"llama.cpp": {"versions": versions.get("llama.cpp"), "build": "pip install llama-cpp-python from "
                 "its sdist, CMAKE_ARGS=-DGGML_NATIVE=ON", "convert": "convert_hf_to_gguf.py MERGED --outtype f32, "
@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "peer_python": None if peer is None else ("venv from benchmarks/peers-requirements.txt" if peer["made"]
                                                   else "given (--peer-python)"),
-        "cells": [{k: v for k, v in c.items() if k != "versions" or c["engine"] in OURS} for c in cells],
+        "cells": [{k: v for k, v in c.items() if k != "tokens" and (k != "versions" or c["engine"] == "lite-sft")}
+                  for c in cells],
         "comparison": comparison,
     }
     save_result("peers", result)

@@ -1,22 +1,25 @@
 """What runs inside each measured process of benchmarks/peers.py: one engine, one model, one batch size.
 
     python benchmarks/peers_worker.py measure lite-sft EXPORT_OUT --variant int8 --prompts P.json --new-tokens 64
-    PEER_PY benchmarks/peers_worker.py measure genai GENAI_FOLDER --prompts P.json --new-tokens 64
+    python benchmarks/peers_worker.py measure genai EXPORT_OUT/onnx-int8 --prompts P.json --new-tokens 64
     PEER_PY benchmarks/peers_worker.py measure llama.cpp MODEL.gguf --prompts P.json --new-tokens 64
     PEER_PY benchmarks/peers_worker.py quantize-gguf F32.gguf OUT.gguf q8_0
 
-It runs under two interpreters that must not share site-packages (lite-sft's, with transformers 4.57, and
-the peers' venv, with transformers 5), so it imports only the standard library and numpy at the top and each
-engine inside its own function. It prints one JSON line: the engine's versions and, per timed run, the
-seconds from the start of the request to each generated token (all rows step together, so row 0's times
-are the batch's). peers.py turns them into TTFT and decode tokens/s with lite-sft's own summarize, so every
-engine is judged by the same arithmetic.
+lite-sft and onnxruntime-genai run under lite-sft's interpreter (onnxruntime-genai is its dependency);
+llama.cpp under its own venv, which has no lite-sft in it, so this file imports only the standard library and
+numpy at the top and each engine inside its own function. It prints one JSON line: the engine's versions, per
+timed run the seconds from the start of the request to each generated token (all rows step together, so row
+0's times are the batch's), and the greedy tokens (batch, new tokens) of the first run. peers.py turns the
+times into TTFT and decode tokens/s with lite-sft's own summarize, so every engine is judged by the same
+arithmetic, and compares the tokens with lite-sft's.
 
 Every run is greedy with no stop token, exactly --new-tokens tokens per row, and starts from an empty cache:
-  lite-sft   load_backend + time_run (serve/bench.py): the serving loop, IO-bound KV buffers and all
-  genai      a new Generator per request (its KV buffers are allocated there: part of TTFT), append_tokens
-             with the (batch, prompt) ids, then generate_next_token + get_next_tokens per token;
-             min_length = max_length keeps EOS from ending a row early
+  lite-sft   load_backend + time_run (serve/bench.py): the serving loop, the cache written in place and all;
+             the first warm-up is generate_ids (the same loop) for the tokens
+  genai      og.Model on the export's folder (its genai_config.json, threads overlaid), a new Generator per
+             request (its KV buffers are allocated there: part of TTFT), append_tokens with the (batch,
+             prompt) ids, then generate_next_token + get_next_tokens per token; min_length = max_length keeps
+             EOS from ending a row early
   llama.cpp  the C API through llama-cpp-python's ctypes binding: one llama_batch with every row's prompt
              (row r is sequence id r, logits for its last token only), then one llama_batch per step with
              one token per sequence; greedy argmax on the logits in numpy; the KV memory is cleared first
@@ -34,22 +37,24 @@ from pathlib import Path
 import numpy as np
 
 
-def lite_sft(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
+def lite_sft(args, prompts: list[list[int]]) -> tuple[list[list[float]], list[list[int]], dict]:
     import onnxruntime
 
     import lite_sft as pkg
     from lite_sft.serve.bench import time_run
+    from lite_sft.serve.generate import SamplingParams, generate_ids
     from lite_sft.serve.runtime import load_backend
 
     backend, _ = load_backend(args.model, args.device, args.threads, args.variant)
-    for _ in range(args.warmup):
+    tokens = generate_ids(backend, prompts, SamplingParams(max_new_tokens=args.new_tokens))  # greedy, no stop
+    for _ in range(args.warmup - 1):
         time_run(backend, prompts, args.new_tokens)
     runs = [time_run(backend, prompts, args.new_tokens) for _ in range(args.repeats)]
-    return runs, {"lite_sft": pkg.__version__, "onnxruntime": onnxruntime.__version__,
-                  "provider": backend.provider, "precision": backend.precision}
+    return runs, tokens, {"lite_sft": pkg.__version__, "onnxruntime": onnxruntime.__version__,
+                          "provider": backend.provider, "precision": backend.precision}
 
 
-def genai(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
+def genai(args, prompts: list[list[int]]) -> tuple[list[list[float]], list[list[int]], dict]:
     import onnxruntime
     import onnxruntime_genai as og
 
@@ -64,7 +69,7 @@ def genai(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
     ids = np.asarray(prompts, dtype=np.int32)  # (batch, prompt)
     length = ids.shape[1] + args.new_tokens
 
-    def one() -> list[float]:
+    def one(tokens: list | None = None) -> list[float]:
         start = time.perf_counter()
         params = og.GeneratorParams(model)
         params.set_search_options(batch_size=ids.shape[0], max_length=length, min_length=length, do_sample=False)
@@ -73,17 +78,22 @@ def genai(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
         times = []
         for _ in range(args.new_tokens):
             generator.generate_next_token()
-            generator.get_next_tokens()
+            step = generator.get_next_tokens()
             times.append(time.perf_counter() - start)
+            if tokens is not None:
+                tokens.append(step.tolist())
         return times
 
-    for _ in range(args.warmup):
+    tokens: list[list[int]] = []  # (new tokens, batch) as generated
+    one(tokens)
+    for _ in range(args.warmup - 1):
         one()
-    return [one() for _ in range(args.repeats)], {"onnxruntime_genai": og.__version__,
-                                                   "onnxruntime": onnxruntime.__version__}
+    runs = [one() for _ in range(args.repeats)]
+    return runs, [list(row) for row in zip(*tokens)], {"onnxruntime_genai": og.__version__,
+                                                        "onnxruntime": onnxruntime.__version__}
 
 
-def llama_cpp(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
+def llama_cpp(args, prompts: list[list[int]]) -> tuple[list[list[float]], list[list[int]], dict]:
     import llama_cpp as L
 
     L.llama_backend_init()
@@ -117,19 +127,25 @@ def llama_cpp(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
         return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
                 for i in logit_rows]
 
-    def one() -> list[float]:
+    def one(made: list | None = None) -> list[float]:
         start = time.perf_counter()
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         fill([(t, p, r, p == prompt - 1) for r, row in enumerate(prompts) for p, t in enumerate(row)])
         tokens = decode([r * prompt + prompt - 1 for r in range(rows)])
         times = [time.perf_counter() - start]
+        steps = [tokens]
         for step in range(1, args.new_tokens):
             fill([(t, prompt + step - 1, r, True) for r, t in enumerate(tokens)])
             tokens = decode(list(range(rows)))
             times.append(time.perf_counter() - start)
+            steps.append(tokens)
+        if made is not None:
+            made += [list(row) for row in zip(*steps)]
         return times
 
-    for _ in range(args.warmup):
+    made: list[list[int]] = []  # (batch, new tokens)
+    one(made)
+    for _ in range(args.warmup - 1):
         one()
     runs = [one() for _ in range(args.repeats)]
     info = {"llama_cpp_python": L.__version__, "n_ctx": cparams.n_ctx, "n_batch": cparams.n_batch,
@@ -139,7 +155,7 @@ def llama_cpp(args, prompts: list[list[int]]) -> tuple[list[list[float]], dict]:
     L.llama_batch_free(batch)
     L.llama_free(ctx)
     L.llama_model_free(model)
-    return runs, info
+    return runs, made, info
 
 
 def quantize_gguf(src: str, dst: str, kind: str, threads: int) -> None:
@@ -163,12 +179,12 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure")
     m.add_argument("engine", choices=ENGINES)
-    m.add_argument("model", help="lite-sft: an export OUT; genai: a builder output folder; llama.cpp: a .gguf")
+    m.add_argument("model", help="lite-sft: an export OUT; genai: a folder with genai_config.json; llama.cpp: a .gguf")
     m.add_argument("--variant", default="fp", help="lite-sft: fp, int8 or int4 (the folder inside OUT)")
     m.add_argument("--prompts", required=True, help="a JSON file: the (batch, prompt) token ids")
     m.add_argument("--new-tokens", type=int, default=64)
     m.add_argument("--repeats", type=int, default=5)
-    m.add_argument("--warmup", type=int, default=1)
+    m.add_argument("--warmup", type=int, default=1, help="untimed runs (at least one: it gives the tokens)")
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--device", default="cpu")
     q = sub.add_parser("quantize-gguf")
@@ -182,9 +198,9 @@ def main() -> None:
         return
     prompts = json.loads(Path(args.prompts).read_text())
     start = time.perf_counter()
-    runs, info = ENGINES[args.engine](args, prompts)
-    print(json.dumps({"engine": args.engine, "runs": runs, "versions": info, "python": sys.version.split()[0],
-                      "wall_s": round(time.perf_counter() - start, 3)}))
+    runs, tokens, info = ENGINES[args.engine](args, prompts)
+    print(json.dumps({"engine": args.engine, "runs": runs, "tokens": tokens, "versions": info,
+                      "python": sys.version.split()[0], "wall_s": round(time.perf_counter() - start, 3)}))
 
 
 if __name__ == "__main__":
