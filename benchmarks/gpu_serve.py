@@ -1,4 +1,4 @@
-"""Serving speed on a GPU for the three kinds of model lite-sft serves: a decoder (ONNX fp16 on the CUDA
+"""Serving speed on a GPU for the three kinds of model lite-sft serves: a decoder (ONNX fp16 and int4 on the CUDA
 provider against PyTorch bf16), an encoder classifier and an encoder-decoder, each through the serving code.
 
     python benchmarks/gpu_serve.py --kind decoder --device cuda                # Qwen2.5-0.5B's dimensions
@@ -8,16 +8,20 @@ provider against PyTorch bf16), an encoder classifier and an encoder-decoder, ea
 
 Every model is built from a config with seeded random weights (the arithmetic, so the speed, does not depend on
 the weights' values), tuned for one LoRA step so the adapter is real, and exported as `lite-sft export` does,
-parity gates included: the decoder in fp16 on a GPU (fp32 on a CPU), the others in fp32 (fp16 export is traced
-for decoders only). The decoder is a Llama with Qwen2.5-0.5B's dimensions (hidden 896, 24 layers, 14 heads, 2
-key-value heads, MLP 4864, vocabulary 151,936; Llama has no q/k/v bias, Qwen2 has: a rounding error in time);
-the encoder a BERT with all-MiniLM-L6-v2's (384 wide, 6 layers, vocabulary 30,522), as a 2-label classifier.
+parity gates included. The decoder goes through onnxruntime-genai's model builder (`lite-sft export` picks it
+for a Llama): on a GPU `--dtype fp16 --quantize int4`, the builder's CUDA graphs (fp16, and int4 MatMulNBits
+built for CUDA from it); on a CPU `--quantize int4` (fp32 and the CPU int4). Where export refuses int4 or its
+gate fails, the decoder is exported without it and the int4 row says why. The others export in fp32 through
+torch.onnx. The decoder is a Llama with Qwen2.5-0.5B's dimensions (hidden 896, 24 layers, 14 heads, 2 key-value
+heads, MLP 4864, vocabulary 151,936; Llama has no q/k/v bias, Qwen2 has: a rounding error in time); the encoder
+a BERT with all-MiniLM-L6-v2's (384 wide, 6 layers, vocabulary 30,522), as a 2-label classifier.
 
-  decoder   lite_sft.serve.bench.bench on the export: torch-merged (bf16 on CUDA) and onnx-fp16 (fp32 on CPU)
+  decoder   lite_sft.serve.bench.bench on the export: torch-merged (bf16 on CUDA), onnx-fp16 (fp32 on CPU) and
+            onnx-int4
   encoder   the same on the classifier's export: torch-merged and onnx-fp32, latency per batch and sequences/s
   seq2seq   `lite-sft bench` refuses seq2seq, so its generation loop is timed here with bench's own per-run
-            measure (bench_backend: TTFT, TPOT, decode tokens/s) on merged/ (torch) and onnx/ (optimum's
-            ORTModelForSeq2SeqLM, cache bound on the device under CUDA)
+            measure (bench_backend: TTFT, TPOT, decode tokens/s) on merged/ (torch) and onnx/ (the export's
+            encoder and decoder graphs under serve/seq2seq.py, cache bound on the device under CUDA)
 
 `--work` keeps the models and exports, so a second run only measures. Prints a table, then one JSON line, and
 saves benchmarks/results/serve_<kind>_<device>-<time>.json with the device, driver, versions and command.
@@ -50,18 +54,28 @@ SHAPES = {  # prompt (encoder: sequence) lengths, output lengths, batch sizes, r
 }
 
 
-def decoder_export(work: Path, size: str, cuda: bool) -> Path:
-    from lite_sft.export.pipeline import ExportOptions, export_run
+def decoder_export(work: Path, size: str, cuda: bool) -> tuple[Path, str | None]:
+    """(OUT with onnx/ and, where export made and gated it, onnx-int4/; why there is no onnx-int4/, or None)."""
+    from lite_sft.export import ExportError
+    from lite_sft.export.pipeline import ExportOptions, ParityFailed, export_run
 
-    out = work / f"decoder-{size}-export"
+    out, missing = work / f"decoder-{size}-export", work / f"decoder-{size}-no-int4.txt"
     if (out / "onnx" / "model.onnx").is_file():
-        return out
+        return out, missing.read_text() if missing.is_file() else None
     base = work / f"decoder-{size}-base"
     params = random_llama(DECODERS[size], base, bpe_tokenizer(), max_positions=2048)
     print(f"decoder: {params / 1e6:.0f}M parameters", file=sys.stderr)
     run = one_step_run(base, write_chat_data(work / "chats.jsonl"), work / f"decoder-{size}-run")
-    export_run(run, out, ExportOptions(dtype="fp16" if cuda else "fp32", overwrite=True), say=print)
-    return out
+    dtype = "fp16" if cuda else "fp32"
+    try:
+        export_run(run, out, ExportOptions(dtype=dtype, quantize="int4", overwrite=True), say=print)
+        return out, None
+    except (ExportError, ParityFailed) as err:
+        why = " ".join(str(err).split())
+        print(f"decoder: no int4 ({why}); exporting {dtype} alone", file=sys.stderr)
+    export_run(run, out, ExportOptions(dtype=dtype, overwrite=True), say=print)
+    missing.write_text(why)
+    return out, why
 
 
 def word_tokenizer(vocab_size: int):
@@ -171,8 +185,8 @@ def environment(device: str) -> dict:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True)
         info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda, nvidia_smi=smi.stdout.strip() or None)
-    names = ("torch", "transformers", "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
-             "numpy")
+    names = ("torch", "transformers", "peft", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+             "onnxruntime-genai-cuda", "numpy")
     versions = {"python": platform.python_version()}
     for name in names:
         try:
@@ -226,9 +240,12 @@ def main(argv: list[str] | None = None) -> dict:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         if args.kind == "decoder":
-            export = decoder_export(work, "10M" if args.quick else "0.5B", cuda)
-            opts.backends = ["torch-merged", "onnx-fp16" if cuda else "onnx-fp32"]
+            export, no_int4 = decoder_export(work, "10M" if args.quick else "0.5B", cuda)
+            opts.backends = ["torch-merged", "onnx-fp16" if cuda else "onnx-fp32", "onnx-int4"]
             report = bench(export, opts, say=lambda line: print(line, file=sys.stderr))
+            for b in report["backends"]:
+                if b["backend"] == "onnx-int4" and b.get("skip") and no_int4:
+                    b["skip"] = f"not exported: {no_int4}"
         elif args.kind == "encoder":
             opts.backends = ["torch-merged", "onnx-fp32"]
             report = bench(encoder_export(work, "tiny" if args.quick else "minilm"), opts,

@@ -11,14 +11,14 @@
 #           128 + 16 examples (preset: 2000 + 200) and 32 + 8 for Llama (preset: 1000 + 100), the lite-sft row
 #           alone (no ablation rows), TRL default alone for Qwen (no packed variants) and no TRL run for Llama.
 #   plan    benchmarks/gpu_plan.py: `lite-sft plan` for each of those configs against the peak it measured
-#   infer   benchmarks/gpu_serve.py: a decoder with Qwen2.5-0.5B's dimensions, ONNX fp16 on the CUDA provider vs
-#           PyTorch bf16; an encoder classifier with all-MiniLM-L6-v2's and seq2seq.py's T5, ONNX vs PyTorch on CUDA.
+#   infer   benchmarks/gpu_serve.py: a decoder with Qwen2.5-0.5B's dimensions exported by onnxruntime-genai's model
+#           builder for CUDA (`--dtype fp16 --quantize int4`: ONNX fp16 and int4 on the CUDA provider) vs PyTorch
+#           bf16; an encoder classifier with all-MiniLM-L6-v2's and seq2seq.py's T5, ONNX vs PyTorch on CUDA.
 #           Random weights throughout (no model hub there): honest time, no quality.
-#   peers   benchmarks/peers.py --device cuda against onnxruntime-genai, which runs from its own folder
-#           (/tmp/peer-site: onnxruntime-genai-cuda and onnxruntime-gpu only) under the machine's own transformers,
-#           never /tmp/site's pinned 4.57; onnxruntime-genai only (llama.cpp is a CPU peer there), 3 timed runs
-#           a cell (its default: 5). Skipped, saying so, where benchmarks/peers.py is not in the tree. The dry run
-#           runs its lite-sft side alone (--peers none): this machine has no onnxruntime-genai to run.
+#   peers   benchmarks/peers.py --device cuda: lite-sft's runtime and onnxruntime-genai's on the same builder
+#           folders (fp16, int4), both under /tmp/site's packages (onnxruntime-genai-cuda is a lite-sft dependency);
+#           llama.cpp is a CPU peer, not run there; 3 timed runs a cell (its default: 5). Skipped, saying so,
+#           where benchmarks/peers.py is not in the tree. The dry run runs both engines on the CPU, tiny model.
 #
 # `run` (after the staged parts are in /tmp/gpu-stage) installs them if /tmp/site is not there yet, checks the
 # versions and that onnxruntime really runs on CUDAExecutionProvider, then runs each step under `timeout`
@@ -36,30 +36,33 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SITE=/tmp/site              # install.sh's target (../shared/gpu/README.md)
 STAGE=/tmp/gpu-stage
-PEER_SITE=/tmp/peer-site    # onnxruntime-genai alone, so the peer keeps the machine's transformers
 
-# What the GPU machine lacks, one version each (constraints.txt, pyproject.toml), with the requirements of these
-# that it lacks or has in a version they refuse: tokenizers and huggingface_hub (transformers 4.57 wants
-# tokenizers <= 0.23.0 and huggingface_hub < 1.0), datasets and its dill and multiprocess (lite-sft and trl),
-# fsspec (datasets wants <= 2026.6.0), nltk (rouge-score's, for the seq2seq task's ROUGE), onnx-ir 1.1 (it has
-# 1.0), peft pinned. onnxruntime-genai-cuda needs only numpy and onnxruntime-gpu.
-PACKAGES=('onnxruntime-gpu==1.31.1' 'bitsandbytes==0.50.2' 'transformers==4.57.6' 'tokenizers==0.22.2'
-          'huggingface_hub==0.36.2' 'optimum==2.1.0' 'optimum-onnx==0.1.0' 'onnx-ir==1.1.0' 'peft==0.21.2'
-          'trl==1.16.0' 'datasets==5.0.1' 'dill==0.4.1' 'multiprocess==0.70.19' 'fsspec==2026.6.0'
-          'nltk==3.10.4' 'onnxruntime-genai-cuda==0.18.0')
+# What the GPU machine lacks, one version each, as constraints.txt pins them (pip installs these with --no-deps):
+# onnxruntime-gpu and onnxruntime-genai-cuda (export's model builder and the peers' runtime: it needs only numpy
+# and onnxruntime-gpu), onnx-ir and onnxscript (torch.onnx's exporter for the encoders and seq2seq), bitsandbytes,
+# transformers 5.25 (the machine has another 5.x) with what it and huggingface_hub 2.4 need in versions the machine
+# may not have: tokenizers 0.23, kernels (and its tomlkit), safetensors >= 0.8, regex >= 2025.10, hf-xet,
+# httpx2 and httpcore2 (huggingface_hub 2's HTTP client; truststore and idna >= 3.18 theirs), click >= 8.4.2;
+# datasets and its dill, multiprocess and fsspec (datasets wants <= 2026.9.0) for lite-sft and trl; nltk
+# (rouge-score's, for the seq2seq task's ROUGE); peft pinned. No optimum: lite-sft no longer uses it.
+PACKAGES=('onnxruntime-gpu==1.31.1' 'onnxruntime-genai-cuda==0.18.0' 'onnx-ir==1.1.0' 'onnxscript==0.7.2'
+          'bitsandbytes==0.50.2' 'transformers==5.25.0' 'tokenizers==0.23.3' 'huggingface_hub==2.4.0'
+          'kernels==0.19.1' 'tomlkit==0.15.3' 'safetensors==0.8.0' 'regex==2026.12.2' 'hf-xet==1.8.0'
+          'httpx2==2.17.0' 'httpcore2==2.17.0' 'truststore==0.10.5' 'idna==3.20' 'click==8.5.1' 'peft==0.21.2'
+          'trl==1.16.0' 'datasets==5.2.0' 'dill==0.4.1' 'multiprocess==0.70.19' 'fsspec==2026.9.0'
+          'nltk==3.10.4')
 SDISTS=('rouge-score==0.1.2')  # published as source only: built into a wheel here and put in the last part
-PEER_WHEELS=(onnxruntime_genai_cuda onnxruntime_gpu)
 
 # name | group | cap seconds on the GPU | GPU command | dry-run command. @WORK@ is the suite's scratch folder,
-# @PEER_SITE@ the peer's packages, @PY@ the Python, @PLAN_FROM@ "--from RESULT WORK_DIR" per training result.
+# @PLAN_FROM@ "--from RESULT WORK_DIR" per training result.
 STEPS='
 train-qwen|train|240|benchmarks/train_vs_trl.py --model qwen0.5b --quant 4bit --examples 128 --val-examples 16 --rows lite-sft --trl default --work-dir @WORK@/qwen|benchmarks/train_vs_trl.py --quick --quant none --examples 16 --val-examples 4 --rows lite-sft --trl default --work-dir @WORK@/qwen
 train-llama8b|train|300|benchmarks/train_vs_trl.py --model llama8b --quant 4bit --micro-batch 1 --examples 32 --val-examples 8 --rows lite-sft --trl none --work-dir @WORK@/llama8b|benchmarks/train_vs_trl.py --quick --quant none --micro-batch 1 --examples 16 --val-examples 4 --rows lite-sft --trl none --work-dir @WORK@/llama8b
 plan|plan|60|benchmarks/gpu_plan.py @PLAN_FROM@|benchmarks/gpu_plan.py @PLAN_FROM@
-infer-decoder|infer|240|benchmarks/gpu_serve.py --kind decoder --device cuda --work @WORK@/serve|benchmarks/gpu_serve.py --kind decoder --device cpu --quick --work @WORK@/serve
+infer-decoder|infer|300|benchmarks/gpu_serve.py --kind decoder --device cuda --work @WORK@/serve|benchmarks/gpu_serve.py --kind decoder --device cpu --quick --work @WORK@/serve
 infer-encoder|infer|120|benchmarks/gpu_serve.py --kind encoder --device cuda --work @WORK@/serve|benchmarks/gpu_serve.py --kind encoder --device cpu --quick --work @WORK@/serve
 infer-seq2seq|infer|120|benchmarks/gpu_serve.py --kind seq2seq --device cuda --work @WORK@/serve|benchmarks/gpu_serve.py --kind seq2seq --device cpu --quick --work @WORK@/serve
-peers|peers|240|benchmarks/peers.py --device cuda --peer-python python3 --peer-pythonpath @PEER_SITE@ --peers genai --repeats 3 --work-dir @WORK@/peers|benchmarks/peers.py --device cpu --peer-python @PY@ --peer-pythonpath @PEER_SITE@ --peers none --quick --work-dir @WORK@/peers
+peers|peers|300|benchmarks/peers.py --device cuda --peers genai --repeats 3 --work-dir @WORK@/peers|benchmarks/peers.py --device cpu --peers genai --quick --precisions fp32,int8 --work-dir @WORK@/peers
 '
 
 usage() {
@@ -123,15 +126,10 @@ gpu_env() {
     [ -f "$STAGE/install.sh" ] || { echo "gpu_suite: no $SITE and no $STAGE/install.sh: carry the parts first (pack)" >&2; exit 1; }
     bash "$STAGE/install.sh" || exit 1
   fi
-  if [ ! -d "$PEER_SITE" ]; then
-    local wheels=() w
-    for w in "${PEER_WHEELS[@]}"; do wheels+=("$STAGE"/"$w"-*.whl); done
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$PEER_SITE" "${wheels[@]}" \
-      || echo "gpu_suite: could not install the peer's wheels into $PEER_SITE; the peers step will fail" >&2
-  fi
   mirror /tmp/lite-sft-src
   export PYTHONPATH=$SITE:/tmp/lite-sft-src:$PWD
-  # onnxruntime-gpu loads cuBLAS and cuDNN by name; the machine has them as torch's nvidia-* wheels.
+  # onnxruntime-gpu (and onnxruntime-genai-cuda through it) loads cuBLAS and cuDNN by name; the machine has them
+  # as torch's nvidia-* wheels.
   local libs
   libs=$(python3 -c 'import glob, site; print(":".join(sorted(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/**/lib", recursive=True))))')
   export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -143,15 +141,17 @@ check() {  # versions, and a session that really runs on the CUDA provider (not 
   "$PY" - "$device" <<'EOF'
 import importlib.metadata as meta, sys
 device = sys.argv[1]
-for name in ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "optimum", "optimum-onnx", "onnx-ir",
-             "onnxruntime", "onnxruntime-gpu", "trl", "datasets"):
+for name in ("torch", "transformers", "tokenizers", "huggingface_hub", "peft", "bitsandbytes", "onnx", "onnx-ir",
+             "onnxscript", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai-cuda", "trl", "datasets"):
     try:
         print(f"{name:<16} {meta.version(name)}")
     except meta.PackageNotFoundError:
         print(f"{name:<16} missing")
 import onnx, onnxruntime as ort, torch, transformers
+import onnxruntime_genai as og  # export's model builder and the peers' runtime: it loads onnxruntime's library
 print("providers       ", ", ".join(ort.get_available_providers()))
-assert transformers.__version__.startswith("4.57."), f"transformers {transformers.__version__}: /tmp/site's 4.57 should win"
+print("onnxruntime-genai", og.__version__)
+assert transformers.__version__.startswith("5.25."), f"transformers {transformers.__version__}: /tmp/site's 5.25 should win"
 if device == "cuda":
     assert torch.cuda.is_available(), "torch sees no GPU"
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
@@ -198,7 +198,8 @@ if device == "cuda":
     info["nvidia_smi"] = smi.stdout.strip()
 import importlib.metadata as meta
 versions = {}
-for name in ("torch", "transformers", "peft", "bitsandbytes", "optimum", "onnxruntime", "onnxruntime-gpu", "trl"):
+for name in ("torch", "transformers", "peft", "bitsandbytes", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+             "onnxruntime-genai-cuda", "trl"):
     try:
         versions[name] = meta.version(name)
     except meta.PackageNotFoundError:
@@ -236,7 +237,7 @@ run_steps() {
       if [ -z "$from" ]; then record plan "skipped: no training result" 0 ""; summary; continue; fi
       args=${args//@PLAN_FROM@/$from}
     fi
-    args=${args//@WORK@/$WORK}; args=${args//@PEER_SITE@/$PEER_SITE}; args=${args//@PY@/$PY}
+    args=${args//@WORK@/$WORK}
     if [ -n "$BUDGET" ]; then
       local left=$((BUDGET - (SECONDS - start)))
       if [ "$left" -lt 30 ]; then
@@ -299,7 +300,6 @@ main() {
       PY=$ROOT/.venv/bin/python; [ -x "$PY" ] || PY=python3
       mirror "$copy/.lite-sft-src"
       export PYTHONPATH=$copy/.lite-sft-src:$copy OMP_NUM_THREADS=1
-      mkdir -p "$copy/peer-site"; PEER_SITE=$copy/peer-site
       echo "dry run in $copy (a copy of the working tree: nothing lands in benchmarks/results)" ;;
     -h|--help|"") usage; [ -n "$verb" ]; exit ;;
     *) echo "gpu_suite: unknown command $verb" >&2; usage >&2; exit 2 ;;
