@@ -25,7 +25,8 @@ def head(kind: str, tiny_bert_dir: Path, tiny_model_dir: Path):
 
     torch.manual_seed(0)
     if kind == "bert-seq":
-        return (T.BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2, id2label={0: "neg", 1: "pos"},
+        return (T.BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2,
+                                                                id2label={0: "neg", 1: "pos"},
                                                                 label2id={"neg": 0, "pos": 1}),
                 T.AutoTokenizer.from_pretrained(tiny_bert_dir))
     if kind == "bert-token":
@@ -159,8 +160,8 @@ def test_a_failure_inside_torch_onnx_is_one_line_and_writes_nothing(exported, tm
     monkeypatch.setattr(torch.onnx, "export", broken)
     with pytest.raises(ExportError) as caught:
         torch_encoder.export(model, out / "merged", tmp_path / "onnx", "fp32")
-    assert str(caught.value) == ("torch.onnx could not export this bert classifier (ValueError: no such op); the merged "
-                                 "model is fine: export it alone with --no-onnx")
+    assert str(caught.value) == ("torch.onnx could not export this bert classifier (ValueError: no such op); the "
+                                 "merged model is fine: export it alone with --no-onnx")
     assert not (tmp_path / "onnx").exists()
     with pytest.raises(ExportError, match="onnxruntime could not load .*model.onnx"):
         torch_encoder.open(tmp_path)
