@@ -223,8 +223,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{head if i == 0 else ' ' * len(head)} {name:<11} {b[key]:{fmt}} -> {a[key]:{fmt}}")
     exported = [r for r in rows if r["export"]]
     if exported:
-        lines += ["", "model  export s | gate    precision  max|dlogit|  greedy agreement  split decoders  MiB  "
-                      "| held-out BLEU, exact match", "-" * 112]
+        lines += ["", "model  export s | gate    precision  max|dlogit|  greedy agreement  MiB  "
+                      "| held-out BLEU, exact match", "-" * 96]
         # The merge line scores the tuned PyTorch model (the training run's last evaluation); the others their ONNX.
         for r in exported:
             e = r["export"]
@@ -232,11 +232,10 @@ def table(rows: list[dict]) -> str:
                       **{g["stage"]: (e[f]["bleu"], e[f]["exact_match"]) for g, f in zip(e["gates"][1:], ARTEFACTS)}}
             for i, g in enumerate(e["gates"]):
                 head = f"{r['model']:<6} {e['export_s']:8.1f} |" if i == 0 else " " * 16 + "|"
-                split = {True: "agree", False: "DIFFER", None: ""}[g["split_decoders_passed"]]
                 size = f"{g['size_bytes'] / 2**20:.1f}" if g["size_bytes"] else ""
                 bleu_, exact = scored[g["stage"]]
                 lines.append(f"{head} {g['stage']:<7} {g['precision']:<10} {g['max_abs_diff']:11.2e} "
-                             f"{g['greedy_agreement']:17.1%} {split:>15} {size:>4} | {bleu_:.1f}, {exact:.1%}"
+                             f"{g['greedy_agreement']:17.1%} {size:>4} | {bleu_:.1f}, {exact:.1%}"
                              + ("" if g["passed"] else "  FAIL"))
     return "\n".join(lines)
 

@@ -276,12 +276,10 @@ def _check_disk(tmp: Path, params: int, save_dtype, opts: ExportOptions, task: s
     """Refuse before writing when the artefacts cannot fit; ONNX export briefly holds its weights twice."""
     need = params * BYTES[save_dtype]
     if opts.onnx:
-        # An encoder-decoder's folder holds the decoder three times: alone, with past, and the two merged.
-        copies = 3 if task == "seq2seq" else 1
-        onnx = params * BYTES[opts.dtype] * copies
+        onnx = params * BYTES[opts.dtype]
         need += onnx * (2 if onnx > 2 * 1024**3 else 1)
         if opts.quantize != "none":
-            need += params * BYTES[opts.quantize] * copies
+            need += params * BYTES[opts.quantize]
     need = int(need * 1.05) + 50 * 1024**2
     free = shutil.disk_usage(tmp).free
     if free < need:

@@ -48,7 +48,7 @@ def test_quick_run_prints_the_table_and_json(tmp_path):
     result = json.loads(out[-1])
     assert result["benchmark"] == "seq2seq" and "seq2seq.py --quick" in result["command"] and result["date"]
     assert result["device"]["type"] == "cpu"
-    assert {"torch", "transformers", "peft", "optimum", "onnxruntime"} <= set(result["versions"])
+    assert {"torch", "transformers", "peft", "onnxscript", "onnxruntime"} <= set(result["versions"])
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"t5", "bart"}
     for name, r in rows.items():
