@@ -165,3 +165,8 @@ def test_a_failure_inside_torch_onnx_is_one_line_and_writes_nothing(exported, tm
     assert not (tmp_path / "onnx").exists()
     with pytest.raises(ExportError, match="onnxruntime could not load .*model.onnx"):
         torch_encoder.open(tmp_path)
+    # A merged folder without its tokenizer: the graph's inputs depend on what the tokenizer gives.
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((out / "merged" / "config.json").read_text())
+    with pytest.raises(ExportError, match="holds no tokenizer.*merge again"):
+        torch_encoder.export(model, tmp_path / "bare", tmp_path / "onnx", "fp32")

@@ -68,7 +68,14 @@ def input_names(model, merged: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     takes = inspect.signature(model.forward).parameters
-    given = set(AutoTokenizer.from_pretrained(merged).model_input_names)
+    # transformers 5 makes up an empty tokenizer for a folder without one, so its files are looked for first.
+    if not any((merged / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ExportError(f"{merged} holds no tokenizer (tokenizer.json or tokenizer_config.json) to copy beside the "
+                          "graph; the merged folder keeps the run's tokenizer: merge again")
+    try:
+        given = set(AutoTokenizer.from_pretrained(merged).model_input_names)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"the tokenizer in {merged} cannot be read ({one_line(err)}); merge again") from err
     return [n for n in INPUTS if n in takes and (n != "token_type_ids" or n in given)]
 
 
