@@ -2,18 +2,24 @@
 and the parity gate's figures for every artefact precision.
 
     OMP_NUM_THREADS=1 python benchmarks/export.py                      # 10M, 50M and 150M parameters, CPU
+    OMP_NUM_THREADS=1 python benchmarks/export.py --sizes 100M        # benchmarks/peers.py's 93M Llama
     OMP_NUM_THREADS=1 python benchmarks/export.py --sizes 700M        # over 2 GB: ONNX external data
+    OMP_NUM_THREADS=1 python benchmarks/export.py --sizes 100M --exporter torch   # torch.onnx instead
 
 For each size a random-weight Llama-architecture base is built and tuned for one step (LoRA, and 4-bit
 QLoRA), so the run directories are real. Every measured step then runs in a fresh process, so its
 peak resident memory is that step's own (Linux VmHWM, reset after the imports). `working` is the peak
-minus the process's memory after its imports (torch, transformers, peft, optimum, onnxruntime: several
-hundred MB that do not grow with the model); `x fp32` divides it by the model's fp32 size (params x 4 B):
+minus the process's memory after its imports (torch, transformers, peft, onnxruntime, onnxruntime-genai's
+model builder, onnxscript: several hundred MB that do not grow with the model); `x fp32` divides it by the
+model's fp32 size (params x 4 B):
 
   merge         lite-sft export --no-onnx on the LoRA run: load the adapter model, merge, save, gate
   merge-qlora   the same on the 4-bit run (dequantise, merge, save 16-bit, gate)
-  onnx-export   load merged/ in fp32 and export ONNX with a KV cache, nothing else
-  fp32+int8, int4, fp16   full exports whose parity.json give the figures per precision
+  onnx-export   load merged/ in fp32 and export ONNX as `lite-sft export` does (export/onnx.py export_onnx,
+                `--exporter`, default auto: for a Llama onnxruntime-genai's model builder, which reads the
+                checkpoint again itself; torch.onnx where it refuses or fails), nothing else
+  fp32+int8, int4, fp16   full exports (`lite-sft export ... --exporter`) whose parity.json give the figures
+                per precision: the builder's int4 is built again from merged/, int8 is quantize_dynamic
 
 Prints a table, then one JSON line, and saves that JSON under benchmarks/results/export-<date>.json.
 Random weights give nearly flat logits, the hardest case for greedy agreement (see export/parity.py).
@@ -41,6 +47,7 @@ SIZES = {
     "10M": (256, 4, 688, 4, 4, 16000),
     "50M": (512, 10, 1376, 8, 4, 16000),
     "150M": (768, 12, 2304, 12, 4, 32000),
+    "100M": (640, 12, 1728, 10, 2, 32000),  # benchmarks/peers.py's Llama (93M)
     "700M": (1536, 24, 4096, 12, 4, 32000),  # 2.8 GB in fp32: ONNX takes the external-data path
 }
 DEFAULT_SIZES = "10M,50M,150M"
@@ -48,12 +55,14 @@ FULL_EXPORTS = {"fp32+int8": ["--quantize", "int8"], "int4": ["--quantize", "int
 
 
 def child(args) -> None:
-    """One measured step in this fresh process; prints {"wall_s", "peak_rss_bytes", "baseline_rss_bytes"}."""
+    """One measured step in this fresh process; prints {"wall_s", "peak_rss_bytes", "baseline_rss_bytes"} (and
+    for onnx-export the exporter that wrote the graph)."""
     import bitsandbytes  # noqa: F401  (imported before the baseline, like everything below)
     import onnxruntime  # noqa: F401
-    import optimum.exporters.onnx  # noqa: F401
+    import onnxscript  # noqa: F401  (torch.onnx's exporter)
     import peft  # noqa: F401
     import torch
+    from onnxruntime_genai.models import builder  # noqa: F401  (the builder exporter imports it when it runs)
     from transformers import AutoModelForCausalLM
 
     from lite_sft.export.onnx import export_onnx
@@ -62,17 +71,19 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     baseline = reset_peak()
     start = time.perf_counter()
+    said = {}
     if args.child == "onnx-export":
         model = AutoModelForCausalLM.from_pretrained(args.merged, dtype=torch.float32)
-        export_onnx(model, Path(args.out), "fp32")
+        row, fallback = export_onnx(model, Path(args.out), "fp32", merged=Path(args.merged), exporter=args.exporter)
+        said = {"exporter": row.name, "fallback_from": fallback}
     else:
         export_run(args.run, args.out, ExportOptions(onnx=False, overwrite=True), say=lambda _: None)
     print(json.dumps({"wall_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss(),
-                      "baseline_rss_bytes": baseline}))
+                      "baseline_rss_bytes": baseline, **said}))
 
 
-def run_child(step: str, threads: int, **paths) -> dict:
-    cmd = [sys.executable, __file__, "--child", step, "--threads", str(threads)]
+def run_child(step: str, threads: int, exporter: str = "auto", **paths) -> dict:
+    cmd = [sys.executable, __file__, "--child", step, "--threads", str(threads), "--exporter", exporter]
     for key, value in paths.items():
         cmd += [f"--{key}", str(value)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -93,7 +104,7 @@ def make_runs(name: str, work: Path, threads: int) -> tuple[int, dict[str, Path]
     return params, runs
 
 
-def measure(name: str, work: Path, threads: int) -> dict:
+def measure(name: str, work: Path, threads: int, exporter: str) -> dict:
     import contextlib
 
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -107,21 +118,24 @@ def measure(name: str, work: Path, threads: int) -> dict:
 
     record("merge", run_child("merge", threads, run=runs["none"], out=work / f"merge-{name}"))
     record("merge-qlora", run_child("merge", threads, run=runs["4bit"], out=work / f"merge-qlora-{name}"))
-    record("onnx-export", run_child("onnx-export", threads, merged=work / f"merge-{name}" / "merged",
+    shutil.rmtree(work / f"onnx-{name}", ignore_errors=True)  # the builder writes into an existing folder
+    record("onnx-export", run_child("onnx-export", threads, exporter, merged=work / f"merge-{name}" / "merged",
                                     out=work / f"onnx-{name}"))
     for label, extra in FULL_EXPORTS.items():
         out = work / f"full-{name}-{label}"
         failed = out.with_name(out.name + ".parity-failed")
         for stale in (out, failed):  # so the report read below is this run's
             shutil.rmtree(stale, ignore_errors=True)
-        cmd = [sys.executable, "-m", "lite_sft", "export", str(runs["none"]), "--out", str(out), "--overwrite", *extra]
+        cmd = [sys.executable, "-m", "lite_sft", "export", str(runs["none"]), "--out", str(out), "--overwrite",
+               "--exporter", exporter, *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         report_file = (out if out.exists() else failed) / "parity.json"
         if not report_file.is_file():
             raise RuntimeError(f"export {label} failed:\n{done.stderr[-3000:]}")
         report = json.loads(report_file.read_text())
         gates = report["gates"] if label == "fp32+int8" else report["gates"][1:]  # the merge gate once
-        row["parity"] += [{**g, "export": label, "timings_s": report["timings_s"]} for g in gates]
+        row["parity"] += [{**g, "export": label, "exporter": (report.get("exporter") or {}).get("name"),
+                           "timings_s": report["timings_s"]} for g in gates]
     qlora = json.loads((work / f"merge-qlora-{name}" / "parity.json").read_text())
     row["parity"].append({**qlora["gates"][0], "stage": "merge-qlora", "export": "merge-qlora"})
     return row
@@ -134,7 +148,8 @@ def table(rows: list[dict]) -> str:
         for i, (step, s) in enumerate(r["steps"].items()):
             head = f"{r['size']:<6} {r['params'] / 1e6:6.1f}M {mib(r['fp32_bytes']):>10}" if i == 0 else " " * 25
             lines.append(f"{head} | {step:<12} {s['wall_s']:7.1f} {mib(s['peak_rss_bytes']):>9} "
-                         f"{mib(s['working_bytes']):>12} {s['working_x_fp32']:7.2f}")
+                         f"{mib(s['working_bytes']):>12} {s['working_x_fp32']:7.2f}"
+                         + (f"  ({s['exporter']})" if s.get("exporter") else ""))
     lines += ["", "size   export     stage        precision  max|dlogit|  mean      greedy  "
                   "perplexity            size MiB"]
     for r in rows:
@@ -154,6 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
+    parser.add_argument("--exporter", default="auto", choices=["auto", "builder", "torch"],
+                        help="lite-sft export's --exporter for the onnx-export step and the full exports")
     parser.add_argument("--work", default="/tmp/lite-sft-export-bench", help="scratch folder for models and exports")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     for hidden in ("run", "out", "merged"):
@@ -168,9 +185,10 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [measure(name, work, args.threads) for name in args.sizes.split(",")]
+    rows = [measure(name, work, args.threads, args.exporter) for name in args.sizes.split(",")]
+    import importlib.metadata as meta
+
     import onnxruntime
-    import optimum.version
 
     result = {
         "benchmark": "export",
@@ -179,7 +197,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": "cpu", "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                    "threads": args.threads, "cuda": torch.cuda.is_available()},
-        "versions": {**versions(), "optimum": optimum.version.__version__, "onnxruntime": onnxruntime.__version__},
+        "versions": {**versions(), "onnxruntime": onnxruntime.__version__,
+                     **{name: meta.version(name) for name in ("onnxruntime-genai-cuda", "onnxscript", "onnx")}},
         "rows": rows,
     }
     print(table(rows))
