@@ -170,15 +170,20 @@ def load_base_model(cfg: ModelConfig, path: str, device: torch.device, task=None
     auto = getattr(transformers, task.auto_class if task is not None else "AutoModelForCausalLM")
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
                   **model_kwargs)
+    # A task head is new (not in the checkpoint) and trained whole: it stays in float. transformers 5 would
+    # otherwise make a classifier's head a 4-bit layer whose float weight, missing from the checkpoint, is never
+    # quantised, and bitsandbytes fails on it at the first forward ("quantization state not initialized").
+    skip = {"llm_int8_skip_modules": list(task.head_names)} if task is not None and task.head_names else {}
     if cfg.quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **skip,
         )
     elif cfg.quant == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
     if cfg.quant != "none":
         kwargs["device_map"] = {"": device}
     try:

@@ -20,9 +20,9 @@ runner = CliRunner()
 # Two layers, hidden 64, grouped-query attention (4 heads, 2 key-value heads) where the architecture has it.
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256)
-# Every decoder family optimum exports with a KV cache that lite-sft is tested on, with the shapes that
-# make each one different: head size set apart from hidden / heads (Qwen3, Gemma-2 as in its 2B and 9B),
-# one key-value head (Gemma 2B), Phi-3 with and without grouped-query attention (mini / medium).
+# Every decoder family lite-sft is tested on, with the shapes that make each one different: head size set apart
+# from hidden / heads (Qwen3, Gemma-2 as in its 2B and 9B), one key-value head (Gemma 2B), Phi-3 with and without
+# grouped-query attention (mini / medium).
 ARCHS = {
     "llama": ("LlamaConfig", DECODER),
     "mistral": ("MistralConfig", DECODER),
@@ -33,6 +33,15 @@ ARCHS = {
     "gemma": ("GemmaConfig", {**DECODER, "num_key_value_heads": 1, "head_dim": 16}),
     "gemma2": ("Gemma2Config", {**DECODER, "head_dim": 32}),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),  # Conv1D layers
+    # Families only transformers 5 has (torch.onnx exports them: the builder does not take them). Gemma 4 with a
+    # 4-token window, shorter than the prompts, and its full-attention layers' head size equal to the sliding
+    # ones' (the released configs' 512 against 256 is refused: the server keeps one cache shape for all
+    # layers). Qwen3.5 with full attention in every layer: its released configs' Gated DeltaNet layers keep a
+    # recurrent state the server has no place for, and are refused (test_exporter_torch_decoder.py).
+    "ministral3": ("Ministral3Config", {**DECODER, "head_dim": 16}),
+    "gemma4": ("Gemma4TextConfig", {**DECODER, "head_dim": 16, "global_head_dim": 16, "sliding_window": 4,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "qwen3_5": ("Qwen3_5TextConfig", {**DECODER, "head_dim": 16, "layer_types": ["full_attention"] * 2}),
 }
 _RUNS: dict = {}  # (session temp folder, arch, quant) -> run directory, shared by every test file
 
