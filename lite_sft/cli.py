@@ -11,7 +11,7 @@
     lite-sft bench exports/qwen
     lite-sft serve exports/qwen
 
-Heavy imports (torch, transformers, peft, bitsandbytes, optimum, onnxruntime) happen inside the
+Heavy imports (torch, transformers, peft, bitsandbytes, onnxruntime) happen inside the
 commands so that `lite-sft --help` answers at once.
 """
 

@@ -112,7 +112,7 @@ def _pad_id(folder: Path) -> int:
 
 
 class OrtEncoderBackend(EncoderBackend):
-    """An exported classifier (optimum `text-classification` or `token-classification`) under onnxruntime."""
+    """An exported classifier (`lite-sft export` of a seq-cls or token-cls run: logits out) under onnxruntime."""
 
     def __init__(self, folder: str | Path, task: str, device: str = "auto", threads: int | None = None):
         folder = Path(folder)

@@ -340,7 +340,7 @@ def test_kv_buffers_stay_bounded_while_rows_keep_joining(ort):
 
 def test_a_group_query_attention_graph_batches_rows_padded_on_the_right(gqa_dir):
     """GQA places each row's tokens from its mask's sum, so rows are right-padded: batched, joined mid-batch
-    and alone give the same tokens. With the left padding optimum's graphs take, they would not."""
+    and alone give the same tokens. With the left padding torch.onnx's graphs take, they would not."""
     gqa = OrtBackend(gqa_dir, "cpu", threads=1)
     assert gqa.pad_right and not gqa.has_positions and gqa.head_dim == 16
     prompts = [[3, 9, 27, 17, 51, 8, 40, 2, 11, 5], [7, 1], [60, 33, 12, 4, 9, 21], [14]]
@@ -354,7 +354,7 @@ def test_a_group_query_attention_graph_batches_rows_padded_on_the_right(gqa_dir)
     joined, lengths = run_joined(gqa, schedule)
     assert [joined[k] for k in range(4)] == [alone[0], alone[1][:3], *alone[2:]]
     assert lengths[3] == 10 + 4 and lengths[-2] <= 8 + 8  # the long first row left: its columns went with it
-    gqa.pad_right = False  # as optimum's graphs are fed: left-padded
+    gqa.pad_right = False  # as torch.onnx's graphs are fed: left-padded
     assert generate_ids(gqa, prompts, greedy(8)) != alone
 
 
