@@ -121,7 +121,8 @@ def trl_settings(variant: str, cuda: bool, liger: bool, cpu_bf16: bool = False) 
     bf16 = {"bf16": True} if cuda else {"bf16": True, "use_cpu": True} if cpu_bf16 else {"bf16": False}
     fast = {"gradient_checkpointing": False, **bf16, **({"use_liger_kernel": True} if cuda and liger else {})}
     return {"default": {}, "packed": {"packing": True, **fast}, "packed-mb1": {"packing": True, **fast},
-            "grouped": {"group_by_length": True, **fast}, "packed-gc": {"packing": True}}[variant]
+            # transformers 5 replaced group_by_length with train_sampling_strategy.
+            "grouped": {"train_sampling_strategy": "group_by_length", **fast}, "packed-gc": {"packing": True}}[variant]
 
 
 def batching(workload: dict, micro: int | None) -> dict:

@@ -101,7 +101,8 @@ def _trl(spec: dict) -> dict:
     args = trl.SFTConfig(
         output_dir=spec["out"], num_train_epochs=1, per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=spec["lr"],
-        lr_scheduler_type="cosine", warmup_ratio=spec["warmup"], weight_decay=0.0, max_grad_norm=1.0,
+        # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is the share of the steps.
+        lr_scheduler_type="cosine", warmup_steps=spec["warmup"], weight_decay=0.0, max_grad_norm=1.0,
         seed=spec["seed"], max_length=workload["max_seq_len"], logging_steps=1, eval_strategy="no",
         save_strategy="no", report_to="none",
         # On a GPU, load the weights in bf16 as lite-sft does (TRL's own default loads fp32 and autocasts).
@@ -127,7 +128,7 @@ def _trl(spec: dict) -> dict:
     eval_loss = trainer.evaluate()["eval_loss"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     resolved = {k: getattr(args, k) for k in ("bf16", "gradient_checkpointing", "packing", "packing_strategy",
-                                              "padding_free", "group_by_length", "optim", "use_liger_kernel",
+                                              "padding_free", "train_sampling_strategy", "optim", "use_liger_kernel",
                                               "per_device_train_batch_size", "gradient_accumulation_steps")}
     return {**_figures(losses, examples, trained, tokens, wall), "steps": trainer.state.global_step,
             "setup_s": setup, "val_loss": _val_loss_per_token(trainer), "eval_loss_trainer": eval_loss,
