@@ -176,8 +176,10 @@ def build_model(work: Path, dims: tuple[int, ...], kv: int, precisions: list[str
             if done.returncode:
                 print(f"   failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", flush=True)
                 said = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-                failed[out] = f"lite-sft export {' '.join(args)} failed: " + next(
-                    (line for line in reversed(said) if line.startswith(("error", "Error"))), said[-1] if said else "")
+                # the CLI's last "error: ..." and the lines under it (an invalid option says why there)
+                start = max((i for i, line in enumerate(said) if line.lower().startswith("error")),
+                            default=max(len(said) - 1, 0))
+                failed[out] = f"lite-sft export {' '.join(args)} failed: {' '.join(said[start:])[:300]}"
         exports[precision] = failed.get(out) or (out, variant)
     return exports
 

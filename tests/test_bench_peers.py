@@ -5,6 +5,7 @@ converter reads, and llama.cpp's separate environment."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,29 @@ def test_export_plan_makes_each_export_once(peers):
     # so that an export refusing int4 costs only the int4 cells
     assert peers.export_plan(["fp16", "int4"], "cuda") == {
         "fp16": (["--dtype", "fp16"], "fp"), "int4": (["--dtype", "fp16", "--quantize", "int4"], "int4")}
+
+
+def test_an_export_that_fails_costs_only_its_own_cells(peers, tmp_path, monkeypatch):
+    for marker in ("base/config.json", "run/adapter_config.json"):  # a model and a run already there
+        (tmp_path / marker).parent.mkdir(exist_ok=True)
+        (tmp_path / marker).write_text("{}")
+    calls = []
+
+    def export(cmd, **_):
+        calls.append(cmd[cmd.index("--overwrite") + 1:])
+        if "--quantize" in cmd:  # what the CLI says when it refuses an option
+            return subprocess.CompletedProcess(cmd, 1, "merging\n", "Error: invalid export options:\n"
+                                               "  --quantize int4 starts from the fp32 ONNX graph\n")
+        (tmp_path / "export-fp16").mkdir()
+        (tmp_path / "export-fp16" / "parity.json").write_text('{"exporter": {"name": "builder"}}')
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(peers.subprocess, "run", export)
+    exports = peers.build_model(tmp_path, peers.QUICK, 2, ["fp16", "int4"], "cuda", 1)
+    assert calls == [["--dtype", "fp16"], ["--dtype", "fp16", "--quantize", "int4"]]
+    assert exports["fp16"] == (tmp_path / "export-fp16", "fp")
+    assert exports["int4"] == ("lite-sft export --dtype fp16 --quantize int4 failed: Error: invalid export options: "
+                               "--quantize int4 starts from the fp32 ONNX graph")
 
 
 def test_compare_takes_the_faster_peer_and_the_lower_ttft(peers):
