@@ -32,7 +32,17 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
         endpoint = "/v1/classify" if task == "seq-cls" else "/v1/ner"
         raise ModelError(f"{run_dir} is a {task} run: it labels text rather than writing it. Score it with "
                          f"`lite-sft eval {run_dir} --data FILE`, or export it and POST to the server's {endpoint}")
-    model, tokenizer, cfg = load_tuned(run_dir)
+    from transformers.utils import logging as hf_logging
+
+    # transformers 5 draws a "Loading weights" bar per load, which would land in front of the answer; the base
+    # is already local here (tune fetched it), so no download bar is lost with it.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, tokenizer, cfg = load_tuned(run_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     device = next(model.parameters()).device
     if task == "seq2seq":  # its saved generation settings decide what the caller leaves unset
         return _transduce(model, tokenizer, run_dir, prompts, max_new_tokens, temperature, top_p, seed, device)

@@ -27,7 +27,6 @@ lite_sft.tasks.base, where every task (and the server, which must not import tra
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -137,12 +136,9 @@ def ensure_chat_template(tokenizer, override: str | None = None) -> bool:
 
 
 def _add_special_tokens(tokenizer, tokens: list[str]) -> None:
-    """Add `tokens` as special tokens, keeping those the tokenizer has: transformers 5 renamed
-    `additional_special_tokens` to `extra_special_tokens` (and its replace_ flag with it)."""
-    if "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters:
-        tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
-    else:
-        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
+    """Add `tokens` as special tokens, keeping those the tokenizer has (transformers 5's `extra_special_tokens`,
+    which 4.x called `additional_special_tokens`)."""
+    tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
 
 
 def tokenize_sample(sample: Sample, tokenizer, train_on_prompt: bool = False,

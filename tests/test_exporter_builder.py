@@ -166,9 +166,14 @@ def test_quantized_copies_load_and_mostly_agree(method, folders, quantized, bpe_
     assert {"genai_config.json", "config.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in folder.iterdir()}
     short, long = prompts(bpe_tokenizer)
-    reference = genai_greedy(onnx, short)
+    # Close to the fp32 graph, within the quantised gates' mean bound (greedy tokens of a tiny random model are
+    # near-ties, so which ones survive quantisation is chance: asymmetric int4 keeps 1 of 6 here, symmetric 5).
+    ids = torch.tensor([long])
+    fp, q = (builder.open(f)(input_ids=ids, attention_mask=torch.ones_like(ids)).logits for f in (onnx, folder))
+    bound = {"int8": 2e-2, "int4": 5e-2}[method] * max(1.0, fp.abs().max().item())
+    assert 0 < (fp - q).abs().mean().item() < bound
     got = genai_greedy(folder, short)
-    assert len(got) == NEW_TOKENS and np.mean([a == b for a, b in zip(got, reference)]) >= 0.5
+    assert len(got) == NEW_TOKENS
     batched = served(folder, [short, long])
     assert batched[0] == got  # the server runs the same graph: the same tokens as onnxruntime-genai
 

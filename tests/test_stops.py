@@ -26,7 +26,7 @@ REFUSES = "{{ raise_exception('this template takes a system message first') }}"
 
 def with_template(tokenizer_factory, template, *specials):
     tokenizer = tokenizer_factory(chat_template=template)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)}, replace_additional_special_tokens=False)
+    tokenizer.add_special_tokens({"extra_special_tokens": list(specials)}, replace_extra_special_tokens=False)
     return tokenizer
 
 
