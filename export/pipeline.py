@@ -90,8 +90,10 @@ class ExportOptions:
             problems.append(f"--dtype {self.dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
         if self.quantize not in QUANTIZE_CHOICES:
             problems.append(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-        if self.quantize != "none" and (self.dtype != "fp32" or not self.onnx):
-            problems.append(f"--quantize {self.quantize} starts from the fp32 ONNX graph: use --dtype fp32 with --onnx")
+        if self.quantize != "none" and not self.onnx:
+            problems.append(f"--quantize {self.quantize} quantises the ONNX graph: drop --no-onnx")
+        elif self.quantize == "int8" and self.dtype != "fp32":
+            problems.append("--quantize int8 starts from the fp32 ONNX graph: use --dtype fp32")
         if self.exporter not in EXPORTER_CHOICES:
             problems.append(f"--exporter {self.exporter!r}: choose one of {', '.join(EXPORTER_CHOICES)}")
         if self.merge_onto not in MERGE_ONTO:
@@ -138,6 +140,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         # Before any work: an architecture no exporter takes is one line, and nothing is written.
         rows = candidates(task, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code),
                           opts.dtype, opts.exporter)
+        check_fp16_int4(opts, rows[0].name)
     save_dtype = merged_dtype(opts.merged_dtype, cfg.model.quant, base_dtype)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -209,6 +212,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
             gates.append(gate)
             lap("onnx_gate_s")
             if gate.passed and opts.quantize != "none":
+                check_fp16_int4(opts, row.name)  # the torch exporter may have stood in for the builder
                 say(f"quantising ONNX to {opts.quantize}")
                 name = f"onnx-{opts.quantize}"
                 quantize_onnx(row, tmp / "onnx", tmp / name, opts.quantize, opts.block_size, tmp / "merged")
@@ -249,6 +253,14 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         raise
     finally:
         lock.close()
+
+
+def check_fp16_int4(opts: ExportOptions, exporter: str) -> None:
+    """int4 beside an fp16 graph is the builder's CUDA int4 (fp16 activations), built from merged/; onnxruntime's
+    quantisers start from an fp32 graph, so the torch exporter's fp16 has none."""
+    if opts.dtype == "fp16" and opts.quantize == "int4" and exporter != "builder":
+        raise ExportError(f"--dtype fp16 --quantize int4 is built by the model builder, and this model exports through "
+                          f"{exporter}: use --dtype fp32 --quantize int4")
 
 
 def load_merged(folder: Path, task: str):

@@ -133,6 +133,21 @@ def test_fp16_onnx(arch, tuned, tmp_path):
     assert report["exporter"]["name"] == ("torch" if arch == "gpt2" else "builder")
 
 
+def test_fp16_int4_is_the_builders_cuda_int4_and_torch_onnx_refuses_it(tuned, tmp_path):
+    """Beside an fp16 graph, int4 is the builder's CUDA int4 (fp16 activations); it runs on the CPU provider too,
+    so the gate judges it here. A model the torch exporter takes has no fp16 int4: one line before any work."""
+    import json as json_lib
+
+    out = tmp_path / "export"
+    report = export_run(tuned("llama"), out, ExportOptions(dtype="fp16", quantize="int4"), say=lambda _: None)
+    assert [g["stage"] for g in report["gates"]] == ["merge", "onnx", "int4"] and report["passed"]
+    genai = json_lib.loads((out / "onnx-int4" / "genai_config.json").read_text())
+    assert "cuda" in json_lib.dumps(genai["model"]["decoder"]["session_options"])
+    with pytest.raises(ExportError, match="--dtype fp16 --quantize int4 is built by the model builder"):
+        export_run(tuned("gpt2"), tmp_path / "gpt2", ExportOptions(dtype="fp16", quantize="int4"), say=lambda _: None)
+    assert not (tmp_path / "gpt2").exists()
+
+
 def test_lite_sft_serve_runtime_loads_the_export(tuned, tmp_path):
     """The serving runtime (serve/runtime.py) reads the export OUT as written: decoding through its KV cache
     gives the merged model's logits."""
