@@ -276,6 +276,7 @@ class OrtBackend:
         self.max_context = max_context(self.folder)
         self.precision = onnx_precision(self.folder, self.kv_dtype == torch.float16)
         self._spare: list[list[dict[str, torch.Tensor]]] = []  # buffer pairs of ended batches, for the next ones
+        self._logits: torch.Tensor | None = None  # the logits output's buffer, reused by every call (_logits_view)
 
     def describe(self) -> str:
         return f"{self.folder} on onnxruntime {self.provider} ({self.precision})"
@@ -407,6 +408,16 @@ class OrtBackend:
             return self._view(flat, batch, capacity)[:, :, :length]
         return self._view(flat, batch, length)
 
+    def _logits_view(self, rows: int) -> torch.Tensor:
+        """`rows` x vocab logits in one buffer kept across calls (grown when a call needs more): a prompt's are
+        (batch x prompt) x vocab, 131 MB at batch 8, and a fresh tensor each call paid its page faults again
+        (measured: int8 batch-8 time to first token 558 -> 480 ms with the buffer kept). Callers copy out what they
+        keep (_numpy)."""
+        need = rows * self.vocab_size
+        if self._logits is None or self._logits.numel() < need:
+            self._logits = torch.empty(need, dtype=self.logits_dtype, device=self.device)
+        return self._logits[:need]
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # onnxruntime runs on its own stream
@@ -437,7 +448,7 @@ class OrtBackend:
             for past, present in self.kv:
                 self._bind(binding, past, self._view(src[past], batch, state.length))
                 self._bind(binding, present, self._view(dst[past], batch, length), output=True)
-        logits = torch.empty(batch, new, self.vocab_size, dtype=self.logits_dtype, device=self.device)
+        logits = self._logits_view(batch * new).view(batch, new, self.vocab_size)
         self._bind(binding, "logits", logits, output=True)
         self.session.run_with_iobinding(binding)
         if self.device.type == "cuda":
@@ -449,7 +460,8 @@ class OrtBackend:
 
 
 def _numpy(logits: torch.Tensor) -> np.ndarray:
-    return logits.float().cpu().numpy()
+    """A copy: on the CPU `logits` is a view of the backend's reused logits buffer, which the next call overwrites."""
+    return logits.float().cpu().numpy().copy()
 
 
 def _uses_gqa(model_file: Path) -> bool:
