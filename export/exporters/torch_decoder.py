@@ -45,13 +45,13 @@ from __future__ import annotations
 import inspect
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from .. import ExportError
 from ..onnx import one_line
+from .dynamo import dynamo_export
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +224,10 @@ def _capture(flat: FlatCache, attention: str):
     # Named axes become dynamic (Dim.DYNAMIC): torch.export works out that the mask is past + seq long itself.
     shapes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
               "position_ids": {0: "batch", 1: "sequence"}, "past": [{0: "batch", 2: "past"}] * (2 * layers)}
-    quiet = logging.getLogger("torch.onnx")  # it warns of every torchvision op it cannot register
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", (FutureWarning, UserWarning, DeprecationWarning))
-            program = torch.onnx.export(flat, inputs, dynamo=True, dynamic_shapes=shapes, input_names=names,
-                                        output_names=["logits"] + kv_names("present", layers), verbose=False)
+        program = dynamo_export(flat, inputs, dynamic_shapes=shapes, input_names=names,
+                                output_names=["logits"] + kv_names("present", layers))
     finally:
-        quiet.setLevel(level)
         model.set_attn_implementation(before)
     if not flat.positions:  # the wrapper's argument is there either way; the graph never reads it
         program.model.graph.inputs[:] = [v for v in program.model.graph.inputs if v.name != "position_ids"]

@@ -33,9 +33,7 @@ library), so it runs at eager's speed; the 1.8x at batch 1 is PyTorch's per-op o
 from __future__ import annotations
 
 import inspect
-import logging
 import shutil
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +41,7 @@ import torch
 
 from .. import ExportError
 from ..onnx import one_line
+from .dynamo import dynamo_export
 
 NAME = "torch"
 MODEL_FILE = "model.onnx"
@@ -117,20 +116,12 @@ def export(model, merged: Path, out: Path, dtype: str) -> None:
     names = input_names(model, merged)
     kwargs = example_inputs(model, names)
     batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
-    quiet = logging.getLogger("torch.onnx")  # it warns of every torchvision op it cannot register
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", (FutureWarning, UserWarning, DeprecationWarning))
-            program = torch.onnx.export(Logits(model.eval()), (), kwargs=kwargs, dynamo=True, verbose=False,
-                                        dynamic_shapes={name: {0: batch, 1: seq} for name in names},
-                                        input_names=names, output_names=["logits"])
+        program = dynamo_export(Logits(model.eval()), (), kwargs=kwargs, input_names=names, output_names=["logits"],
+                                dynamic_shapes={name: {0: batch, 1: seq} for name in names})
     except Exception as err:  # noqa: BLE001  (torch.export and onnxscript raise anything from deep inside)
         raise ExportError(f"torch.onnx could not export this {model.config.model_type} classifier "
                           f"({_reason(err)}); the merged model is fine: export it alone with --no-onnx") from err
-    finally:
-        quiet.setLevel(level)
     # torch.onnx declares every weight's shape in value_info too, where a tool that rewrites a weight leaves it
     # stale: quantize.py's Gemm -> MatMul transposes the classifier's, and onnxruntime's quantiser then fails
     # shape inference ("Inferred shape and existing shape differ"). The weight carries its own shape.

@@ -33,9 +33,7 @@ fp32 only: a seq2seq export shrinks with --quantize (int8, int4), which quantize
 
 from __future__ import annotations
 
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +43,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import ExportError
+from .dynamo import dynamo_export
 
 NAME = "torch"
 ENCODER, DECODER = "encoder_model.onnx", "decoder_model.onnx"
@@ -113,19 +112,11 @@ def export(model, merged: Path, out: Path, dtype: str) -> None:
 
 def _export(module, args, inputs: list[str], outputs: list[str], shapes, path: Path, large: bool,
             model_type: str) -> None:
-    quiet = logging.getLogger("torch.onnx")  # it warns of every torchvision op it cannot register
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", (FutureWarning, UserWarning, DeprecationWarning))
-            program = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                        dynamic_shapes=shapes, verbose=False)
+        program = dynamo_export(module, args, input_names=inputs, output_names=outputs, dynamic_shapes=shapes)
     except Exception as err:  # noqa: BLE001  (torch.export and onnxscript raise anything from deep inside)
         raise ExportError(f"torch.onnx could not export this {model_type} model's {path.stem} for seq2seq "
                           f"({_one_line(err)}); the merged model is fine: export it alone with --no-onnx") from err
-    finally:
-        quiet.setLevel(level)
     program.save(path, external_data=large)  # external: <graph>.onnx.data
 
 
