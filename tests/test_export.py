@@ -40,7 +40,8 @@ ARCHS = {
     # recurrent state the server has no place for, and are refused (test_exporter_torch_decoder.py).
     "ministral3": ("Ministral3Config", {**DECODER, "head_dim": 16}),
     "gemma4": ("Gemma4TextConfig", {**DECODER, "head_dim": 16, "global_head_dim": 16, "sliding_window": 4,
-                                    "layer_types": ["sliding_attention", "full_attention"]}),
+                                    "layer_types": ["sliding_attention", "full_attention"],
+                                    "hidden_size_per_layer_input": 8}),  # its per-layer inputs, tiny too
     "qwen3_5": ("Qwen3_5TextConfig", {**DECODER, "head_dim": 16, "layer_types": ["full_attention"] * 2}),
 }
 _RUNS: dict = {}  # (session temp folder, arch, quant) -> run directory, shared by every test file
@@ -50,9 +51,11 @@ def build_base(path, arch, tokenizer, **dims):
     import transformers
 
     name, defaults = ARCHS[arch]
+    # Gemma 4's per-layer input embeddings have a vocabulary of their own (262,144 by default): the tokenizer's.
+    per_layer = {"vocab_size_per_layer_input": len(tokenizer)} if "hidden_size_per_layer_input" in defaults else {}
     config = getattr(transformers, name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         **{**defaults, **dims})
+                                         **{**defaults, **per_layer, **dims})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

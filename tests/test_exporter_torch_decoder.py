@@ -11,36 +11,14 @@ import torch
 
 from lite_sft.export import ExportError
 from lite_sft.export.exporters import torch_decoder
-from test_export import ARCHS, DECODER, build_base
+from test_export import DECODER, build_base
 
-# Architectures only transformers 5 has, tiny: two layers, hidden 64, 4 heads over 2 key-value heads.
-NEW_ARCHS = {
-    "ministral3": ("Ministral3Config", {**DECODER, "head_dim": 16}),
-    # A window of 4 tokens, shorter than the prompts, so the sliding layer's mask over the whole cache is
-    # tested against transformers' own sliding cache; the full-attention layer's head size kept equal to the
-    # sliding one's (refuses() turns down gemma4's default 512 / 256 split).
-    "gemma4": ("Gemma4TextConfig", {**DECODER, "head_dim": 16, "global_head_dim": 16, "sliding_window": 4,
-                                    "layer_types": ["sliding_attention", "full_attention"],
-                                    "hidden_size_per_layer_input": 8}),
-}
+# GPT-2, Llama (which the builder also takes) and two families only transformers 5 has (test_export.ARCHS):
+# Ministral 3, and Gemma 4 text with a 4-token window, shorter than the prompts, so the sliding layer's mask over
+# the whole cache is tested against transformers' own sliding cache.
+TORCH_ARCHS = ["gpt2", "llama", "ministral3", "gemma4"]
 PROMPTS = [[5, 17, 42, 9, 77, 3, 120], [8, 61, 200]]
 NEW_TOKENS = 8
-
-
-def build(path, arch, tokenizer):
-    import transformers
-
-    if arch in ARCHS:
-        return build_base(path, arch, tokenizer)
-    name, dims = NEW_ARCHS[arch]
-    extra = {"vocab_size_per_layer_input": len(tokenizer)} if arch == "gemma4" else {}
-    config = getattr(transformers, name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         **dims, **extra)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +31,7 @@ def exported(tmp_path_factory, bpe_tokenizer):
     def get(arch, dtype="fp32"):
         if (arch, dtype) not in made:
             root = tmp_path_factory.mktemp(f"torch-{arch}-{dtype}")
-            merged = build(root / "merged", arch, bpe_tokenizer)
+            merged = build_base(root / "merged", arch, bpe_tokenizer)
             torch_decoder.export(AutoModelForCausalLM.from_pretrained(merged), merged, root / "onnx", dtype)
             made[arch, dtype] = merged, root / "onnx"
         return made[arch, dtype]
@@ -70,7 +48,7 @@ def hf_greedy(merged, prompt):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", *NEW_ARCHS])
+@pytest.mark.parametrize("arch", TORCH_ARCHS)
 def test_served_greedy_tokens_and_logits_match_transformers(arch, exported):
     from transformers import AutoModelForCausalLM
 
