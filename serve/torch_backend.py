@@ -9,6 +9,7 @@ baseline the ONNX targets are measured against.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class TorchBackend:
         self.provider = f"torch {self.device.type}"
         self.max_context = max_context
         self.vocab_size = vocab_size
+        # transformers 5 renames forward's `past_key_values` to `cache` (the old name goes in 5.40); a model with
+        # code of its own (trust_remote_code) may know only the old one.
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None,
@@ -135,7 +139,7 @@ class TorchBackend:
         ids, mask = ids.to(self.device, torch.long), mask.to(self.device, torch.long)
         new = ids.shape[1]
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -new:]  # left padding: count real tokens only
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=state.cache,
-                         use_cache=True, logits_to_keep=1)
-        state.cache, state.mask = out.past_key_values, mask
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: state.cache})
+        state.cache, state.mask = out[self.cache_arg], mask
         return out.logits[:, -1].float().cpu().numpy()  # (batch, vocab)

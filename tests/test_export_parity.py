@@ -1,6 +1,7 @@
 """The parity gate's arithmetic, its batched run and its choice of held-out prompts."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,8 +89,9 @@ def test_max_abs_threshold_scales_with_the_logits():
 
 
 class LikeOrt:
-    """A PyTorch decoder called the way the gate calls ORTModelForCausalLM; `mask_padding=False` lets the
-    padding of a left-padded batch into attention, the bug a server's batches would show."""
+    """A PyTorch decoder called the way the gate calls an exported decoder (ort_decoder.OnnxDecoder);
+    `mask_padding=False` lets the padding of a left-padded batch into attention, the bug a server's batches
+    would show."""
 
     input_names = ("input_ids", "attention_mask", "position_ids")
 
@@ -98,8 +100,9 @@ class LikeOrt:
 
     def __call__(self, input_ids, attention_mask, use_cache, past_key_values=None, position_ids=None):
         mask = attention_mask if self.mask_padding else torch.ones_like(attention_mask)
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=past_key_values,
+                         use_cache=use_cache)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
 
 
 @pytest.fixture(scope="module")
