@@ -3,7 +3,8 @@
 tests/data/run-transformers-4.57/ was written by lite-sft 0.1.0 on transformers 4.57.6, peft 0.21.2 and
 tokenizers 0.22.2: `base/` a tiny Llama (2 layers, hidden 64, grouped-query attention) saved by that
 transformers, `run/` three LoRA steps of it on the bundled skill data. Its files are as that version wrote
-them, except that the base's path in config.yaml and adapter_config.json is set to where the test copies it.
+them, except that the folder it was written in reads /srv/lite-sft-4.57 in the paths they record, and the test
+sets the base's path in config.yaml and adapter_config.json to where it copies the base.
 """
 
 import json
