@@ -90,18 +90,6 @@ def load_ort(folder: Path, task: str = "causal-lm"):
     return next(r for r in EXPORTERS if r.task == task).load().open(folder)
 
 
-def to_fp16(model_file: Path) -> None:
-    """Convert a graph's float weights and activations to fp16 in place (onnxruntime's converter)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    data = [p for p in model_file.parent.iterdir() if is_model_file(p.name) and p != model_file]
-    converted = convert_float_to_float16(onnx.load(str(model_file)), keep_io_types=False)
-    for p in data:
-        p.unlink()  # onnx appends to an existing external-data file rather than replacing it
-    onnx.save(converted, str(model_file), save_as_external_data=bool(data), location=model_file.name + "_data")
-
-
 def one_line(err: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")

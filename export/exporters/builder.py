@@ -71,8 +71,8 @@ PRECISIONS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations on CPU (export/quantize.py's docstring says why)
 # Layers whose cache is one key and one value, which is all lite-sft's server keeps per layer.
 KV_LAYERS = ("full_attention", "sliding_attention")
-# The files of the merged folder that make the ONNX folder servable on its own (the same list as
-# torch_decoder.COPIED). They replace the builder's copies: it re-saves the tokenizer through AutoTokenizer
+# The files of the merged folder that make the ONNX folder servable on its own (torch_decoder copies them by
+# suffix instead: it has no copies of its own to replace). They replace the builder's copies: it re-saves the tokenizer through AutoTokenizer
 # (with its own model_max_length), and the run's files are the reference.
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
           "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",

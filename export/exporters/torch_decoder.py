@@ -268,7 +268,7 @@ def _probe(flat: FlatCache, model_file: Path, dtype: str) -> None:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # see export/onnx.py load_ort for why
+    options.intra_op_num_threads = torch.get_num_threads()  # see export/ort_decoder.py for why
     options.log_severity_level = 3  # a graph that fails here is a candidate dropped, said in one log line
     session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     takes = {i.name for i in session.get_inputs()}

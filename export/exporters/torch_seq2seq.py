@@ -43,6 +43,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import ExportError
+from ..onnx import one_line
 from .dynamo import dynamo_export
 
 NAME = "torch"
@@ -116,12 +117,8 @@ def _export(module, args, inputs: list[str], outputs: list[str], shapes, path: P
         program = dynamo_export(module, args, input_names=inputs, output_names=outputs, dynamic_shapes=shapes)
     except Exception as err:  # noqa: BLE001  (torch.export and onnxscript raise anything from deep inside)
         raise ExportError(f"torch.onnx could not export this {model_type} model's {path.stem} for seq2seq "
-                          f"({_one_line(err)}); the merged model is fine: export it alone with --no-onnx") from err
+                          f"({one_line(err)}); the merged model is fine: export it alone with --no-onnx") from err
     program.save(path, external_data=large)  # external: <graph>.onnx.data
-
-
-def _one_line(err: Exception) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:300]
 
 
 class Encoder(nn.Module):
@@ -188,7 +185,7 @@ class Runner:
                                                                        providers=["CPUExecutionProvider"])
                                           for name in (ENCODER, DECODER))
         except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / NoSuchFile / ... types)
-            raise ExportError(f"onnxruntime could not load the exported {folder.name}/ ({_one_line(err)})") from err
+            raise ExportError(f"onnxruntime could not load the exported {folder.name}/ ({one_line(err)})") from err
         self.cross = [o.name for o in self.encoder.get_outputs()]
         self.layers = len(self.cross) // 2
         self.own = cache_names(self.layers, "past_key_values", "decoder")
