@@ -4,6 +4,4 @@ Installed as `lite_sft.export` (see pyproject's package-dir). It reads what `lit
 (the run directory's config.yaml, adapter and tokenizer) and never imports the training loop.
 """
 
-
-class ExportError(RuntimeError):
-    """A run directory, base model or output folder that cannot be exported as asked; the message says why."""
+from lite_sft.errors import ExportError  # noqa: E402,F401  (the package's error, one tree)

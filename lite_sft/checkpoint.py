@@ -24,15 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from .errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or the best adapter could not be written (a full disk, a lost mount); the partial folder
-    is removed and the message says which checkpoint is the last good one and how to resume from it."""
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -19,6 +19,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import ConfigError
+
 # The embedded default: a tiny Llama built from a config and a bundled skill data set.
 # Both need no network; they exist to prove the pipeline offline.
 BUILTIN_MODEL = "builtin:tiny-llama"
@@ -42,8 +44,6 @@ def lite_sft_home() -> Path:
     return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser()
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every problem found."""
 
 
 @dataclass

@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 
 from .config import BUILTIN_MODEL, LoraConfig, ModelConfig
+from .errors import ModelError
 
 # On CPU bitsandbytes (imported by peft too) tries to fetch an optional kernel from the hub and warns
 # when it cannot; its built-in CPU kernel is used instead, so the warning only alarms offline users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-class ModelError(RuntimeError):
-    """A base model, tokenizer or quantisation backend that cannot be used; the message says why."""
 
 
 def resolve_model_path(name_or_path: str) -> str:

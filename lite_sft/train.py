@@ -29,6 +29,7 @@ import torch
 
 from . import checkpoint, report
 from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
+from .errors import RunDirError
 from .loss import check_loss_path
 from .masking import DEFAULT_TEMPLATE_TOKENS
 from .model import (ModelError, add_lora, check_task_model, check_vocab, load_base_model, load_tokenizer,
@@ -36,8 +37,6 @@ from .model import (ModelError, add_lora, check_task_model, check_vocab, load_ba
 from .tasks.base import Task, TaskData, all_sum, get_task
 
 
-class RunDirError(RuntimeError):
-    """The output directory cannot be used as asked (exists, or has nothing to resume)."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -18,6 +18,4 @@ token classifier's labels with lite_sft.tasks.iob), the functions training and `
 so a served model finds the very entities it was scored on; tests/test_serve_imports.py checks that path too.
 """
 
-
-class ServeError(RuntimeError):
-    """A model folder, device or server setting that cannot be used as asked; the message says why."""
+from lite_sft.errors import ServeError  # noqa: E402,F401  (the package's error, one tree)

@@ -56,7 +56,7 @@ import torch
 
 from . import ServeError
 from .generate import align_left
-from .layout import ONNX_FILE, PARITY_FILE, VARIANTS, has_onnx, read_json_object, served_variant, variant_folder
+from lite_sft.artifacts import ONNX_FILE, PARITY_FILE, VARIANTS, has_onnx, read_json_object, served_variant, variant_folder
 from .sessions import DEVICES, onnx_precision, open_session
 
 

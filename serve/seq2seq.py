@@ -30,7 +30,7 @@ import torch
 
 from . import ServeError
 from .generate import align_left
-from .layout import DECODER_FILE, ENCODER_FILE, read_json_object
+from lite_sft.artifacts import DECODER_FILE, ENCODER_FILE, read_json_object
 from .runtime import NP_TYPES, ORT_TYPES, max_context
 from .sessions import onnx_precision, open_session
 

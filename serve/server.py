@@ -39,7 +39,7 @@ from . import ServeError
 from .auth import ApiKey
 from .classify import Api, add_routes
 from .engine import Engine, QueueFull, ScoreEngine
-from .layout import variant_line
+from lite_sft.artifacts import variant_line
 from .generate import SamplingParams
 from .runtime import ENDPOINTS
 from .schemas import ApiError, ChatRequest, CompletionRequest, Sampling, validation_message

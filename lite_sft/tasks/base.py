@@ -18,13 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lite_sft.errors import DataError  # noqa: F401  (raised by every task's readers)
+
 TASK_NAMES = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
 # The label value the loss ignores (torch.nn.CrossEntropyLoss and transformers' default ignore_index).
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file, the record and what to do."""
 
 
 @dataclass
