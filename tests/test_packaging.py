@@ -33,6 +33,20 @@ def test_wheel_has_one_top_level_name(wheel):
     assert "lite-sft = lite_sft.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def test_wheel_holds_every_module_of_the_source(wheel):
+    """pyproject lists the packages one by one (export/ and serve/ install through package-dir), so a new
+    subpackage left off the list would install without its modules: every .py of the tree must be in the wheel."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    roots = {"lite_sft": ROOT / "lite_sft", "lite_sft/export": ROOT / "export", "lite_sft/serve": ROOT / "serve"}
+    missing = []
+    for installed, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            name = f"{installed}/{path.relative_to(folder).as_posix()}"
+            if name not in names:
+                missing.append(name)
+    assert not missing, f"add their packages to pyproject.toml [tool.setuptools] packages: {sorted(missing)}"
+
+
 def test_installed_wheel_imports_its_subpackages(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
