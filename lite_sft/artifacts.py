@@ -143,6 +143,7 @@ def model_task(folder: str | Path) -> str:
 # --- export folder
 
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # an older peft's adapter weights, which export still reads
+TOKENIZER_CONFIG = "tokenizer_config.json"  # a tokenizer saved by transformers, with or without tokenizer.json
 # What a Hugging Face folder holds that an ONNX folder beside it does not need: the PyTorch weights (the graph
 # replaces them) and their shard indexes.
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
