@@ -1,7 +1,7 @@
 """The held-out prompts causal-lm's parity gate continues, and where they came from.
 
+    lite-sft export runs/demo --out exports/demo --parity-prompts 4   # parity.json's "prompts": {"source": ...}
     prompts, source = held_out_prompts(Path("runs/demo"), cfg, tokenizer, 4)
-    # source: "held-out examples in validation_split.json (held-out split of data.jsonl ...)"
 
 They are the held-out examples `lite-sft tune` wrote to RUN_DIR/validation_split.json, exactly as validation
 tokenised them, each cut before its last answer. A run without that file (an older lite-sft), or whose file holds
