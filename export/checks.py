@@ -1,6 +1,6 @@
 """What the export pipeline checks for each task: the reference, the gates, and what parity.json records.
 
-    checks = make_checks(run_dir, cfg, adapter_model, tokenizer, opts)     # CausalChecks or TaskChecks
+    checks = make_checks(run_dir, cfg, adapter_model, tokenizer, opts)     # the task row's gate_on says which
     ref = checks.reference(model)                                          # what later gates compare with
     gate = checks.torch_gate(merged, ref, stage="merge", ...)              # a PyTorch candidate
     gate = checks.ort_gate(out / "onnx", ref, "onnx", "float32")           # an ONNX folder, alone and batched
@@ -15,27 +15,34 @@ import gc
 import json
 from pathlib import Path
 
-from . import ExportError
+import torch
+
+from lite_sft.artifacts import GENAI_CONFIG, MERGED_DIR
+from lite_sft.errors import ModelError
+from lite_sft.stops import stop_ids_for, write_stop_tokens
+from lite_sft.tasks.base import get_task
+from lite_sft.tasks.seq2seq import generation_settings, load_generation_settings
+from lite_sft.taskspec import TASKS
+
+from . import ExportError, parity_tasks
 from .merge import save_merged
 from .onnx import load_ort, onnx_bytes
-from .parity import (Gate, batch_check, compare, held_out_prompts, make_reference, ort_batch_logits, ort_logits,
-                     torch_logits)
+from .parity import Gate, batch_check, compare, make_reference, ort_batch_logits, ort_logits, torch_logits
 from .perplexity import held_out_texts, perplexity
+from .prompts import held_out_prompts
 
-MERGED = "merged PyTorch model (merged/), fp32"
+MERGED = f"merged PyTorch model ({MERGED_DIR}/), fp32"
 
 
 def make_checks(run_dir: Path, cfg, model, tokenizer, opts):
-    """The checks for the run's task; `model` is the adapter model, for what it says about the run."""
-    if cfg.task.name == "causal-lm":
-        return CausalChecks(run_dir, cfg, model, tokenizer, opts)
-    return TaskChecks(run_dir, cfg, model, tokenizer, opts)
+    """The checks for the run's task, by what its row says the gate runs on (held-out prompts or the task's own
+    examples); `model` is the adapter model, for what it says about the run."""
+    checks = {"prompts": CausalChecks, "examples": TaskChecks}[TASKS[cfg.task.name].gate_on]
+    return checks(run_dir, cfg, model, tokenizer, opts)
 
 
 def run_stop_ids(run_dir: Path, tokenizer, generation_config) -> list[int]:
     """The stop ids the run saved when it started (lite_sft.stops), decided the same way for an older run."""
-    from lite_sft.stops import stop_ids_for
-
     try:
         return stop_ids_for(run_dir, tokenizer, generation_config)
     except ValueError as err:
@@ -46,12 +53,11 @@ class CausalChecks:
     """causal-lm: greedy continuations of held-out prompts (parity.py), perplexity on the held-out examples
     (perplexity.py), the run's stop ids."""
 
-    task = "causal-lm"
     noun = "prompts"
     agreement = "greedy"
 
     def __init__(self, run_dir: Path, cfg, model, tokenizer, opts):
-        self.tokenizer, self.opts = tokenizer, opts
+        self.task, self.tokenizer, self.opts = cfg.task.name, tokenizer, opts
         self.prompts, self.source = held_out_prompts(run_dir, cfg, tokenizer, opts.parity_prompts)
         self.texts, self.perplexity_on = held_out_texts(run_dir, cfg, tokenizer)
         self.stops = run_stop_ids(run_dir, tokenizer, model.generation_config)
@@ -71,9 +77,7 @@ class CausalChecks:
         return result
 
     def ort_gate(self, folder: Path, ref, stage: str, precision: str) -> Gate:
-        import torch
-
-        ort = load_ort(folder, "causal-lm")
+        ort = load_ort(folder, self.task)
         gate = compare(ref, ort_logits(ort, ref), stage=stage, artefact=folder.name, precision=precision,
                        reference=MERGED, min_agreement=self.opts.min_agreement)
         # The server's shape too: two prompts of different lengths, padded into one batch.
@@ -89,10 +93,8 @@ class CausalChecks:
         save_merged(model, tokenizer, folder, dtype, max_shard_size, self.stops)
 
     def finish_onnx(self, folder: Path) -> None:
-        from lite_sft.stops import write_stop_tokens
-
         write_stop_tokens(folder, self.stops)  # the exporter copies generation_config.json; make sure of the list
-        genai = folder / "genai_config.json"  # the builder's: onnxruntime-genai stops at its model.eos_token_id
+        genai = folder / GENAI_CONFIG  # the builder's: onnxruntime-genai stops at its model.eos_token_id
         if genai.is_file():
             config = json.loads(genai.read_text())
             config["model"]["eos_token_id"] = self.stops
@@ -111,43 +113,33 @@ class TaskChecks:
     perplexity_on = None  # their figures are the task's metrics, which `lite-sft eval` measures
 
     def __init__(self, run_dir: Path, cfg, model, tokenizer, opts):
-        from lite_sft.tasks.base import get_task
-
-        from .parity_tasks import DEFAULT_EXAMPLES, held_out_rows
-
-        self.task, self.tokenizer, self.opts = get_task(cfg.task.name), tokenizer, opts
-        self.generation = run_generation(run_dir, cfg, model) if self.task.name == "seq2seq" else None
-        id2label = getattr(model.config, "id2label", None) if self.task.name != "seq2seq" else None
+        self.task, self.spec = get_task(cfg.task.name), TASKS[cfg.task.name]
+        self.tokenizer, self.opts = tokenizer, opts
+        # A generating task (seq2seq) gates on the run's generation settings; a classifier reports its labels.
+        self.generation = run_generation(run_dir, cfg, model) if self.spec.generates else None
+        id2label = getattr(model.config, "id2label", None) if not self.spec.generates else None
         self.labels = [id2label[i] for i in sorted(id2label)] if id2label else None
-        count = opts.parity_examples or DEFAULT_EXAMPLES[self.task.name]
-        self.rows, self.source = held_out_rows(self.task, run_dir, cfg, tokenizer, count)
+        count = opts.parity_examples or self.spec.gate_examples
+        self.rows, self.source = parity_tasks.held_out_rows(self.task, run_dir, cfg, tokenizer, count)
 
     def reference(self, model, perplexity_measured: float | None = None):  # the classic tasks measure none
-        from .parity_tasks import make_reference
-
-        return make_reference(model, self.task, self.rows, self.tokenizer, self.opts.parity_tokens, self.generation)
+        return parity_tasks.make_reference(model, self.task, self.rows, self.tokenizer, self.opts.parity_tokens,
+                                           self.generation)
 
     def torch_gate(self, model, ref, tolerance: str | None = None, **gate) -> Gate:
-        from .parity_tasks import torch_logits as task_torch_logits
-
-        return compare(ref.as_reference(), task_torch_logits(model, ref),
+        return compare(ref.as_reference(), parity_tasks.torch_logits(model, ref),
                        thresholds=self.thresholds(tolerance or gate["precision"]), **gate)
 
     def thresholds(self, precision: str) -> dict:
-        from .parity_tasks import TASK_THRESHOLDS
-
-        return TASK_THRESHOLDS[self.task.name][precision]
+        return self.spec.thresholds[precision]
 
     def ort_gate(self, folder: Path, ref, stage: str, precision: str) -> Gate:
-        from .parity_tasks import ort_batch_logits as task_batch_logits
-        from .parity_tasks import ort_logits as task_ort_logits
-
         judge = dict(stage=stage, artefact=folder.name, precision=precision, reference=MERGED,
                      min_agreement=self.opts.min_agreement, thresholds=self.thresholds(precision))
         ort = load_ort(folder, self.task.name)
-        gate = compare(ref.as_reference(), task_ort_logits(ort, ref), **judge)
+        gate = compare(ref.as_reference(), parity_tasks.ort_logits(ort, ref), **judge)
         # As a server runs them: several examples of different lengths, padded into one batch.
-        batch_check(gate, ref.as_reference(), task_batch_logits(ort, ref), rows=ref.batch_rows,
+        batch_check(gate, ref.as_reference(), parity_tasks.ort_batch_logits(ort, ref), rows=ref.batch_rows,
                     input_lengths=ref.lengths(ref.batch_rows))
         del ort
         gate.extra["size_bytes"] = onnx_bytes(folder)
@@ -161,9 +153,7 @@ class TaskChecks:
         pass  # the exporter copies the merged model's config (labels) and generation config (seq2seq) as they are
 
     def report(self) -> dict:
-        from .parity_tasks import AGREEMENT
-
-        examples = {"source": self.source, "count": len(self.rows), "agreement_of": AGREEMENT[self.task.name]}
+        examples = {"source": self.source, "count": len(self.rows), "agreement_of": self.spec.agreement}
         extra = {"labels": self.labels} if self.labels else {}
         if self.generation is not None:
             examples["new_tokens"] = self.opts.parity_tokens
@@ -174,9 +164,6 @@ class TaskChecks:
 def run_generation(run_dir: Path, cfg, model):
     """A seq2seq run's generation settings: RUN_DIR/generation_config.json, or, for a run without it, the
     base's own with the run's task.max_new_tokens and task.num_beams (as its evaluation generated)."""
-    from lite_sft.model import ModelError
-    from lite_sft.tasks.seq2seq import generation_settings, load_generation_settings
-
     try:
         saved = load_generation_settings(run_dir)
     except ModelError as err:

@@ -15,11 +15,20 @@ gives a different model (tests/test_export_merge.py shows by how much) and is on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
 
 import torch
+
+from lite_sft.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, METRICS_FILE, has_adapter
+from lite_sft.config import load_config
+from lite_sft.errors import ConfigError, ModelError
+from lite_sft.model import load_base_model, load_tuned, run_base_path
+from lite_sft.stops import stop_ids as decide
+from lite_sft.stops import write_stop_tokens
+from lite_sft.tasks.base import get_task
 
 from . import ExportError
 
@@ -32,26 +41,21 @@ CPU = torch.device("cpu")
 
 def read_run(run_dir: Path):
     """The run's resolved config, after checking the directory holds a finished adapter."""
-    from lite_sft.config import ConfigError, load_config
-
     if not run_dir.is_dir():
         raise ExportError(f"run directory {run_dir} does not exist")
-    if not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"{run_dir} has no config.yaml: pass the output_dir of a `lite-sft tune` run")
-    if not (run_dir / "adapter_config.json").is_file() or not any(
-            (run_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise ExportError(f"{run_dir} holds no adapter (adapter_config.json + adapter_model.safetensors): the run "
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ExportError(f"{run_dir} has no {CONFIG_FILE}: pass the output_dir of a `lite-sft tune` run")
+    if not has_adapter(run_dir):
+        raise ExportError(f"{run_dir} holds no adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}): the run "
                           "has not finished; continue it with `lite-sft tune --output-dir RUN --resume`")
     try:
-        return load_config(run_dir / "config.yaml")
+        return load_config(run_dir / CONFIG_FILE)
     except ConfigError as err:
-        raise ExportError(f"{run_dir}/config.yaml: {err}") from err
+        raise ExportError(f"{run_dir}/{CONFIG_FILE}: {err}") from err
 
 
 def base_path(cfg, run_dir: Path) -> str:
     """The base model folder (or hub id) the run's config names, with the config's name in any error."""
-    from lite_sft.model import ModelError, run_base_path
-
     try:
         return run_base_path(cfg, run_dir)
     except ModelError as err:
@@ -64,8 +68,6 @@ def load_reference(run_dir: Path, cfg):
     This is the model the merge must reproduce. Computing in fp32 keeps rounding out of the comparison;
     the weights are exactly what training used (a 4-bit base is re-quantised from the same checkpoint).
     """
-    from lite_sft.model import ModelError, load_tuned
-
     try:
         model, tokenizer, _ = load_tuned(run_dir, CPU)
     except ModelError as err:
@@ -80,7 +82,7 @@ def _mismatch(err: Exception, name: str, run_dir: Path) -> ExportError:
     detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
     detail = detail.rstrip(".")
     return ExportError(f"the adapter in {run_dir} does not fit the base model {name}: it is not the model the "
-                       f"adapter was trained on ({detail}). Point model.name_or_path in {run_dir}/config.yaml at "
+                       f"adapter was trained on ({detail}). Point model.name_or_path in {run_dir}/{CONFIG_FILE} at "
                        "the original base model")
 
 
@@ -130,11 +132,6 @@ def merge(model, cfg, run_dir: Path):
 def _plain_base(cfg, run_dir: Path, tokenizer):
     """The base checkpoint as ordinary fp32 modules (Linear, GPT-2's Conv1D), with the run's task head and
     sized for the run's tokenizer: lite_sft.model's own loading, without the quantisation."""
-    import dataclasses
-
-    from lite_sft.model import ModelError, load_base_model
-    from lite_sft.tasks.base import get_task
-
     task = get_task(cfg.task.name)
     plain = dataclasses.replace(cfg.model, quant="none", dtype="float32")
     try:
@@ -181,7 +178,7 @@ def check_finite(model) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ExportError(f"merged tensor {name} holds NaN or infinite values: the adapter is broken "
-                              "(check the run's metrics.jsonl for a diverging loss)")
+                              f"(check the run's {METRICS_FILE} for a diverging loss)")
 
 
 def merged_dtype(option: str, quant: str, stored: torch.dtype) -> torch.dtype:
@@ -212,8 +209,6 @@ def save_merged(model, tokenizer, out: Path, dtype: torch.dtype, max_shard_size:
     (with a classifier's id2label / label2id), tokenizer, and the generation config: for an encoder-decoder
     `generation`, the run's own settings; for a causal LM the model's, its eos_token_id the run's stop list
     (lite_sft.stops); an encoder has none."""
-    from lite_sft.stops import stop_ids as decide, write_stop_tokens
-
     causal = generation is None and model.can_generate()
     if generation is not None:
         model.generation_config = generation

@@ -29,24 +29,26 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from lite_sft.artifacts import is_model_file
+from lite_sft.taskspec import TASKS
+
 from . import ExportError
 from .exporters import EXPORTERS, Row, candidates
+from .quantize import quantize
 
 log = logging.getLogger(__name__)
 
-# The task in Hugging Face's exporter vocabulary, which parity.json records as `optimum_task` (kept for readers of
-# older exports; `task` is lite-sft's name).
-HF_TASKS = {"causal-lm": "text-generation-with-past", "seq-cls": "text-classification",
-            "token-cls": "token-classification", "seq2seq": "text2text-generation-with-past"}
 ONNX_DTYPES = ("fp32", "fp16")
 
 
 def check_dtype(dtype: str, task: str = "causal-lm") -> None:
-    """fp16 is exported and tested for decoders only; the classic tasks shrink with --quantize instead."""
+    """A task exports the precisions its row names (fp16: decoders only, where it is tested); the others shrink
+    with --quantize instead."""
     if dtype not in ONNX_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
-    if dtype != "fp32" and task != "causal-lm":
-        raise ExportError(f"--dtype {dtype} exports causal-lm runs only; export this {task} run in fp32 (and shrink "
+    if dtype not in TASKS[task].onnx_dtypes:
+        takers = " and ".join(spec.name for spec in TASKS.values() if dtype in spec.onnx_dtypes)
+        raise ExportError(f"--dtype {dtype} exports {takers} runs only; export this {task} run in fp32 (and shrink "
                           "it with --quantize int8 or int4)")
 
 
@@ -79,8 +81,6 @@ def quantize_onnx(row: Row, src: Path, dst: Path, method: str, block_size: int, 
     if hasattr(module, "quantize"):
         module.quantize(src, dst, method, block_size, merged)
     else:
-        from .quantize import quantize
-
         quantize(src, dst, method, block_size)
 
 
@@ -94,11 +94,6 @@ def one_line(err: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
-
-
-def is_model_file(name: str) -> bool:
-    """The graph or its external weights: model.onnx, model.onnx_data (torch.onnx), model.onnx.data (the builder)."""
-    return name.endswith(".onnx") or ".onnx_data" in name or ".onnx.data" in name
 
 
 def onnx_bytes(folder: Path) -> int:

@@ -18,15 +18,18 @@ independent check of the graph the server then runs its own way.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from . import ExportError
+from lite_sft.artifacts import MODEL_CONFIG, ONNX_FILE
 
-ONNX_FILE = "model.onnx"
+from . import ExportError
+from .onnx import one_line
+
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -36,8 +39,6 @@ class OnnxDecoder:
     def __init__(self, folder: Path):
         import onnx
         import onnxruntime
-
-        from .onnx import one_line
 
         model_file = Path(folder) / ONNX_FILE
         options = onnxruntime.SessionOptions()
@@ -58,9 +59,7 @@ class OnnxDecoder:
         self.kv_type = NP_TYPES[first.type]
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
         if not isinstance(self.head_dim, int):  # the builder leaves the head size symbolic: the config has it
-            import json
-
-            config = json.loads((Path(folder) / "config.json").read_text())
+            config = json.loads((Path(folder) / MODEL_CONFIG).read_text())
             heads = config.get("num_attention_heads")
             self.head_dim = config.get("head_dim") or config["hidden_size"] // heads
         graph = onnx.load(str(model_file), load_external_data=False).graph

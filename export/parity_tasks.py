@@ -5,7 +5,8 @@
 The examples are the run's held-out validation rows, read as its task reads them (the task's eval_rows on
 data.validation_path, or the seeded split its prepare makes) and collated by the task itself, so the gate
 sees the inputs the run was validated on. What is compared, reference against candidate, with
-parity.compare and TASK_THRESHOLDS (agreement is the `greedy_agreement` figure of parity.json):
+parity.compare and the thresholds of the task's row (lite_sft/taskspec.py; agreement is the
+`greedy_agreement` figure of parity.json):
 
   seq-cls    each example's label logits: one position per example, agreement = the same label
   token-cls  the label logits of every token of each example: agreement = the same label, token by token
@@ -27,24 +28,17 @@ from pathlib import Path
 
 import torch
 
+from lite_sft.artifacts import CONFIG_FILE
+from lite_sft.errors import ModelError
+from lite_sft.taskspec import TASKS
+
 from . import ExportError
-from .parity import THRESHOLDS, Reference
+from .parity import Reference
 
 # What an encoder reads; a task's collate also returns its labels, which no model is given here.
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# Examples compared when --parity-examples is not given: a classifier is cheap to run, a generator is not.
-DEFAULT_EXAMPLES = {"seq-cls": 32, "token-cls": 32, "seq2seq": 8}
-AGREEMENT = {"seq-cls": "labels of the examples", "token-cls": "labels of every token",
-             "seq2seq": "greedy next tokens, teacher-forced"}
-# A classifier's few logits are all large ones, so its mean |dlogit| relative to the largest is close to a
-# max, where an LM's is the mean over a whole vocabulary of mostly small logits: a trained all-MiniLM-L6-v2
-# on SST-2 keeps every label in int8 with a relative mean of 2.5e-2, over causal-lm's 2e-2. Classifiers are
-# held to more agreement (their labels are what a user reads) and a looser logit bound, with the measured
-# margins in the README. fp32 and the 16-bit merges keep causal-lm's thresholds; seq2seq keeps all of them
-# (its logits span a vocabulary too).
-CLASSIFIER_THRESHOLDS = {**THRESHOLDS, "int8": {"min_agreement": 0.90, "mean_abs_rel": 5e-2},
-                         "int4": {"min_agreement": 0.85, "mean_abs_rel": 1e-1}}
-TASK_THRESHOLDS = {"seq-cls": CLASSIFIER_THRESHOLDS, "token-cls": CLASSIFIER_THRESHOLDS, "seq2seq": THRESHOLDS}
+# How many examples the gate compares by default (a classifier is cheap to run, a generator is not), what its
+# agreement counts and the thresholds it holds each precision to: the task's row in lite_sft/taskspec.py.
 
 
 @dataclass
@@ -63,6 +57,11 @@ class TaskReference:
     batch: dict = field(default_factory=dict)
     """Their inputs, padded into one batch by the task's collate."""
 
+    @property
+    def generates(self) -> bool:
+        """seq2seq: the reference generated a continuation, which every candidate scores teacher-forced."""
+        return TASKS[self.task].generates
+
     def as_reference(self) -> Reference:
         """For parity.compare: every position of each example is compared (its `prompt` is one position)."""
         sequences = self.decoder_ids or [inputs["input_ids"] for inputs in self.inputs]
@@ -75,8 +74,6 @@ class TaskReference:
 def held_out_rows(task, run_dir: Path, cfg, tokenizer, n: int) -> tuple[list, str]:
     """The first `n` held-out rows, as the run's task reads them, and where they came from. A run that held
     nothing out is compared on its first training rows (the gate checks the export, not the model's skill)."""
-    from lite_sft.model import ModelError
-
     d = cfg.data
     try:
         if d.validation_path:
@@ -91,7 +88,7 @@ def held_out_rows(task, run_dir: Path, cfg, tokenizer, n: int) -> tuple[list, st
     except (OSError, ValueError, ModelError) as err:  # the project's DataError and ConfigError are ValueErrors
         where = d.validation_path or d.path
         raise ExportError(f"the parity gate compares on the run's held-out examples, but {where} (the data in "
-                          f"{Path(run_dir) / 'config.yaml'}) cannot be read: {err}. Put the data back where the "
+                          f"{Path(run_dir) / CONFIG_FILE}) cannot be read: {err}. Put the data back where the "
                           "run read it") from err
     rows = [row for row in rows if len(row)][:n]
     if not rows:
@@ -105,7 +102,7 @@ def make_reference(model, task, rows: list, tokenizer, new_tokens: int, generati
     `new_tokens` greedy tokens from each source, with the run's `generation` settings' special ids."""
     model.eval()
     ref = TaskReference(task.name, [_inputs(task.collate([row], tokenizer)) for row in rows], [])
-    if task.name == "seq2seq":
+    if ref.generates:
         gen = copy.deepcopy(generation)
         gen.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1, do_sample=False)
         ref.decoder_ids = [model.generate(**inputs, generation_config=gen) for inputs in ref.inputs]
@@ -123,10 +120,10 @@ def make_reference(model, task, rows: list, tokenizer, new_tokens: int, generati
 def torch_logits(model, ref: TaskReference) -> list[torch.Tensor]:
     """A PyTorch model's logits on each reference example alone."""
     model.eval()
-    if ref.task == "seq2seq":
+    if ref.generates:
         return [model(**inputs, decoder_input_ids=ids, use_cache=False).logits[0].float()
                 for inputs, ids in zip(ref.inputs, ref.decoder_ids)]
-    return [_per_example(ref.task, model(**inputs).logits.float(), 0, inputs) for inputs in ref.inputs]
+    return [_per_example(model(**inputs).logits.float(), 0, inputs) for inputs in ref.inputs]
 
 
 @torch.no_grad()
@@ -134,30 +131,31 @@ def ort_logits(ort_model, ref: TaskReference) -> list[torch.Tensor]:
     """The exported model's logits on each reference example alone: `ort_model` is the runner its exporter's
     open() gives (seq-cls, token-cls: called as runner(**inputs).logits; seq2seq: encode and step through the
     decoder's cache, _ort_decode)."""
-    if ref.task == "seq2seq":
+    if ref.generates:
         return [_ort_decode(ort_model, inputs, ids)[0] for inputs, ids in zip(ref.inputs, ref.decoder_ids)]
-    return [_per_example(ref.task, ort_model(**inputs).logits.float(), 0, inputs) for inputs in ref.inputs]
+    return [_per_example(ort_model(**inputs).logits.float(), 0, inputs) for inputs in ref.inputs]
 
 
 @torch.no_grad()
 def ort_batch_logits(ort_model, ref: TaskReference) -> list[torch.Tensor]:
     """ort_logits for ref.batch_rows run as one padded batch; each row cut back to its own length."""
     rows = ref.batch_rows
-    if ref.task == "seq2seq":
+    if ref.generates:
         # Every decoder sequence has 1 + new_tokens ids (make_reference holds EOS back), so they stack.
         logits = _ort_decode(ort_model, ref.batch, torch.cat([ref.decoder_ids[i] for i in rows]))
         return [logits[b] for b in range(len(rows))]
     logits = ort_model(**ref.batch).logits.float()
-    return [_per_example(ref.task, logits, b, ref.inputs[i]) for b, i in enumerate(rows)]
+    return [_per_example(logits, b, ref.inputs[i]) for b, i in enumerate(rows)]
 
 
 def _inputs(batch: dict) -> dict:
     return {name: batch[name] for name in INPUTS if name in batch}
 
 
-def _per_example(task: str, logits: torch.Tensor, row: int, inputs: dict) -> torch.Tensor:
-    """One example's logits out of a batch's: seq-cls (1, labels); token-cls its own tokens (length, labels)."""
-    if task == "seq-cls":
+def _per_example(logits: torch.Tensor, row: int, inputs: dict) -> torch.Tensor:
+    """One example's logits out of a batch's: seq-cls's (batch, labels) give (1, labels); token-cls's
+    (batch, sequence, labels) its own tokens (length, labels)."""
+    if logits.dim() == 2:
         return logits[row:row + 1]
     return logits[row, :inputs["input_ids"].shape[1]]
 

@@ -39,13 +39,17 @@ from typing import Callable
 
 import torch
 
+from lite_sft.artifacts import MERGED_DIR, PARITY_FILE, variant_folder
+from lite_sft.report import peak_memory, versions
+from lite_sft.taskspec import TASKS
+
 from . import ExportError
 from .checks import make_checks, run_stop_ids  # noqa: F401  (run_stop_ids: imported from here by callers)
 from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
 from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, stored_dtype,
                     unquantized_base)
 from .exporters import EXPORTER_CHOICES, candidates
-from .onnx import HF_TASKS, ONNX_DTYPES, check_dtype, export_onnx, onnx_bytes, quantize_onnx
+from .onnx import ONNX_DTYPES, check_dtype, export_onnx, onnx_bytes, quantize_onnx
 from .parity import Gate, format_report
 from .quantize import QUANTIZE_CHOICES
 
@@ -117,7 +121,7 @@ class ParityFailed(RuntimeError):
     """A gate failed: the artefacts are kept in OUT.parity-failed, with parity.json saying why."""
 
     def __init__(self, report: dict, text: str, where: Path):
-        super().__init__(f"parity gate failed; artefacts kept in {where} (see {where / 'parity.json'})")
+        super().__init__(f"parity gate failed; artefacts kept in {where} (see {where / PARITY_FILE})")
         self.report, self.text, self.where = report, text, where
 
 
@@ -144,6 +148,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
     save_dtype = merged_dtype(opts.merged_dtype, cfg.model.quant, base_dtype)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    merged_dir, onnx_dir = tmp / MERGED_DIR, tmp / variant_folder("fp")
     remove_leftovers(out, say)
     gates: list[Gate] = []
     exporter: dict = {}
@@ -178,17 +183,17 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
             merged = merge(reference, cfg, run_dir)
             del reference
         _check_disk(tmp, merged.num_parameters(), save_dtype, opts, task)
-        checks.save_merged(merged, tokenizer, tmp / "merged", save_dtype, opts.max_shard_size)
+        checks.save_merged(merged, tokenizer, merged_dir, save_dtype, opts.max_shard_size)
         del merged
         gc.collect()
         lap("merge_s")
 
         # The gate reads the folder back, so it judges the artefact on disk, not the object in memory.
-        model = load_merged(tmp / "merged", task)
+        model = load_merged(merged_dir, task)
         quant = {"4bit": "4-bit NF4", "8bit": "8-bit"}.get(cfg.model.quant, "16/32-bit")
         # An 8-bit run's adapter model multiplies int8 activations too (LLM.int8), which no float model
         # reproduces, so its merge is held to the int8 tolerance; 4-bit layers dequantise and compute in fp32.
-        gate = checks.torch_gate(model, adapter_ref, stage="merge", artefact="merged", precision=PRECISION[save_dtype],
+        gate = checks.torch_gate(model, adapter_ref, stage="merge", artefact=MERGED_DIR, precision=PRECISION[save_dtype],
                                  min_agreement=opts.min_agreement,
                                  tolerance="int8" if cfg.model.quant == "8bit" else None,
                                  reference=f"adapter model ({quant} base + adapter), fp32 on CPU")
@@ -197,30 +202,30 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         lap("merge_gate_s")
 
         if gate.passed and opts.onnx:
-            say(f"exporting ONNX ({opts.dtype}{', KV cache' if task in ('causal-lm', 'seq2seq') else ''}) with the "
+            say(f"exporting ONNX ({opts.dtype}{', KV cache' if TASKS[task].generates else ''}) with the "
                 f"{rows[0].name} exporter" + (f" ({rows[1].name} if it fails)" if len(rows) > 1 else ""))
             merged_ref = checks.reference(model, gate.extra.get("perplexity"))
-            row, fallback = export_onnx(model, tmp / "onnx", opts.dtype, task, tmp / "merged", rows=rows, say=say)
+            row, fallback = export_onnx(model, onnx_dir, opts.dtype, task, merged_dir, rows=rows, say=say)
             exporter = {"name": row.name, "module": f"lite_sft.export.exporters.{row.module}",
                         "chosen": "forced by --exporter" if opts.exporter != "auto" else "auto",
                         "fallback_from": fallback}
-            checks.finish_onnx(tmp / "onnx")
+            checks.finish_onnx(onnx_dir)
             del model
             gc.collect()
             lap("onnx_export_s")
-            gate = checks.ort_gate(tmp / "onnx", merged_ref, "onnx", PRECISION[opts.dtype])
+            gate = checks.ort_gate(onnx_dir, merged_ref, "onnx", PRECISION[opts.dtype])
             gates.append(gate)
             lap("onnx_gate_s")
             if gate.passed and opts.quantize != "none":
                 check_fp16_int4(opts, row.name)  # the torch exporter may have stood in for the builder
                 say(f"quantising ONNX to {opts.quantize}")
-                name = f"onnx-{opts.quantize}"
-                quantize_onnx(row, tmp / "onnx", tmp / name, opts.quantize, opts.block_size, tmp / "merged")
+                name = variant_folder(opts.quantize)
+                quantize_onnx(row, onnx_dir, tmp / name, opts.quantize, opts.block_size, merged_dir)
                 checks.finish_onnx(tmp / name)
                 lap("quantize_s")
                 fp = gate
                 gate = checks.ort_gate(tmp / name, merged_ref, opts.quantize, opts.quantize)
-                gate.extra.update(size_bytes_before=onnx_bytes(tmp / "onnx"), size_bytes_after=onnx_bytes(tmp / name),
+                gate.extra.update(size_bytes_before=onnx_bytes(onnx_dir), size_bytes_after=onnx_bytes(tmp / name),
                                   block_size=opts.block_size if opts.quantize == "int4" else None)
                 if "perplexity" in gate.extra:  # causal-lm
                     gate.extra.update(perplexity_before=fp.extra["perplexity"],
@@ -230,7 +235,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
 
         passed = all(g.passed for g in gates)
         report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter)
-        (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         text = format_report(gates, checks.source, checks.agreement, checks.perplexity_on)
         if passed:
             _install(tmp, out)
@@ -267,9 +272,7 @@ def load_merged(folder: Path, task: str):
     """merged/ read back in fp32 with the task's Auto class, as a user loads it."""
     import transformers
 
-    from lite_sft.tasks.base import get_task
-
-    return getattr(transformers, get_task(task).auto_class).from_pretrained(folder, dtype=torch.float32)
+    return getattr(transformers, TASKS[task].auto_class).from_pretrained(folder, dtype=torch.float32)
 
 
 def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
@@ -280,8 +283,8 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ExportError(f"{out} already exists: pass --overwrite to replace it (it is replaced only once "
                               "the new export has passed its gates)")
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "parity.json").is_file()):
-            raise ExportError(f"{out} exists and is not an earlier export (no parity.json): refusing to replace it")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / PARITY_FILE).is_file()):
+            raise ExportError(f"{out} exists and is not an earlier export (no {PARITY_FILE}): refusing to replace it")
 
 
 def _check_disk(tmp: Path, params: int, save_dtype, opts: ExportOptions, task: str = "causal-lm") -> None:
@@ -313,13 +316,11 @@ def _install(tmp: Path, out: Path) -> None:
 def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter) -> dict:
     import onnxruntime
 
-    from lite_sft.report import peak_memory, versions
-
     settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
     planned = ["merge"] + (["onnx"] if opts.onnx else []) + ([opts.quantize] if opts.quantize != "none" else [])
     return {
         "task": cfg.task.name,  # what the server and the benchmarks read to know what the model does
-        "optimum_task": HF_TASKS[cfg.task.name],  # the same task in Hugging Face's exporter vocabulary
+        "optimum_task": TASKS[cfg.task.name].hf_task,  # the same task in Hugging Face's exporter vocabulary
         "exporter": exporter or None,  # which exporter wrote onnx/, and whether it stood in for a failed one
         "passed": all(g.passed for g in gates),
         "not_run": planned[len(gates):],  # stages after a failed gate

@@ -34,8 +34,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from lite_sft.artifacts import is_model_file
+
 from . import ExportError
-from .onnx import is_model_file
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (see the module docstring)

@@ -24,6 +24,7 @@ only the error tree and the task rows.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .errors import ServeError
@@ -137,3 +138,35 @@ def model_task(folder: str | Path) -> str:
                      "*ForCausalLM (generation), encoder-decoder *ForConditionalGeneration (seq2seq), "
                      "*ForSequenceClassification (classify) or *ForTokenClassification (ner); export a model "
                      "trained with one of these tasks")
+
+
+# --- export folder
+
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # an older peft's adapter weights, which export still reads
+TOKENIZER_CONFIG = "tokenizer_config.json"  # a tokenizer saved by transformers, with or without tokenizer.json
+# What a Hugging Face folder holds that an ONNX folder beside it does not need: the PyTorch weights (the graph
+# replaces them) and their shard indexes.
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def has_adapter(run_dir: Path) -> bool:
+    """A finished adapter in a run directory: its config and its weights (safetensors, or an older peft's .bin)."""
+    run_dir = Path(run_dir)
+    return (run_dir / ADAPTER_CONFIG).is_file() and any((run_dir / name).is_file()
+                                                         for name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN))
+
+
+def is_model_file(name: str) -> bool:
+    """An ONNX graph or its external weights: model.onnx, model.onnx_data (torch.onnx), model.onnx.data (the builder)."""
+    return name.endswith(".onnx") or ".onnx_data" in name or ".onnx.data" in name
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Put beside the ONNX graph in `dst` what makes the folder servable on its own, from the Hugging Face folder
+    `src` (an export's merged/): every file but the weights, i.e. config.json (a classifier's labels),
+    generation_config.json (the run's stop ids or generation settings), the tokenizer and its chat template. They
+    replace any copy an exporter wrote itself (the model builder re-saves the tokenizer): the run's are the
+    reference."""
+    for path in sorted(Path(src).iterdir()):
+        if path.is_file() and not any(Path(path.name).match(pattern) for pattern in WEIGHT_FILES):
+            shutil.copy2(path, Path(dst) / path.name)

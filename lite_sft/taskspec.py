@@ -59,6 +59,11 @@ class TaskSpec:
     """What the gate's agreement figure counts."""
     hf_aliases: tuple[str, ...] = ()
     """Other names older exports' parity.json may give the task."""
+    onnx_dtypes: tuple[str, ...] = ("fp32",)
+    """The ONNX precisions `lite-sft export --dtype` writes for it (the others shrink with --quantize instead)."""
+    gate_on: str = "examples"
+    """What the export gate runs through each model: "prompts", held-out prompts it continues greedily
+    (export/parity.py), or "examples", the task's own held-out rows (export/parity_tasks.py)."""
 
     @property
     def endpoints(self) -> str:
@@ -69,7 +74,7 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("causal-lm", "causal_lm", "AutoModelForCausalLM", "CAUSAL_LM", "text-generation-with-past",
              "a causal language model", ("/v1/completions", "/v1/chat/completions"), generates=True,
-             hf_aliases=("text-generation",)),
+             hf_aliases=("text-generation",), onnx_dtypes=("fp32", "fp16"), gate_on="prompts"),
     TaskSpec("seq-cls", "classification", "AutoModelForSequenceClassification", "SEQ_CLS", "text-classification",
              "a sequence classifier", ("/v1/classify",), generates=False, thresholds=CLASSIFIER_THRESHOLDS,
              gate_examples=32, agreement="labels of the examples"),

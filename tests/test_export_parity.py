@@ -8,8 +8,9 @@ import torch
 
 from lite_sft.config import load_config
 from lite_sft.export import ExportError
-from lite_sft.export.parity import (THRESHOLDS, Reference, batch_check, compare, format_report, held_out_prompts,
-                                    make_reference, ort_batch_logits, ort_logits)
+from lite_sft.export.parity import (THRESHOLDS, Reference, batch_check, compare, format_report, make_reference,
+                                    ort_batch_logits, ort_logits)
+from lite_sft.export.prompts import held_out_prompts
 
 
 def reference(prompt_len=4, length=10, vocab=8, seed=0):
@@ -116,7 +117,7 @@ def tiny_llama():
 
 
 def test_the_batch_run_passes_a_model_that_masks_padding_and_fails_one_that_does_not(tiny_llama):
-    from lite_sft.export.parity import Prompt
+    from lite_sft.export.prompts import Prompt
 
     prompts = [Prompt([5, 6, 7]), Prompt([9, 10, 11, 12, 13, 14, 15, 16]), Prompt([20, 21])]
     ref = make_reference(tiny_llama, prompts, new_tokens=5, pad_id=0)

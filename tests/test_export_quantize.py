@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lite_sft.export.onnx import export_onnx, load_ort
-from lite_sft.export.parity import Prompt, batch_check, compare, make_reference, ort_batch_logits, ort_logits
+from lite_sft.export.parity import batch_check, compare, make_reference, ort_batch_logits, ort_logits
+from lite_sft.export.prompts import Prompt
 from lite_sft.export.quantize import quantize
 
 

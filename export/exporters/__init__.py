@@ -12,6 +12,7 @@ architecture is used (`--exporter NAME` forces a row of that name). An exporter 
     export(model, merged, out, dtype)      write the ONNX folder `out` from the merged model (`model`, loaded in
                                            fp32 from the merged/ folder `merged`): the graph(s), config.json,
                                            generation_config.json and the tokenizer, so the folder is servable
+                                           (lite_sft.artifacts.copy_model_files copies those from `merged`)
     quantize(src, dst, method, block_size, merged) (optional) a quantised copy of the exported folder `src`;
                                            without it quantize.quantize (onnxruntime's quantisers) is used
 

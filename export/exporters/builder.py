@@ -61,7 +61,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lite_sft.artifacts import GENAI_CONFIG, ONNX_FILE, copy_model_files
+
 from .. import ExportError
+from ..ort_decoder import OnnxDecoder
+from ..quantize import quantize as ort_quantize
 
 NAME = "builder"
 log = logging.getLogger(__name__)
@@ -71,12 +75,6 @@ PRECISIONS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations on CPU (export/quantize.py's docstring says why)
 # Layers whose cache is one key and one value, which is all lite-sft's server keeps per layer.
 KV_LAYERS = ("full_attention", "sliding_attention")
-# The files of the merged folder that make the ONNX folder servable on its own (torch_decoder copies them by
-# suffix instead: it has no copies of its own to replace). They replace the builder's copies: it re-saves the tokenizer through AutoTokenizer
-# (with its own model_max_length), and the run's files are the reference.
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-          "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-          "added_tokens.json")
 
 
 @functools.cache
@@ -146,8 +144,6 @@ def quantize(src: Path, dst: Path, method: str, block_size: int, merged: Path) -
     """A quantised copy of the exported folder `src` at `dst`: int4 built again from `merged` by the builder, int8
     by onnxruntime's quantize_dynamic over `src`'s fp32 graph (see the module docstring)."""
     if method == "int8":
-        from ..quantize import quantize as ort_quantize
-
         ort_quantize(src, dst, "int8")
     elif method == "int4":
         if block_size < 16 or block_size & (block_size - 1):
@@ -163,8 +159,6 @@ def quantize(src: Path, dst: Path, method: str, block_size: int, merged: Path) -
 
 def open(folder: Path):  # noqa: A001  (the exporter interface's name)
     """What the parity gate runs the exported folder with."""
-    from ..ort_decoder import OnnxDecoder
-
     return OnnxDecoder(folder)
 
 
@@ -197,11 +191,11 @@ def _build(merged: Path, out: Path, precision: str, provider: str, **options) ->
             raise ExportError(f"onnxruntime-genai's model builder failed ({precision}, {provider}) on {merged}: "
                               f"{type(err).__name__}: {text[:300]}") from err
     log.debug("onnxruntime-genai's model builder said:\n%s", captured.getvalue())
-    for name in COPIED:
-        if (merged / name).is_file():
-            shutil.copy2(merged / name, out / name)
-    if not (out / "model.onnx").is_file() or not (out / "genai_config.json").is_file():
-        raise ExportError(f"onnxruntime-genai's model builder wrote no model.onnx and genai_config.json in {out}")
+    # The merged folder's config, generation config (the run's stop ids) and tokenizer replace the builder's copies:
+    # it re-saves the tokenizer through AutoTokenizer (with its own model_max_length), and the run's are the reference.
+    copy_model_files(merged, out)
+    if not (out / ONNX_FILE).is_file() or not (out / GENAI_CONFIG).is_file():
+        raise ExportError(f"onnxruntime-genai's model builder wrote no {ONNX_FILE} and {GENAI_CONFIG} in {out}")
 
 
 def _fit_config(config, kinds: list[str]) -> None:
@@ -218,6 +212,6 @@ def _fit_config(config, kinds: list[str]) -> None:
 
 def _provider(folder: Path) -> str:
     """The execution provider an exported folder's genai_config.json names for its decoder ("cpu" when none)."""
-    decoder = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
+    decoder = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]["decoder"]
     options = decoder.get("session_options", {}).get("provider_options", [])
     return next((name for entry in options for name in entry), "cpu")

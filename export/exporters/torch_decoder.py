@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
+from lite_sft.artifacts import ONNX_FILE, copy_model_files
+
 from .. import ExportError
 from ..onnx import one_line
+from ..ort_decoder import OnnxDecoder
 from .dynamo import dynamo_export
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,6 @@ CACHELESS = ("dummy",)
 STATEFUL = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
 # Weights past this go to model.onnx_data: the protobuf limit is 2 GB for the graph and its weights together.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-ONNX_FILE = "model.onnx"
-# The merged folder's files that make the ONNX folder servable on its own: the configs and the tokenizer
-# (tokenizer.json, tokenizer.model, vocab.json, merges.txt, chat_template.jinja, ...), not the weights.
-COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 # The attention the model is captured with, in order until one exports: eager attention's graph is what
 # onnxscript fuses into MultiHeadAttention (SDPA's it leaves unfused).
 ATTENTION = ("eager", "sdpa")
@@ -185,9 +183,7 @@ def export(model, merged: Path, out: Path, dtype: str) -> None:
     else:
         raise ExportError(f"torch.onnx could not export this {model.config.model_type} model "
                           f"({'; '.join(failures)}); the merged model is fine: export it alone with --no-onnx")
-    for path in Path(merged).iterdir():
-        if path.suffix in COPIED_SUFFIXES and not path.name.endswith(".index.json"):
-            shutil.copy2(path, out / path.name)
+    copy_model_files(merged, out)
 
 
 def _candidates(flat: FlatCache):
@@ -292,7 +288,5 @@ def kv_names(prefix: str, layers: int) -> list[str]:
 
 def open(folder: Path):  # noqa: A001  (the registry's name for it)
     """What the parity gate runs the exported folder with."""
-    from ..ort_decoder import OnnxDecoder
-
     return OnnxDecoder(folder)
 

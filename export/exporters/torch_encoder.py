@@ -33,22 +33,20 @@ library), so it runs at eager's speed; the 1.8x at batch 1 is PyTorch's per-op o
 from __future__ import annotations
 
 import inspect
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from lite_sft.artifacts import ONNX_FILE, TOKENIZER_CONFIG, TOKENIZER_FILES, copy_model_files
 
 from .. import ExportError
 from ..onnx import one_line
 from .dynamo import dynamo_export
 
 NAME = "torch"
-MODEL_FILE = "model.onnx"
 # What a classifier may read, in the order the graph declares them (optimum's order, kept for its readers).
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# The merged folder's weights: the graph replaces them; everything else there (config, tokenizer) is copied.
-WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 
 def refuses(config, dtype: str) -> str | None:
@@ -68,9 +66,9 @@ def input_names(model, merged: Path) -> list[str]:
 
     takes = inspect.signature(model.forward).parameters
     # transformers 5 makes up an empty tokenizer for a folder without one, so its files are looked for first.
-    if not any((merged / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise ExportError(f"{merged} holds no tokenizer (tokenizer.json or tokenizer_config.json) to copy beside the "
-                          "graph; the merged folder keeps the run's tokenizer: merge again")
+    if not any((merged / name).is_file() for name in (TOKENIZER_FILES[0], TOKENIZER_CONFIG)):
+        raise ExportError(f"{merged} holds no tokenizer ({TOKENIZER_FILES[0]} or {TOKENIZER_CONFIG}) to copy beside "
+                          "the graph; the merged folder keeps the run's tokenizer: merge again")
     try:
         given = set(AutoTokenizer.from_pretrained(merged).model_input_names)
     except (OSError, ValueError) as err:
@@ -129,8 +127,9 @@ def export(model, merged: Path, out: Path, dtype: str) -> None:
         value.shape, value.type = None, None
     # Each node's metadata holds the Python stack that made it: this machine's paths, and no use to a runtime.
     ClearMetadataAndDocStringPass()(program.model)
-    shutil.copytree(merged, out, ignore=shutil.ignore_patterns(*WEIGHTS))
-    program.save(out / MODEL_FILE)  # external data past the 2 GB protobuf limit
+    out.mkdir(parents=True)
+    copy_model_files(merged, out)  # config (labels) and tokenizer
+    program.save(out / ONNX_FILE)  # external data past the 2 GB protobuf limit
 
 
 def _reason(err: BaseException) -> str:
@@ -160,10 +159,10 @@ class OrtClassifier:
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # the fusions (docstring)
         try:
-            self.session = ort.InferenceSession(str(Path(folder) / MODEL_FILE), options,
+            self.session = ort.InferenceSession(str(Path(folder) / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / InvalidProtobuf / ... types)
-            raise ExportError(f"onnxruntime could not load {Path(folder) / MODEL_FILE}: {one_line(err)}") from err
+            raise ExportError(f"onnxruntime could not load {Path(folder) / ONNX_FILE}: {one_line(err)}") from err
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **inputs: torch.Tensor) -> Output:

@@ -2,7 +2,7 @@
 
     lite-sft export runs/summaries --out exports/summaries --quantize int8    # exports/summaries/onnx/
 
-The folder (ENCODER, DECODER; N counts the decoder's layers):
+The folder (N counts the decoder's layers; lite_sft.artifacts names the two graphs):
     encoder_model.onnx   input_ids, attention_mask (batch, source) int64
                          -> present.N.encoder.key / .value (batch, heads, source, head_dim): the cross-attention
                          keys and values of every decoder layer, computed once per source
@@ -33,7 +33,6 @@ fp32 only: a seq2seq export shrinks with --quantize (int8, int4), which quantize
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +41,15 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from lite_sft.artifacts import DECODER_FILE, ENCODER_FILE, copy_model_files
+
 from .. import ExportError
 from ..onnx import one_line
 from .dynamo import dynamo_export
 
 NAME = "torch"
-ENCODER, DECODER = "encoder_model.onnx", "decoder_model.onnx"
 # Weights past this go to <graph>.onnx.data: the protobuf limit is 2 GB for a graph and its weights together.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-# merged/ files the ONNX folder does not need: the PyTorch weights.
-WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 def refuses(config, dtype: str) -> str | None:
@@ -101,14 +99,11 @@ def export(model, merged: Path, out: Path, dtype: str) -> None:
     kind = model.config.model_type
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     _export(encoder, (ids, mask), ["input_ids", "attention_mask"], cache_names(layers, "present", "encoder"),
-            ({0: batch, 1: source}, {0: batch, 1: source}), out / ENCODER, large, kind)
+            ({0: batch, 1: source}, {0: batch, 1: source}), out / ENCODER_FILE, large, kind)
     _export(Decoder(model, layers), (ids[:, :2], mask, caches), decoder_inputs(layers),
             ["logits"] + cache_names(layers, "present", "decoder"),
-            ({0: batch, 1: new}, {0: batch, 1: source}, cache_shapes), out / DECODER, large, kind)
-    skip = {p for pattern in WEIGHTS for p in Path(merged).glob(pattern)}
-    for p in Path(merged).iterdir():  # config.json, generation_config.json and the tokenizer's files
-        if p.is_file() and p not in skip:
-            shutil.copy2(p, out / p.name)
+            ({0: batch, 1: new}, {0: batch, 1: source}, cache_shapes), out / DECODER_FILE, large, kind)
+    copy_model_files(merged, out)  # config.json, generation_config.json and the tokenizer's files
 
 
 def _export(module, args, inputs: list[str], outputs: list[str], shapes, path: Path, large: bool,
@@ -183,7 +178,7 @@ class Runner:
         try:
             self.encoder, self.decoder = (onnxruntime.InferenceSession(str(folder / name), options,
                                                                        providers=["CPUExecutionProvider"])
-                                          for name in (ENCODER, DECODER))
+                                          for name in (ENCODER_FILE, DECODER_FILE))
         except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / NoSuchFile / ... types)
             raise ExportError(f"onnxruntime could not load the exported {folder.name}/ ({one_line(err)})") from err
         self.cross = [o.name for o in self.encoder.get_outputs()]
