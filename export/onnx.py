@@ -31,6 +31,7 @@ from typing import Callable
 
 from . import ExportError
 from .exporters import EXPORTERS, Row, candidates
+from lite_sft.options import ONNX_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 # older exports; `task` is lite-sft's name).
 HF_TASKS = {"causal-lm": "text-generation-with-past", "seq-cls": "text-classification",
             "token-cls": "token-classification", "seq2seq": "text2text-generation-with-past"}
-ONNX_DTYPES = ("fp32", "fp16")
 
 
 def check_dtype(dtype: str, task: str = "causal-lm") -> None:

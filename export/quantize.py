@@ -36,8 +36,8 @@ from pathlib import Path
 
 from . import ExportError
 from .onnx import is_model_file
+from lite_sft.options import QUANTIZE_CHOICES
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (see the module docstring)
 
 
