@@ -69,7 +69,9 @@ def _parameter(path: str) -> inspect.Parameter:
         kind = str  # comma-separated on the command line
     long = flag_name(field)
     if kind is bool and (override or optional or field.default is True):
-        long = f"{long}/--no-{long[2:]}"  # a flag that can be given either way: the default is not the only other
+        # Both spellings where leaving the flag out is not the same as one of them: a config override (out:
+        # the file decides), an unset None, or a default of True.
+        long = f"{long}/--no-{long[2:]}"
     names = [long] + ([field.metadata["short"]] if field.metadata.get("short") else [])
     if override:
         default, extra["show_default"] = None, False

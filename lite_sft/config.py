@@ -4,7 +4,9 @@
     cfg.validate()            # raises ConfigError listing every problem at once
     save_config(cfg, run_dir / "config.yaml")
 
-Every field carries a docstring; `lite-sft tune --help` and the README are built from the same words.
+Every field carries a docstring; `lite-sft tune --help` and the README are built from the same words. A field's
+flag is `--field-name` unless its `flag(...)` metadata names another (`lora.r`: `--lora-r`); lite_sft/cli_options.py
+builds the options from the fields, and `setting()` names them in error hints.
 The resolved config is saved in the run directory so export and serve find the base model
 without being told.
 """
