@@ -10,7 +10,10 @@ types a config field may have (str, int, float, bool, list[str], X | None).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 from typing import Any, get_args, get_origin, get_type_hints
 
 
@@ -100,10 +103,6 @@ def field_docs(cls: type) -> dict[str, str]:
 
     Read from the source with `ast`, the one place the words are written: the CLI's --help comes from here.
     """
-    import ast
-    import inspect
-    import textwrap
-
     node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
     docs = {}
     for field_node, doc_node in zip(node.body, node.body[1:]):
