@@ -18,6 +18,7 @@ import typer
 from .artifacts import CONFIG_FILE
 from .cli_options import Given, fail, options
 from .errors import CheckpointError, ConfigError, DataError, ModelError, RunDirError
+from .options import EvalOptions, GenerateOptions
 
 # What a run command reports as `error: ...` (exit 2) rather than a traceback.
 RUN_ERRORS = (CheckpointError, ConfigError, DataError, ModelError, RunDirError)
@@ -207,8 +208,6 @@ def plan(given: Given):
 @options(*GENERATE)
 def generate(run_dir: RunDir, given: Given):
     """Answer prompts with a tuned model (base + adapter from RUN_DIR)."""
-    from .options import GenerateOptions
-
     opts = GenerateOptions(**given.of(GenerateOptions))
     try:
         from .generate import answer
@@ -224,8 +223,6 @@ def generate(run_dir: RunDir, given: Given):
 def eval_run(run_dir: RunDir, given: Given):
     """The run's task metrics on a data file (accuracy / F1 / BLEU / loss), printed and written as JSON.
     Columns default to the run's own (its config.yaml); name them when the file differs."""
-    from .options import EvalOptions
-
     opts = EvalOptions(**given.of(EvalOptions))
     columns = {path.rpartition(".")[2]: value for path, value in given.overrides().items()}
     try:
