@@ -12,7 +12,9 @@
     lite-sft serve exports/qwen
 
 Heavy imports (torch, transformers, peft, bitsandbytes, onnxruntime) happen inside the
-commands so that `lite-sft --help` answers at once.
+commands so that `lite-sft --help` answers at once. The commands live in cli_run.py (a tuning run's)
+and cli_deploy.py (export, serve, bench); their options are generated from the fields they set
+(cli_options.py). This module is the entry point, `lite_sft.cli:app`, and the command table.
 """
 
 from __future__ import annotations
