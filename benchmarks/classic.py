@@ -70,7 +70,8 @@ def timed_tune(reuse: Path | None, overrides: dict) -> tuple[dict, float]:
 
 
 def timed_export(run_dir: Path, out: Path, quantize: str = "int8") -> tuple[dict, float]:
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
 
     started = time.perf_counter()
     report = export_run(run_dir, out, ExportOptions(quantize=quantize, overwrite=True), say=lambda _: None)

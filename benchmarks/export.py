@@ -66,7 +66,8 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from lite_sft.export.onnx import export_onnx
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
 
     torch.set_num_threads(args.threads)
     baseline = reset_peak()

@@ -57,7 +57,8 @@ SHAPES = {  # prompt (encoder: sequence) lengths, output lengths, batch sizes, r
 def decoder_export(work: Path, size: str, cuda: bool) -> tuple[Path, str | None]:
     """(OUT with onnx/ and, where export made and gated it, onnx-int4/; why there is no onnx-int4/, or None)."""
     from lite_sft.export import ExportError
-    from lite_sft.export.pipeline import ExportOptions, ParityFailed, export_run
+    from lite_sft.export.pipeline import ParityFailed, export_run
+    from lite_sft.options import ExportOptions
 
     out, missing = work / f"decoder-{size}-export", work / f"decoder-{size}-no-int4.txt"
     if (out / "onnx" / "model.onnx").is_file():
@@ -98,7 +99,8 @@ def encoder_export(work: Path, size: str) -> Path:
     from transformers import BertConfig, BertModel
 
     from lite_sft.config import load_config
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
     from lite_sft.train import tune
 
     out = work / f"encoder-{size}-export"
@@ -128,7 +130,8 @@ def seq2seq_export(work: Path, size: str) -> Path:
     from seq2seq import build_model, split_pairs, write_jsonl  # beside this script
 
     from lite_sft.config import load_config
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
     from lite_sft.train import tune
 
     out = work / f"t5-{size}-export"
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     import torch
 
-    from lite_sft.serve.bench import BenchOptions, bench
+    from lite_sft.serve.bench import bench
+    from lite_sft.options import BenchOptions
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU")

@@ -163,7 +163,8 @@ def tune_and_score(family: str, args, work: Path, held_out: list[dict]) -> dict:
 def export_and_score(run_dir: Path, out: Path, held_out: list[dict], threads: int) -> dict:
     """`lite-sft export --quantize int8` of the run (its parity gates' figures), then each ONNX model's greedy
     output on the held-out sources, scored as the run's evaluation scores PyTorch's."""
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
 
     started = time.perf_counter()
     report = export_run(run_dir, out, ExportOptions(quantize="int8", overwrite=True), say=lambda _: None)

@@ -31,10 +31,10 @@ from lite_sft.stops import write_stop_tokens
 from lite_sft.tasks.base import get_task
 
 from . import ExportError
+from lite_sft.options import MERGE_ONTO
 
 log = logging.getLogger(__name__)
 
-MERGE_ONTO = ("dequantized", "original")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU = torch.device("cpu")
 

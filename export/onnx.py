@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from lite_sft.artifacts import is_model_file
+from lite_sft.options import ONNX_DTYPES
 from lite_sft.taskspec import TASKS
 
 from . import ExportError
@@ -37,8 +38,6 @@ from .exporters import EXPORTERS, Row, candidates
 from .quantize import quantize
 
 log = logging.getLogger(__name__)
-
-ONNX_DTYPES = ("fp32", "fp16")
 
 
 def check_dtype(dtype: str, task: str = "causal-lm") -> None:

@@ -33,88 +33,27 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from lite_sft.artifacts import MERGED_DIR, PARITY_FILE, variant_folder
+from lite_sft.options import ExportOptions
 from lite_sft.report import peak_memory, versions
 from lite_sft.taskspec import TASKS
 
 from . import ExportError
 from .checks import make_checks, run_stop_ids  # noqa: F401  (run_stop_ids: imported from here by callers)
 from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
-from .merge import (MERGE_ONTO, base_path, load_reference, merge, merged_dtype, read_run, stored_dtype,
-                    unquantized_base)
-from .exporters import EXPORTER_CHOICES, candidates
-from .onnx import ONNX_DTYPES, check_dtype, export_onnx, onnx_bytes, quantize_onnx
+from .merge import base_path, load_reference, merge, merged_dtype, read_run, stored_dtype, unquantized_base
+from .exporters import candidates
+from .onnx import check_dtype, export_onnx, onnx_bytes, quantize_onnx
 from .parity import Gate, format_report
-from .quantize import QUANTIZE_CHOICES
 
 PRECISION = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "fp32": "float32",
              "fp16": "float16"}
 BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, "fp32": 4, "fp16": 2, "int8": 1.1, "int4": 0.7}
-
-
-@dataclass
-class ExportOptions:
-    dtype: str = "fp32"
-    """ONNX precision: fp32 or fp16."""
-    merged_dtype: str = "auto"
-    """Merged model precision: auto (the base checkpoint's own; 16-bit for QLoRA), fp32, fp16, bf16."""
-    quantize: str = "none"
-    """Also write a quantised ONNX model: none, int8 (dynamic) or int4 (weight-only MatMulNBits)."""
-    block_size: int = 32
-    """int4: input channels per scale (a power of two, at least 16)."""
-    merge_onto: str = "dequantized"
-    """QLoRA runs: merge onto the dequantised 4-bit weights the adapter was trained against, or `original`."""
-    onnx: bool = True
-    """Convert to ONNX after merging."""
-    exporter: str = "auto"
-    """ONNX exporter: auto (causal-lm: onnxruntime-genai's model builder where it takes the architecture, else
-    torch.onnx), builder or torch."""
-    parity_prompts: int = 4
-    """Held-out prompts the parity gate compares on; ONNX gates also run two of them as a left-padded batch."""
-    parity_tokens: int = 16
-    """Greedy tokens generated per prompt (seq2seq: per source) and compared."""
-    parity_examples: int | None = None
-    """seq-cls, token-cls, seq2seq: held-out examples the gate compares on (default 32, seq2seq 8)."""
-    min_agreement: float | None = None
-    """Override every gate's greedy-agreement threshold (0-1)."""
-    max_shard_size: str = "5GB"
-    """Largest safetensors file of the merged model; bigger models are sharded."""
-    overwrite: bool = False
-    """Replace an existing OUT (an earlier export) once the new one has passed."""
-
-    def validate(self) -> None:
-        problems = []
-        if self.dtype not in ONNX_DTYPES:
-            problems.append(f"--dtype {self.dtype!r}: choose one of {', '.join(ONNX_DTYPES)}")
-        if self.quantize not in QUANTIZE_CHOICES:
-            problems.append(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-        if self.quantize != "none" and not self.onnx:
-            problems.append(f"--quantize {self.quantize} quantises the ONNX graph: drop --no-onnx")
-        elif self.quantize == "int8" and self.dtype != "fp32":
-            problems.append("--quantize int8 starts from the fp32 ONNX graph: use --dtype fp32")
-        if self.exporter not in EXPORTER_CHOICES:
-            problems.append(f"--exporter {self.exporter!r}: choose one of {', '.join(EXPORTER_CHOICES)}")
-        if self.merge_onto not in MERGE_ONTO:
-            problems.append(f"--merge-onto {self.merge_onto!r}: choose one of {', '.join(MERGE_ONTO)}")
-        if self.quantize == "int4" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
-            problems.append(f"--block-size {self.block_size}: a power of two, at least 16")
-        if self.parity_prompts < (2 if self.onnx else 1):
-            problems.append(f"--parity-prompts {self.parity_prompts}: at least 2 (ONNX also runs two as a batch)"
-                            if self.onnx else f"--parity-prompts {self.parity_prompts}: at least 1")
-        if self.parity_examples is not None and self.parity_examples < 2:
-            problems.append(f"--parity-examples {self.parity_examples}: at least 2 (ONNX also runs them as a batch)")
-        if self.parity_tokens < 1:
-            problems.append(f"--parity-tokens {self.parity_tokens}: at least 1")
-        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
-            problems.append(f"--min-agreement {self.min_agreement}: a fraction between 0 and 1")
-        if problems:
-            raise ExportError("invalid export options:\n  " + "\n  ".join(problems))
 
 
 class ParityFailed(RuntimeError):

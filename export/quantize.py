@@ -35,10 +35,10 @@ import shutil
 from pathlib import Path
 
 from lite_sft.artifacts import is_model_file
+from lite_sft.options import QUANTIZE_CHOICES
 
 from . import ExportError
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (see the module docstring)
 
 

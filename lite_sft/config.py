@@ -4,7 +4,9 @@
     cfg.validate()            # raises ConfigError listing every problem at once
     save_config(cfg, run_dir / "config.yaml")
 
-Every field carries a docstring; `lite-sft tune --help` and the README are built from the same words.
+Every field carries a docstring; `lite-sft tune --help` and the README are built from the same words. A field's
+flag is `--field-name` unless its `flag(...)` metadata names another (`lora.r`: `--lora-r`); lite_sft/cli_options.py
+builds the options from the fields, and `setting()` names them in error hints.
 The resolved config is saved in the run directory so export and serve find the base model
 without being told.
 """
@@ -15,11 +17,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import yaml
 
+from .config_io import build as _build, field_docs as _docs_of, flag, flag_name, merge as _merge, nest as _nest
 from .errors import ConfigError
+from .taskspec import TASK_NAMES
 
 # The embedded default: a tiny Llama built from a config and a bundled skill data set.
 # Both need no network; they exist to prove the pipeline offline.
@@ -34,7 +38,7 @@ OVERLONG_CHOICES = ("truncate", "drop")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LOSS_CHOICES = ("fused", "trained", "full")
-TASK_CHOICES = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
+TASK_CHOICES = TASK_NAMES
 CLASS_WEIGHT_CHOICES = ("none", "balanced")
 TAG_SCHEMES = ("iob2", "iob1")
 
@@ -44,11 +48,14 @@ def lite_sft_home() -> Path:
     return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser()
 
 
+# Settings put under the user's own when the model is the built-in one. The demo (lite_sft.tiny, a layer above
+# this one) adds its measured settings here as it is imported, so that the core never imports the demo.
+BUILTIN_DEFAULTS: dict[str, Any] = {}
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = BUILTIN_MODEL
+    name_or_path: str = field(default=BUILTIN_MODEL, metadata=flag("--model", "-m"))
     """Base model: a hub id, a local folder, or `builtin:tiny-llama` (the offline default)."""
     quant: str = "none"
     """Backbone quantisation: `4bit` (NF4 + double quantisation, QLoRA), `8bit`, or `none`."""
@@ -73,30 +80,30 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
+    r: int = field(default=16, metadata=flag("--lora-r"))
     """LoRA rank: the inner dimension of each adapter pair."""
-    alpha: int = 32
+    alpha: int = field(default=32, metadata=flag("--lora-alpha"))
     """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
-    dropout: float = 0.05
+    dropout: float = field(default=0.05, metadata=flag("--lora-dropout"))
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Modules to adapt: `all-linear` (every linear layer but the output head) or explicit names."""
-    use_dora: bool = False
+    """Modules to adapt: `all-linear` (every linear layer but the output head) or explicit names. Comma-separated."""
+    use_dora: bool = field(default=False, metadata=flag("--dora"))
     """Weight-decomposed LoRA (DoRA)."""
-    use_rslora: bool = False
+    use_rslora: bool = field(default=False, metadata=flag("--rslora"))
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
 
 
 @dataclass
 class DataConfig:
-    path: str = BUILTIN_DATA
+    path: str = field(default=BUILTIN_DATA, metadata=flag("--data", "-d"))
     """Training data: a JSONL/JSON/CSV/Parquet file, a saved `datasets` folder, a hub data set id,
     or `builtin:skill` (the bundled offline data set)."""
     format: str = "auto"
     """Record format: auto, alpaca, messages, sharegpt, prompt_completion, text."""
     split: str = "train"
     """Split to read from a hub data set or a saved DatasetDict."""
-    validation_path: str | None = None
+    validation_path: str | None = field(default=None, metadata=flag("--validation-data"))
     """A separate validation file (same formats); overrides `validation_fraction`."""
     validation_fraction: float = 0.05
     """Fraction of the training examples held out for validation when no file is given (0 for none)."""
@@ -162,13 +169,13 @@ class TrainConfig:
     auto_batch: bool = False
     """Pick the largest micro-batch that fits `memory_budget` (see `lite-sft plan`), with gradient
     accumulation raised to keep rows per optimiser step."""
-    memory_budget: str | None = None
+    memory_budget: str | None = field(default=None, metadata=flag("--gpu-memory"))
     """Memory for `auto_batch`, e.g. `8GB`; default: the GPU's total memory (the machine's RAM on CPU)."""
 
 
 @dataclass
 class TaskConfig:
-    name: str = "causal-lm"
+    name: str = field(default="causal-lm", metadata=flag("--task"))
     """What to fine-tune for: `causal-lm` (instruction or chat tuning of a decoder), `seq-cls` (a text or a
     text pair to a label), `token-cls` (a tag per word: named entities) or `seq2seq` (a source text to a target
     text with an encoder-decoder such as T5 or BART)."""
@@ -210,7 +217,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    output_dir: str = "runs/latest"
+    output_dir: str = field(default="runs/latest", metadata=flag(short="-o"))
     """Run directory: adapter, tokenizer, config, checkpoints, metrics."""
 
     def validate(self) -> None:
@@ -281,86 +288,6 @@ def _weights(text: str) -> list[float] | None:
     return weights if weights and all(w >= 0 for w in weights) and any(weights) else None
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a plain dict, recording unknown keys and wrong types."""
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if key not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(cls))
-            problems.append(f"{name}: unknown field (known: {known})")
-            continue
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                problems.append(f"{name}: expected a mapping of fields, got {value!r}")
-                continue
-            kwargs[key] = _build(hint, value, f"{name}.", problems)
-            continue
-        try:
-            kwargs[key] = _coerce(value, hint)
-        except (TypeError, ValueError) as err:
-            problems.append(f"{name}: {err}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Coerce a YAML/CLI value to the field's annotated type (str, int, float, bool, list[str], X | None)."""
-    args = get_args(hint)
-    if type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if get_origin(hint) is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"expected a list, got {value!r}")
-        return [str(v) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise TypeError(f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise TypeError(f"expected an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool):
-            raise TypeError(f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise TypeError(f"expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"train.lr": 1e-4} -> {"train": {"lr": 1e-4}}"""
-    nested: dict[str, Any] = {}
-    for dotted, value in flat.items():
-        node = nested
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML config (optional) and apply dotted overrides (CLI flags win over the file)."""
     values: dict[str, Any] = {}
@@ -380,9 +307,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if values.get("model", {}).get("name_or_path", BUILTIN_MODEL) == BUILTIN_MODEL:
         # The tiny random-weight model learns with other settings than a pretrained one (see
         # tiny.DEMO_DEFAULTS for the measurements); the user's own values still win.
-        from .tiny import DEMO_DEFAULTS
-
-        values = _merge(DEMO_DEFAULTS, values)
+        values = _merge(BUILTIN_DEFAULTS, values)
     problems: list[str] = []
     cfg = _build(RunConfig, values, "", problems)
     if problems:
@@ -404,36 +329,29 @@ def field_docs() -> dict[str, str]:
 
     The CLI's --help text comes from here, so a field is documented in exactly one place.
     """
-    import ast
-    import inspect
-    import sys
-
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    sections = {"ModelConfig": "model.", "LoraConfig": "lora.", "DataConfig": "data.", "TrainConfig": "train.",
-                "TaskConfig": "task.", "RunConfig": ""}
     docs = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name in sections:
-            body = node.body
-            for field_node, doc_node in zip(body, body[1:]):
-                if (isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr)
-                        and isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str)):
-                    text = " ".join(doc_node.value.value.split())
-                    docs[sections[node.name] + field_node.target.id] = text
+    for section, cls in _sections().items():
+        docs.update({section + name: text for name, text in _docs_of(cls).items()})
     return docs
 
 
-# The flags not spelled as their field's last part; tests/test_flag_hints.py checks every flag of
-# lite_sft/cli.py's FLAG_FIELDS against `setting`.
-_FLAG_NAMES = {"model.name_or_path": "--model", "data.path": "--data", "data.validation_path": "--validation-data",
-               "lora.r": "--lora-r", "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout",
-               "lora.use_dora": "--dora", "lora.use_rslora": "--rslora", "train.memory_budget": "--gpu-memory",
-               "task.name": "--task"}
+def _sections() -> dict[str, type]:
+    """{"model.": ModelConfig, ..., "": RunConfig}: the prefix of each section's fields."""
+    sections = {f"{f.name}.": f.default_factory for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(
+        f.default_factory)}
+    return {**sections, "": RunConfig}
+
+
+def config_field(path: str) -> dataclasses.Field:
+    """The dataclass field a dotted name such as `train.lr` stands for."""
+    section, _, name = path.rpartition(".")
+    cls = _sections()[section + "." if section else ""]
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def setting(field: str, value: Any = None) -> str:
     """A setting as error hints name it, for the command line and a config file alike: `--text-column
     (task.text_column)`, or with a value `--validation-fraction 0 (data.validation_fraction=0)`. Only for
-    fields that have a flag."""
-    flag = _FLAG_NAMES.get(field, "--" + field.rsplit(".", 1)[-1].replace("_", "-"))
-    return f"{flag} ({field})" if value is None else f"{flag} {value} ({field}={value})"
+    fields that have a flag (the field's own `flag(...)` or `--name`)."""
+    name = flag_name(config_field(field))
+    return f"{name} ({field})" if value is None else f"{name} {value} ({field}={value})"

@@ -27,7 +27,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from lite_sft.config import lite_sft_home
+from lite_sft.config import BUILTIN_DEFAULTS, lite_sft_home
 
 # Bump when anything that shapes the built model changes in code (not data or config: those are
 # hashed into the folder name), so a stale cached folder is never reused.
@@ -60,6 +60,7 @@ DEMO_DEFAULTS: dict = {
     "train": {"max_steps": 800, "micro_batch_size": 32, "lr": 2e-3, "schedule": "cosine", "warmup_ratio": 0.03,
               "eval_every": 100, "save_every": 400, "log_every": 10},
 }
+BUILTIN_DEFAULTS.update(DEMO_DEFAULTS)  # the config loader, in the core, cannot import this module
 
 
 def _record(rng: random.Random, digits: str) -> dict:

@@ -36,7 +36,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -45,41 +45,11 @@ import numpy as np
 
 from . import ServeError
 from .generate import SamplingParams, generate
+from lite_sft.options import BACKENDS, BenchOptions
 
-BACKENDS = ("torch-adapter", "torch-merged", "onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4")
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "decode_tok_s", "tok_s")
 ENCODER_METRICS = ("latency_ms", "seq_s")
 ENCODER_TASKS = ("seq-cls", "token-cls")
-
-
-@dataclass
-class BenchOptions:
-    prompt_lens: list[int] = field(default_factory=lambda: [32, 128])
-    output_lens: list[int] = field(default_factory=lambda: [32, 128])
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    runs: int = 10
-    warmup: int = 2
-    device: str = "auto"
-    threads: int | None = None
-    """Threads for both onnxruntime and torch; default torch's own (OMP_NUM_THREADS)."""
-    backends: list[str] | None = None
-    """Only these (names from BACKENDS); default every one found."""
-    seed: int = 0
-
-    def validate(self) -> None:
-        problems = []
-        for name in ("prompt_lens", "output_lens", "batch_sizes"):
-            if not getattr(self, name) or min(getattr(self, name)) < 1:
-                problems.append(f"{name.replace('_', '-')}: positive integers")
-        if self.output_lens and min(self.output_lens) < 2:
-            problems.append("output-lens: at least 2 (decode speed needs a second token)")
-        if self.runs < 1 or self.warmup < 0:
-            problems.append("runs at least 1, warmup at least 0")
-        unknown = set(self.backends or []) - set(BACKENDS)
-        if unknown:
-            problems.append(f"backends {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
-        if problems:
-            raise ServeError("invalid bench options: " + "; ".join(problems))
 
 
 @dataclass

@@ -27,7 +27,6 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -40,6 +39,7 @@ from .auth import ApiKey
 from .classify import Api, add_routes
 from .engine import Engine, QueueFull, ScoreEngine
 from lite_sft.artifacts import variant_line
+from lite_sft.options import ServerSettings
 from .generate import SamplingParams
 from .runtime import ENDPOINTS
 from .schemas import ApiError, ChatRequest, CompletionRequest, Sampling, validation_message
@@ -50,30 +50,8 @@ CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is
 TOKENIZE_THREADS = min(4, os.cpu_count() or 1)
 TASK_WORDS = {"causal-lm": "a causal language model", "seq2seq": "an encoder-decoder (seq2seq) model",
               "seq-cls": "a sequence classifier", "token-cls": "a token classifier (NER)"}
-BATCHING = ("continuous", "static")
 SERVED = {"/v1/completions": ("causal-lm", "seq2seq"), "/v1/chat/completions": ("causal-lm",),
           "/v1/classify": ("seq-cls",), "/v1/ner": ("token-cls",)}
-
-
-@dataclass
-class ServerSettings:
-    model_name: str
-    """The name /v1/models lists and requests may give as `model`."""
-    api_key: str | None = None
-    timeout_s: float = 60.0
-    """Longest a request may take, queueing included."""
-    default_max_tokens: int = 256
-    """Chat requests without max_tokens generate at most this many (and never past the context)."""
-    max_context: int | None = None
-    """Prompt + output tokens at most; default the model's own context."""
-    max_batch: int = 8
-    max_queue: int = 32
-    batching: str = "continuous"
-    """continuous (requests join the running batch at the next step) or static (each batch runs to its end)."""
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING:
-            raise ServeError(f"--batching {self.batching!r}: choose one of {', '.join(BATCHING)}")
 
 
 def create_app(backend, tokenizer, settings: ServerSettings, stop_ids: list[int] | None = None) -> FastAPI:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from lite_sft.cli import app
 from lite_sft.config import load_config
 from lite_sft.export import ExportError
-from lite_sft.export.pipeline import ExportOptions, export_run
+from lite_sft.export.pipeline import export_run
+from lite_sft.options import ExportOptions
 from lite_sft.train import tune
 
 pytest.importorskip("bitsandbytes")

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lite_sft.export.pipeline import ExportOptions, export_run
+from lite_sft.export.pipeline import export_run
+from lite_sft.options import ExportOptions
 from test_export import ARCHS, padding, run_config, runner, tuned_run
 
 pytest.importorskip("bitsandbytes")

@@ -9,7 +9,8 @@ import torch
 from lite_sft.config import load_config
 from lite_sft.export import ExportError
 from lite_sft.export.merge import load_reference, merge, save_merged, unquantized_base
-from lite_sft.export.pipeline import ExportOptions, export_run
+from lite_sft.export.pipeline import export_run
+from lite_sft.options import ExportOptions
 from lite_sft.train import tune
 from test_export import build_base, run_config
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lite_sft.export.pipeline import ExportOptions, export_run
+from lite_sft.export.pipeline import export_run
+from lite_sft.options import ExportOptions
 
 OLD = Path(__file__).parent / "data" / "run-transformers-4.57"
 

@@ -26,7 +26,7 @@ PACKAGES = {"lite_sft": ROOT / "lite_sft", "lite_sft.export": ROOT / "export", "
 # prefix that names it.
 LAYERS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("core", ("lite_sft", "lite_sft.errors", "lite_sft.taskspec", "lite_sft.config", "lite_sft.artifacts",
-               "lite_sft.stops", "lite_sft.report", "lite_sft.assets")),),
+               "lite_sft.stops", "lite_sft.report", "lite_sft.assets", "lite_sft.config_io", "lite_sft.options")),),
     (("tasks", ("lite_sft.tasks",)),),
     (("demo", ("lite_sft.tiny",)),),
     (("modeling", ("lite_sft.model", "lite_sft.plan")),),
@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
      ("export", ("lite_sft.export",))),
     (("serve", ("lite_sft.serve",)),),
     (("bench", ("lite_sft.serve.bench", "lite_sft.serve.bench_report", "lite_sft.serve.loadtest")),),
-    (("cli", ("lite_sft.cli", "lite_sft.__main__")),),
+    (("cli", ("lite_sft.cli", "lite_sft.cli_options", "lite_sft.cli_run", "lite_sft.cli_deploy", "lite_sft.__main__")),),
 )
 # Pairs a layer may not import although it sits above: serving works on an exported (or Hugging Face) model
 # folder and token ids, and never runs training or export code (bench too: it loads a tuned run with modeling).

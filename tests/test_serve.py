@@ -20,7 +20,8 @@ PROMPTS = [[40, 41, 42, 43, 44, 45, 46], [50, 51, 52], [60]]
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, tiny_model_dir, chat_jsonl):
     from lite_sft.config import load_config
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
     from lite_sft.train import tune
 
     root = tmp_path_factory.mktemp("serve-export")
@@ -230,7 +231,8 @@ def test_cuda_provider_matches_cpu(export_dir, ort):
 
 
 def test_bench_measures_every_backend_found(export_dir, tmp_path):
-    from lite_sft.serve.bench import BenchOptions, bench
+    from lite_sft.serve.bench import bench
+    from lite_sft.options import BenchOptions
     from lite_sft.serve.bench_report import format_table, save
 
     report = bench(export_dir, BenchOptions([8], [4], [1, 2], runs=2, warmup=1, device="cpu", threads=1),

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from lite_sft.cli import app as cli
 from lite_sft.serve.generate import SamplingParams, generate
 from lite_sft.serve.runtime import OrtBackend, load_tokenizer, stop_ids
-from lite_sft.serve.server import ServerSettings, create_app
+from lite_sft.serve.server import create_app
+from lite_sft.options import ServerSettings
 
 from conftest import Slow, fuzz_posts, uvicorn_running
 

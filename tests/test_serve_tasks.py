@@ -28,7 +28,8 @@ from lite_sft.serve.encoder import OrtEncoderBackend, TorchEncoderBackend
 from lite_sft.serve.generate import SamplingParams, generate_ids
 from lite_sft.serve.runtime import load_backend, load_tokenizer, model_task, stop_ids
 from lite_sft.serve.seq2seq import Seq2SeqBackend
-from lite_sft.serve.server import ServerSettings, create_app
+from lite_sft.serve.server import create_app
+from lite_sft.options import ServerSettings
 
 from conftest import fuzz_posts, server_running, uvicorn_running
 
@@ -519,7 +520,8 @@ def test_fuzzed_requests_never_get_a_server_error(which, mode, cls_out, ner_out,
 
 
 def test_bench_measures_an_encoder_export(cls_out, tmp_path):
-    from lite_sft.serve.bench import BenchOptions, bench
+    from lite_sft.serve.bench import bench
+    from lite_sft.options import BenchOptions
     from lite_sft.serve.bench_report import format_table, save
 
     report = bench(cls_out, BenchOptions([8, 200], [4], [1, 2], runs=3, warmup=1, device="cpu", threads=1),
@@ -586,7 +588,8 @@ def test_a_lite_sft_export_of_each_task_is_served_as_it_generates_and_tags(tmp_p
                                                                           reverse_jsonl, ner_conll):
     """`lite-sft tune` then `lite-sft export --quantize int8`, served by `lite-sft serve`'s own loader."""
     from lite_sft.config import load_config
-    from lite_sft.export.pipeline import ExportOptions, export_run
+    from lite_sft.export.pipeline import export_run
+    from lite_sft.options import ExportOptions
     from lite_sft.train import tune
 
     common = {"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "train.micro_batch_size": 8, "train.lr": 3e-3,

@@ -26,8 +26,8 @@ import importlib
 from dataclasses import dataclass
 
 from .. import ExportError
+from lite_sft.options import EXPORTER_CHOICES
 
-EXPORTER_CHOICES = ("auto", "builder", "torch")
 
 
 @dataclass(frozen=True)
