@@ -160,7 +160,7 @@ def read_split(path: Path) -> dict:
 
 def _split_prompt(example: dict) -> Prompt | None:
     """Prompt = the ids before the example's last trained run (its last answer)."""
-    from lite_sft.masking import IGNORE_INDEX
+    from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX
 
     ids, labels = example["input_ids"], example["labels"]
     trained = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
@@ -177,7 +177,8 @@ def _split_prompt(example: dict) -> Prompt | None:
 def _derived_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
     """The split re-derived from the data files by seed, topped up from FIXED_PROMPTS (older runs)."""
     from lite_sft.config import BUILTIN_DATA
-    from lite_sft.data import load_samples, split_validation
+    from lite_sft.tasks.causal_lm.data import load_samples
+    from lite_sft.tasks.split import split_validation
 
     d = cfg.data
     try:
@@ -204,7 +205,7 @@ def _top_up(prompts: list[Prompt], source: str, cfg, tokenizer, n: int) -> tuple
     """Too few held out (or none): make up the number with FIXED_PROMPTS, and say so in the source."""
     if len(prompts) >= n:
         return prompts, source
-    from lite_sft.masking import Sample
+    from lite_sft.tasks.causal_lm.masking import Sample
 
     d = cfg.data
     chat = bool(tokenizer.chat_template) and d.format not in ("prompt_completion", "text")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-GENERATION_CONFIG = "generation_config.json"
+from lite_sft.artifacts import GENERATION_CONFIG
 # An assistant message unlikely to be changed by any template (no leading or trailing space to trim).
 PROBE = "lite-sft-stop-probe"
 
