@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lite_sft.artifacts import GENERATION_CONFIG
+# artifacts.GENERATION_CONFIG, spelled out: this module imports nothing of lite-sft's, so any layer may import it.
+GENERATION_CONFIG = "generation_config.json"
 # An assistant message unlikely to be changed by any template (no leading or trailing space to trim).
 PROBE = "lite-sft-stop-probe"
 
