@@ -21,7 +21,7 @@ from typing import Any
 
 from lite_sft.config import setting
 from lite_sft.errors import ConfigError, DataError  # noqa: F401  (DataError: its old home, re-exported for now)
-from lite_sft.taskspec import TASK_NAMES, TASKS
+from lite_sft.taskspec import TASK_NAMES, TASKS, TaskSpec
 
 # The label value the loss ignores (torch.nn.CrossEntropyLoss and transformers' default ignore_index).
 IGNORE_INDEX = -100
@@ -53,10 +53,7 @@ class Task:
     """The interface; each task module implements it (causal_lm/, classification.py, token_cls.py, seq2seq.py)."""
 
     name: str
-    peft_task_type: str
-    """peft's TaskType name: CAUSAL_LM, SEQ_CLS, TOKEN_CLS or SEQ_2_SEQ_LM."""
-    auto_class: str
-    """The transformers Auto class that loads the base with this task's head."""
+    """Its row's name in taskspec.TASKS, where everything outside the task's module reads about it."""
     head_names: tuple[str, ...] = ()
     """Modules that are the task head: new, so trained whole and saved with the adapter (peft modules_to_save)."""
     unit_name: str = "trained_tokens"
@@ -67,6 +64,20 @@ class Task:
     lora_all_linear: bool = False
     """peft's own "all-linear" keeps this task's head out of LoRA (it knows a causal LM's output layer); for
     the other heads the layers are named by lite_sft.model.linear_layer_names."""
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.name]
+
+    @property
+    def peft_task_type(self) -> str:
+        """peft's TaskType name: CAUSAL_LM, SEQ_CLS, TOKEN_CLS or SEQ_2_SEQ_LM."""
+        return self.spec.peft_task_type
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class that loads the base with this task's head."""
+        return self.spec.auto_class
 
     def check_model(self, config, name: str) -> None:
         """Raise ModelError when the architecture cannot do this task (the base's config.json is given)."""

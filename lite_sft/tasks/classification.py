@@ -89,8 +89,6 @@ class SequenceClassificationTask(Task):
     """seq-cls: a text (or a text pair) to one of a fixed set of labels, with a fresh classification head."""
 
     name = "seq-cls"
-    peft_task_type = "SEQ_CLS"
-    auto_class = "AutoModelForSequenceClassification"
     head_names = ("classifier", "score")  # BERT-style encoders, and decoders' sequence-classification heads
     unit_name = "examples"
 

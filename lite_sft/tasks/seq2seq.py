@@ -133,8 +133,6 @@ class Seq2SeqTask(Task):
     """seq2seq: an encoder-decoder taught to write the target of each source, with its own LM head."""
 
     name = "seq2seq"
-    peft_task_type = "SEQ_2_SEQ_LM"
-    auto_class = "AutoModelForSeq2SeqLM"
     head_names = ()
     unit_name = "target_tokens"
 

@@ -84,8 +84,6 @@ class TokenClassificationTask(Task):
     """
 
     name = "token-cls"
-    peft_task_type = "TOKEN_CLS"
-    auto_class = "AutoModelForTokenClassification"
     head_names = ("classifier", "score")  # what transformers names the head: `classifier` in encoders
     unit_name = "labelled_tokens"
 

@@ -25,8 +25,6 @@ from lite_sft.tasks.causal_lm.packing import collate as collate_rows, unpacked_r
 
 class CausalLMTask(Task):
     name = "causal-lm"
-    peft_task_type = "CAUSAL_LM"
-    auto_class = "AutoModelForCausalLM"
     packs = True
     lora_all_linear = True
 
