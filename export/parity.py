@@ -160,7 +160,7 @@ def read_split(path: Path) -> dict:
 
 def _split_prompt(example: dict) -> Prompt | None:
     """Prompt = the ids before the example's last trained run (its last answer)."""
-    from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX
+    from lite_sft.tasks.base import IGNORE_INDEX
 
     ids, labels = example["input_ids"], example["labels"]
     trained = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]

@@ -23,7 +23,7 @@ from .parity import SPLIT_FILE, read_split
 def held_out_texts(run_dir: Path, cfg, tokenizer) -> tuple[list[tuple[list[int], list[int]]], str]:
     """The held-out examples as (input_ids, labels), and a line saying which they are. A run without
     validation_split.json (an older lite-sft) has its split prepared again from the data files, as tune did."""
-    from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX
+    from lite_sft.tasks.base import IGNORE_INDEX
     from lite_sft.tasks.causal_lm.data import SPLIT_EXAMPLES
 
     path = Path(run_dir) / SPLIT_FILE
@@ -50,7 +50,7 @@ def held_out_texts(run_dir: Path, cfg, tokenizer) -> tuple[list[tuple[list[int],
 @torch.no_grad()
 def perplexity(logits_of, texts: list[tuple[list[int], list[int]]]) -> float | None:
     """exp(mean next-token cross-entropy over trained tokens); logits_of(ids (1, seq)) -> (seq, vocab)."""
-    from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX
+    from lite_sft.tasks.base import IGNORE_INDEX
 
     total, count = 0.0, 0
     for ids, labels in texts:
