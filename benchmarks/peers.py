@@ -125,7 +125,7 @@ def spm_tokenizer(folder: Path):
     (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
     owner = SimpleNamespace(vocab_file=str(folder / "tokenizer.model"), legacy=False, add_prefix_space=None,
                             convert_ids_to_tokens=lambda i: proto.pieces[i].piece)
-    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+    from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE
 
     tokenizer = LlamaTokenizerFast(tokenizer_object=LlamaConverter(owner).converted(), bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>", pad_token="<pad>", legacy=False)

@@ -159,7 +159,7 @@ def lite_overrides(row: dict, workload: dict, batch: dict, quant: str, out: Path
 def warm_cache(specs: list[dict]) -> None:
     """Prepare each cached row's data once before timing, so the rows run warm (as a second run would)."""
     from lite_sft.config import load_config
-    from lite_sft.data import prepare_data
+    from lite_sft.tasks.causal_lm.data import prepare_data
     from lite_sft.model import load_tokenizer
 
     for spec in specs:

@@ -56,7 +56,7 @@ def _lite(spec: dict) -> dict:
     import torch.utils.tensorboard  # noqa: F401
     import transformers  # noqa: F401
 
-    import lite_sft.data  # noqa: F401
+    import lite_sft.tasks.causal_lm.data  # noqa: F401
     import lite_sft.train as train
     from lite_sft import report
     from lite_sft.config import load_config

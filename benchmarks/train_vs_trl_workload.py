@@ -55,7 +55,7 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+    from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE
 
     specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
     head = specials + ["system", "user", "assistant"]

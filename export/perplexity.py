@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lite_sft.data import prepare_data
-from lite_sft.masking import IGNORE_INDEX
-from lite_sft.report import SPLIT_EXAMPLES
+from lite_sft.tasks.base import IGNORE_INDEX
+from lite_sft.tasks.causal_lm.data import SPLIT_EXAMPLES, prepare_data
 
 from .prompts import SPLIT_FILE, read_split
 

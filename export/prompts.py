@@ -17,8 +17,10 @@ from pathlib import Path
 
 from lite_sft.artifacts import VALIDATION_SPLIT_FILE
 from lite_sft.config import BUILTIN_DATA
-from lite_sft.data import load_samples, split_validation
-from lite_sft.masking import IGNORE_INDEX, Sample
+from lite_sft.tasks.base import IGNORE_INDEX
+from lite_sft.tasks.causal_lm.data import load_samples
+from lite_sft.tasks.causal_lm.masking import Sample
+from lite_sft.tasks.split import split_validation
 
 from . import ExportError
 

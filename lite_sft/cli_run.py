@@ -163,7 +163,7 @@ def inspect_data(given: Given):
         chosen = get_task(cfg.task.name)
         path = resolve_model_path(cfg.model.name_or_path)
         if chosen.name == "causal-lm":  # needs only the tokenizer: a folder may hold nothing else
-            from .data import prepare_data
+            from .tasks.causal_lm.data import prepare_data
 
             tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
             prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)  # templates the tokenizer if needed

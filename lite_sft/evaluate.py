@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
+from .model import load_tuned, mixed_precision
+from .report import versions
+from .tasks.base import get_task
 
 # Flag -> the task field it overrides for the evaluation file.
 COLUMN_FIELDS = ("text_column", "text_pair_column", "label_column", "tag_column", "tokens_key", "tags_key",
@@ -30,10 +33,6 @@ def evaluate_run(run_dir: str | Path, data: str, out: str | Path | None = None, 
     batches pad differently, which moves the last digits of the figures."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
-    from .model import load_tuned, mixed_precision
-    from .report import versions
-    from .tasks.base import get_task
 
     run_dir = Path(run_dir)
     unknown = set(columns) - set(COLUMN_FIELDS)

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .model import ModelError, load_tuned
+from .artifacts import ADAPTER_CONFIG, GENERATION_CONFIG, run_task
+from .errors import ModelError, ServeError
+from .model import load_tuned
 from .stops import stop_ids_for
+from .taskspec import TASKS
 
 RAW_FORMATS = ("prompt_completion", "text")
 
@@ -21,17 +24,13 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """One answer per prompt, in order. Chat-format runs go through the saved chat template; a seq2seq run
     takes each prompt as its source text."""
-    from .config import ConfigError, load_config
-
-    config = Path(run_dir) / "config.yaml"
-    try:  # a folder without one is refused by load_tuned below, with its own message
-        task = load_config(config).task.name if config.is_file() else "causal-lm"
-    except ConfigError as err:
+    try:  # a folder without an adapter is refused by load_tuned below, with its own message
+        spec = TASKS[run_task(run_dir) if (Path(run_dir) / ADAPTER_CONFIG).is_file() else "causal-lm"]
+    except ServeError as err:
         raise ModelError(str(err)) from err
-    if task in ("seq-cls", "token-cls"):
-        endpoint = "/v1/classify" if task == "seq-cls" else "/v1/ner"
-        raise ModelError(f"{run_dir} is a {task} run: it labels text rather than writing it. Score it with "
-                         f"`lite-sft eval {run_dir} --data FILE`, or export it and POST to the server's {endpoint}")
+    if not spec.generates:
+        raise ModelError(f"{run_dir} is a {spec.name} run: it labels text rather than writing it. Score it with "
+                         f"`lite-sft eval {run_dir} --data FILE`, or export it and POST to the server's {spec.routes[0]}")
     from transformers.utils import logging as hf_logging
 
     # transformers 5 draws a "Loading weights" bar per load, which would land in front of the answer; the base
@@ -44,7 +43,7 @@ def answer(run_dir: str | Path, prompts: list[str], *, system: str | None = None
         if bars:
             hf_logging.enable_progress_bar()
     device = next(model.parameters()).device
-    if task == "seq2seq":  # its saved generation settings decide what the caller leaves unset
+    if spec.name == "seq2seq":  # its saved generation settings decide what the caller leaves unset
         return _transduce(model, tokenizer, run_dir, prompts, max_new_tokens, temperature, top_p, seed, device)
     try:
         # The list the run saved when it started; a run from an older lite-sft has it decided the same way.
@@ -80,7 +79,7 @@ def _transduce(model, tokenizer, run_dir, sources: list[str], max_new_tokens: in
     """An encoder-decoder's output for each source, with the generation settings the run saved."""
     from transformers import GenerationConfig
 
-    config = (GenerationConfig.from_pretrained(run_dir) if (Path(run_dir) / "generation_config.json").is_file()
+    config = (GenerationConfig.from_pretrained(run_dir) if (Path(run_dir) / GENERATION_CONFIG).is_file()
               else model.generation_config)
     torch.manual_seed(seed)
     answers = []

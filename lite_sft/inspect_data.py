@@ -1,6 +1,6 @@
 """The report behind `lite-sft inspect-data`: a few examples with what each is trained on, then counts.
 
-    from lite_sft.data import prepare_data
+    from lite_sft.tasks.causal_lm.data import prepare_data
     from lite_sft.inspect_data import render_report, render_task_report
     print(render_report(prepare_data(cfg.data, tokenizer, seed=0), tokenizer, n=3, color=True))  # causal-lm
     print(render_task_report(task, task.prepare(cfg, tokenizer), tokenizer, n=3))   # seq-cls, token-cls, seq2seq
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from itertools import groupby
 
-from lite_sft.data import PreparedData
-from lite_sft.masking import IGNORE_INDEX, DataStats, Example, stats_of
+from lite_sft.tasks.base import IGNORE_INDEX
+from lite_sft.tasks.causal_lm.data import PreparedData
+from lite_sft.tasks.causal_lm.masking import DataStats, Example, stats_of
 
 GREEN, GREY, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 OPEN, CLOSE = "«", "»"

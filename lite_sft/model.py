@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .config import BUILTIN_MODEL, LoraConfig, ModelConfig
+from .artifacts import ADAPTER_CONFIG, CONFIG_FILE, MODEL_CONFIG
+from .config import BUILTIN_MODEL, LoraConfig, ModelConfig, load_config
 from .errors import ModelError
+from .tasks.base import get_task
+from .tiny import materialize_builtin_model
 
 # On CPU bitsandbytes (imported by peft too) tries to fetch an optional kernel from the hub and warns
 # when it cannot; its built-in CPU kernel is used instead, so the warning only alarms offline users.
@@ -30,12 +33,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 def resolve_model_path(name_or_path: str) -> str:
     """The built-in name becomes its cache folder; a path must exist; anything else is a hub id."""
     if name_or_path == BUILTIN_MODEL:
-        from .tiny import materialize_builtin_model
-
         return str(materialize_builtin_model())
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / MODEL_CONFIG).is_file():
             raise ModelError(f"model folder {path} has no config.json: pass a Hugging Face model folder or a hub id")
         return str(path)
     # Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path.
@@ -55,7 +56,7 @@ def recorded_model_name(name_or_path: str) -> str:
 
 def run_base_path(cfg, run_dir: str | Path) -> str:
     """The base model folder (or hub id) of the run in `run_dir`, as its config.yaml records it."""
-    name, config = cfg.model.name_or_path, Path(run_dir) / "config.yaml"
+    name, config = cfg.model.name_or_path, Path(run_dir) / CONFIG_FILE
     if name != BUILTIN_MODEL and Path(name).expanduser().is_absolute() and not Path(name).expanduser().exists():
         raise ModelError(f"base folder not found: {name} (model.name_or_path in {config}); put the base model back "
                          "there, or set model.name_or_path in that file to where it is now")
@@ -247,7 +248,7 @@ def add_lora(model, lora: LoraConfig, model_cfg: ModelConfig, new_token_ids: lis
     targets = lora.target_modules
     heads = [name for name in (task.head_names if task is not None else ()) if hasattr(model, name)]
     target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
-    if target_modules == "all-linear" and task is not None and task.name != "causal-lm":
+    if target_modules == "all-linear" and task is not None and not task.lora_all_linear:
         # peft keeps the head out of "all-linear" for causal LMs and sequence classifiers only (a token
         # classifier's head would be wrapped twice and peft raises), so name the layers ourselves.
         target_modules = linear_layer_names(model, exclude=heads)
@@ -306,13 +307,10 @@ def load_tuned(run_dir: str | Path, device: torch.device | None = None):
     """Base model (with the run's task head) + adapter from a run directory, ready for inference (unmerged)."""
     from peft import PeftModel
 
-    from .config import load_config
-    from .tasks.base import get_task
-
     run_dir = Path(run_dir)
-    if not (run_dir / "adapter_config.json").is_file():
+    if not (run_dir / ADAPTER_CONFIG).is_file():
         raise ModelError(f"{run_dir} holds no adapter (adapter_config.json): pass the output_dir of a finished `lite-sft tune` run")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / CONFIG_FILE)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(str(run_dir), cfg.model.trust_remote_code)
     task = get_task(cfg.task.name)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, RunConfig
-from .loss import chunk_tokens
+from .tasks.causal_lm.loss import chunk_tokens
 from .model import ModelError, compute_dtype, resolve_model_path
 
 MiB, GiB = 2**20, 2**30

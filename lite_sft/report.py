@@ -1,9 +1,12 @@
-"""What a run leaves behind to read: metrics.jsonl, TensorBoard events, loss_curve.png, summary.json,
-and validation_split.json (which records were held out, for the export's parity gate)."""
+"""What a run leaves behind to read: metrics.jsonl, TensorBoard events, loss_curve.png and summary.json.
+
+    python -c "from lite_sft.report import plot_losses; plot_losses('runs/demo')"    # runs/demo/loss_curve.png
+
+(validation_split.json, the held-out examples for the export's parity gate, is causal-lm's: its data.py writes it.)
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import resource
@@ -13,10 +16,7 @@ from typing import Any
 
 import torch
 
-METRICS_FILE = "metrics.jsonl"
-VALIDATION_SPLIT_FILE = "validation_split.json"
-# Held-out examples copied as tokenised: enough for any parity gate, small on disk.
-SPLIT_EXAMPLES = 64
+from lite_sft.artifacts import METRICS_FILE, SUMMARY_FILE
 
 
 class MetricsLog:
@@ -44,38 +44,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def write_validation_split(run_dir: Path, cfg, data) -> Path:
-    """Record the held-out records and the first SPLIT_EXAMPLES of them as tokenised for validation.
-
-    Export checks its artefacts on examples training never saw. Re-deriving the split later from the
-    data file and the seed silently goes wrong when the file moves or changes, so the split is written
-    down now: which records (their sources), a digest of the file they came from, and the examples
-    themselves (`labels[t] == input_ids[t]` where trained, -100 elsewhere).
-    """
-    from .config import BUILTIN_DATA
-
-    d = cfg.data
-    if d.validation_path:
-        source, origin = f"validation file {d.validation_path}", d.validation_path
-    elif d.path == BUILTIN_DATA and d.validation_fraction > 0:
-        source, origin = "the bundled validation set", None
-    elif d.validation_fraction > 0:
-        source, origin = f"held-out fraction {d.validation_fraction} of {d.path}, seed {cfg.train.seed}", d.path
-    else:
-        source, origin = "none", None
-    digest = None
-    if origin is not None and Path(origin).expanduser().is_file():
-        digest = hashlib.sha256(Path(origin).expanduser().read_bytes()).hexdigest()
-    examples = data.validation_examples
-    record = {"source": source, "data_sha256": digest, "count": len(examples),
-              "sources": [ex.source for ex in examples],
-              "examples": [{"source": ex.source, "input_ids": list(ex.input_ids), "labels": list(ex.labels)}
-                           for ex in examples[:SPLIT_EXAMPLES]]}
-    path = Path(run_dir) / VALIDATION_SPLIT_FILE
-    path.write_text(json.dumps(record) + "\n")
-    return path
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -135,6 +103,6 @@ def versions() -> dict[str, str]:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    out = Path(run_dir) / "summary.json"
+    out = Path(run_dir) / SUMMARY_FILE
     out.write_text(json.dumps(summary, indent=2) + "\n")
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# artifacts.GENERATION_CONFIG, spelled out: this module imports nothing of lite-sft's, so any layer may import it.
 GENERATION_CONFIG = "generation_config.json"
 # An assistant message unlikely to be changed by any template (no leading or trailing space to trim).
 PROBE = "lite-sft-stop-probe"

@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 
 from lite_sft.config import BUILTIN_DEFAULTS, lite_sft_home
+from lite_sft.stops import stop_ids as decide_stop_ids
+from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE
 
 # Bump when anything that shapes the built model changes in code (not data or config: those are
 # hashed into the folder name), so a stale cached folder is never reused.
@@ -126,10 +128,6 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    # Imported here, not at the top, so that config.py can import DEMO_DEFAULTS from this module
-    # without a cycle (masking imports config).
-    from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -241,8 +239,6 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int 
     model's train/eval mode and the tokenizer's padding side are put back afterwards.
     """
     import torch
-
-    from lite_sft.stops import stop_ids as decide_stop_ids
 
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False)
                for r in records]

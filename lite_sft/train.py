@@ -7,6 +7,8 @@
     run = setup(cfg); stopped_early = fit(run); summary = save(run, stopped_early)     # what tune() does
 
 What differs per task (data, model class, collation, loss, metrics) sits behind lite_sft.tasks.base.Task.
+The run directory (checked at the start, adapter and summary.json at the end) is rundir.py's; what an
+evaluation leads to (logging, the best adapter, early stopping, the demo's skill score) is validation.py's.
 One optimiser step consumes a fixed block of `micro_batch_size * grad_accum * world_size` rows from a
 seeded stream of epoch permutations, so the data a step sees depends only on the step number: resume
 and multi-process runs follow the same trajectory as a single uninterrupted run. The loss is summed over
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,25 +28,21 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint, report
-from .config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, RunConfig, config_to_yaml, load_config, save_config
-from .errors import RunDirError
-from .loss import check_loss_path
-from .masking import DEFAULT_TEMPLATE_TOKENS
-from .model import (ModelError, add_lora, check_task_model, check_vocab, load_base_model, load_tokenizer,
-                    mixed_precision, recorded_model_name, resolve_model_path)
+from . import checkpoint, plan, report
+from .artifacts import CONFIG_FILE
+from .config import BUILTIN_DATA, BUILTIN_MODEL, RunConfig, config_to_yaml, save_config
+from .errors import ConfigError, RunDirError  # noqa: F401  (RunDirError: its old home, re-exported for now)
+from .model import (add_lora, check_task_model, check_vocab, load_base_model, load_tokenizer, mixed_precision,
+                    recorded_model_name, resolve_model_path)
+from .rundir import check_run_dir, init_run_dir, save_adapter, summary as run_summary
 from .tasks.base import Task, TaskData, all_sum, get_task
-
-
+from .tasks.causal_lm.masking import DEFAULT_TEMPLATE_TOKENS
+from .tasks.causal_lm.packing import check_packing_isolation
+from .validation import record_evaluation, skill_score
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# Fields that may change when resuming: they lengthen or shorten the run without changing its past.
-RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.log_every", "train.early_stopping_patience"}
 
 
 @dataclass
@@ -104,7 +101,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     cfg.model.name_or_path = recorded_model_name(cfg.model.name_or_path)  # config.yaml and peft record it absolute
     task = get_task(cfg.task.name)
     run_dir = Path(cfg.output_dir)
-    _check_run_dir(run_dir, cfg, resume, overwrite)
+    check_run_dir(run_dir, cfg, resume, overwrite)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     # accelerate keeps its precision in a process-wide state and refuses a second one; a notebook or a
     # test suite may tune several models in one process. The distributed state (PartialState) is kept.
@@ -132,8 +129,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     # causal-lm: conversational data gets a chat template here when the tokenizer has none (prompt_completion
     # and text need none, so their vocabulary is never touched).
     data = task.prepare(cfg, tokenizer)
-    if cfg.data.format == "auto" and task.name == "causal-lm":
-        cfg.data.format = data.format  # the saved config records what was detected
+    task.record_detected(cfg, data)  # the saved config records what was detected (causal-lm: the format)
     if main and data.train_stats is not None and (warning := data.train_stats.straddling_warning()):
         print(f"warning: {warning}")
     model = load_base_model(cfg.model, model_path, accelerator.device, task, **task.model_kwargs(data))
@@ -148,10 +144,10 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
         if main:
             print(f"the tokenizer has no chat template: using ChatML, with {', '.join(DEFAULT_TEMPLATE_TOKENS)} added "
                   "to the vocabulary; their embedding and output-layer rows train and are saved with the adapter")
-    if cfg.data.packing and task.name == "causal-lm":
+    if cfg.data.packing and task.packs:
         check_packing_isolation(model, accelerator.device)
     model = add_lora(model, cfg.lora, cfg.model, new_token_ids, task)
-    loss_impl = check_loss_path(model, accelerator.device, cfg.train.loss) if task.name == "causal-lm" else "full"
+    loss_impl = task.loss_path(model, accelerator.device, cfg.train.loss)
     optimizer = _optimizer(cfg, model, accelerator.device)
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(data.train) / rows_per_step)
@@ -161,8 +157,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
         print(config_to_yaml(cfg), end="")
         print(f"data: {data.summary}; {total_steps} steps of {rows_per_step} rows")
         print(f"precision: {_precision_line(precision, cfg.model.cpu_bf16, accelerator.device.type, model)}")
-        _init_run_dir(run_dir, resume, overwrite)
-        save_config(cfg, run_dir / "config.yaml")
+        init_run_dir(run_dir, resume, overwrite)
+        save_config(cfg, run_dir / CONFIG_FILE)
         tokenizer.save_pretrained(run_dir)
         task.write_run_files(run_dir, cfg, tokenizer, model, data)
     accelerator.wait_for_everyone()
@@ -184,7 +180,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     run = Run(cfg, task, accelerator, tokenizer, data, model, optimizer, scheduler, loss_impl, total_steps,
               rows_per_step, loop, log)
     if not resume:
-        run.skill_before = loop["skill_before"] = _skill_score(run)  # checkpoints carry it for a resumed run
+        run.skill_before = loop["skill_before"] = skill_score(run)  # checkpoints carry it for a resumed run
     else:
         run.skill_before = loop.get("skill_before")  # None from a checkpoint written before it was kept
     return run
@@ -196,7 +192,7 @@ def fit(run: Run, on_step: Callable[[int, dict, torch.nn.Module], None] | None =
 
     cfg, task, accelerator, model, loop = run.cfg, run.task, run.accelerator, run.model, run.loop
     world, micro = accelerator.num_processes, cfg.train.micro_batch_size
-    packed = cfg.data.packing and task.name == "causal-lm"
+    packed = cfg.data.packing and task.packs
     # Packed rows are nearly all full already; grouping matters for padded ones.
     lengths = tuple(len(r) for r in run.data.train) if cfg.data.group_by_length and not packed else None
     bar = tqdm(total=run.total_steps, initial=loop["step"], disable=not run.main, dynamic_ncols=True, desc="tune",
@@ -249,7 +245,7 @@ def fit(run: Run, on_step: Callable[[int, dict, torch.nn.Module], None] | None =
 
             stop = False
             if run.data.validation and (step == run.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                stop = _record_evaluation(run, step, evaluate(run), bar.write)
+                stop = record_evaluation(run, step, evaluate(run), bar.write)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < run.total_steps:
                 _save(run, step)
             if on_step is not None:
@@ -271,26 +267,6 @@ def evaluate(run: Run) -> dict:
                              run.cfg.train.micro_batch_size, run.loss_impl, run.cfg.train.loss_chunk_tokens)
 
 
-def _record_evaluation(run: Run, step: int, figures: dict, say: Callable[[str], None]) -> bool:
-    """Log and print an evaluation, keep the best adapter; True when early stopping's patience ran out."""
-    loop, val_loss = run.loop, figures["val_loss"]
-    run.last_eval = {"step": step, **figures}
-    scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if run.main:
-        run.log.log({"step": step, **{k if k.startswith("val_") else f"val_{k}": v for k, v in scalars.items()}})
-        say(f"step {step}: validation " + ", ".join(
-            f"{k.removeprefix('val_').replace('_', ' ')} " + (f"{v:.4f}" if isinstance(v, float) else f"{v}")
-            for k, v in scalars.items()))
-    if val_loss < loop["best_val"]:
-        loop.update(best_val=val_loss, best_step=step, bad_evals=0)
-        if run.cfg.train.early_stopping_patience and run.main:
-            checkpoint.save_best(run.run_dir, run.accelerator.unwrap_model(run.model), step, val_loss)
-        return False
-    loop["bad_evals"] += 1
-    patience = run.cfg.train.early_stopping_patience
-    return bool(patience) and loop["bad_evals"] >= patience
-
-
 def save(run: Run, stopped_early: bool) -> dict | None:
     """Write the adapter (the best one after early stopping), the summary and the loss plot."""
     accelerator = run.accelerator
@@ -299,44 +275,15 @@ def save(run: Run, stopped_early: bool) -> dict | None:
     _save(run, run.loop["step"])
     if stopped_early:
         checkpoint.load_best(run.run_dir, unwrapped)  # every process: the skill score below uses the weights too
-    skill_after = _skill_score(run)
+    skill_after = skill_score(run)
     summary = None
     if run.main:
-        # Rows of added tokens are saved as peft trainable tokens; without this peft would also save the whole
-        # resized embedding and output layer (135 MB on a 30M model) because their size changed.
-        try:
-            unwrapped.save_pretrained(run.run_dir, save_embedding_layers=False)
-        except Exception as err:  # a full disk: no half-written adapter may pass for a finished run
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                (run.run_dir / name).unlink(missing_ok=True)
-            raise checkpoint.write_failed(f"the adapter in {run.run_dir}", run.run_dir, err) from err
-        summary = _summary(run, stopped_early, skill_after)
+        save_adapter(unwrapped, run.run_dir)
+        summary = run_summary(run, stopped_early, skill_after)
         report.write_summary(run.run_dir, summary)
         report.plot_losses(run.run_dir)
     accelerator.wait_for_everyone()
     return summary
-
-
-@torch.no_grad()
-def check_packing_isolation(model, device: torch.device) -> None:
-    """Packed examples must not see each other: compare a packed pair with the two run separately.
-
-    transformers isolates packed examples only for architectures whose masks honour restarting
-    position ids; this one forward pass proves it for the loaded model instead of assuming it.
-    """
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randint(0, vocab, (1, 5), generator=gen), torch.randint(0, vocab, (1, 4), generator=gen)
-    packed = torch.cat([a, b], dim=1).to(device)
-    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
-    was_training = model.training
-    model.eval()
-    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 5:].float()
-    alone = model(input_ids=b.to(device), use_cache=False).logits[0].float()
-    model.train(was_training)
-    if not torch.allclose(together, alone, atol=1e-2, rtol=1e-2):
-        raise ModelError(f"{type(model).__name__} lets packed examples attend to each other in this transformers "
-                         "version; turn packing off with --no-packing")
 
 
 def _rows_for_step(step: int, n_rows: int, rows_per_step: int, seed: int,
@@ -383,8 +330,6 @@ def _saved_tensors(cfg: RunConfig):
 
 def _auto_batch(cfg: RunConfig, device: torch.device, main: bool) -> None:
     """Set the largest micro-batch that `lite-sft plan` estimates to fit, keeping the rows per step."""
-    from . import plan
-
     try:
         budget = plan.parse_size(cfg.train.memory_budget) if cfg.train.memory_budget else plan.default_budget(device.type)
     except ValueError as err:
@@ -424,103 +369,8 @@ def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other: pick one")
-    if resume:
-        if not checkpoint.list_checkpoints(run_dir):
-            raise RunDirError(f"{run_dir} has no checkpoint to resume from; start afresh with --overwrite")
-        saved = load_config(run_dir / "config.yaml")
-        _adopt_resolved(cfg, saved)
-        changed = sorted(set(_flat(saved.to_dict()).items()) ^ set(_flat(cfg.to_dict()).items()))
-        changed = sorted({k for k, _ in changed} - RESUMABLE_CHANGES)
-        if changed:
-            raise ConfigError(f"--resume continues {run_dir} as configured in {run_dir / 'config.yaml'}; "
-                              f"these fields differ from it: {', '.join(changed)}")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunDirError(f"{run_dir} already exists: pass --overwrite to replace it or --resume to continue it")
-
-
-def _adopt_resolved(cfg: RunConfig, saved: RunConfig) -> None:
-    """Take what the run resolved at its start for what it was asked, so that resuming with the command
-    that started it is accepted: `format: auto` was saved as the format detected, `auto_batch` as the
-    micro-batch and accumulation it chose, `cpu_bf16: auto` as on or off."""
-    if cfg.data.format == "auto":
-        cfg.data.format = saved.data.format
-    if cfg.model.cpu_bf16 == "auto":
-        cfg.model.cpu_bf16 = saved.model.cpu_bf16
-    if cfg.train.auto_batch and saved.train.auto_batch:
-        cfg.train.micro_batch_size, cfg.train.grad_accum = saved.train.micro_batch_size, saved.train.grad_accum
-
-
-def _init_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def _save(run: Run, step: int) -> None:
     if run.main:
         checkpoint.save_checkpoint(run.run_dir, step, run.accelerator.unwrap_model(run.model), run.optimizer,
                                    run.scheduler, run.loop, run.cfg.train.keep_last)
     run.accelerator.wait_for_everyone()
-
-
-def _skill_score(run: Run) -> float | None:
-    """Held-out exact match on the bundled skill data (the embedded default only)."""
-    if run.cfg.data.path != BUILTIN_DATA:
-        return None
-    score = None
-    if run.main:
-        from .stops import read_stop_tokens
-        from .tiny import exact_match, load_skill_eval
-
-        # Stopped where generation stops after export and in the server: the list the run directory records.
-        score = exact_match(run.accelerator.unwrap_model(run.model), run.tokenizer, load_skill_eval(),
-                            stop_ids=read_stop_tokens(run.run_dir))
-        print(f"held-out exact match: {score:.1%}")
-    run.accelerator.wait_for_everyone()
-    return score
-
-
-def _summary(run: Run, stopped_early: bool, skill_after: float | None) -> dict:
-    loop, unit = run.loop, run.task.unit_name
-    metrics = report.read_metrics(run.run_dir)
-    train_losses = [m["loss"] for m in metrics if "loss" in m]
-    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
-    elapsed = max(loop["elapsed"], 1e-9)
-    return {
-        "task": run.task.name,
-        "steps": loop["step"],
-        "planned_steps": run.total_steps,
-        "stopped_early": stopped_early,
-        "processes": run.accelerator.num_processes,
-        "device": str(run.accelerator.device),
-        "train_examples": run.data.examples[0],
-        "validation_examples": run.data.examples[1],
-        "tokens": loop["tokens"],
-        unit: loop["units"],
-        "tokens_per_s": loop["tokens"] / elapsed,
-        f"{unit}_per_s": loop["units"] / elapsed,
-        "wall_s": loop["elapsed"],
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "final_val_loss": val_losses[-1] if val_losses else None,
-        "best_val_loss": loop["best_val"] if math.isfinite(loop["best_val"]) else None,
-        "best_step": loop["best_step"],
-        "adapter_step": loop["best_step"] if stopped_early else loop["step"],
-        "final_evaluation": run.last_eval or None,
-        "skill_exact_match_before": run.skill_before,
-        "skill_exact_match_after": skill_after,
-        **report.peak_memory(run.accelerator.device),
-        "versions": report.versions(),
-    }

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE
 
 # Whether `cpu_bf16: auto` trains under bf16 autocast must not depend on the CPU that runs the suite: auto
 # resolves as this says (off unless the run sets it), in this process and in the CLI subprocesses it starts.
@@ -226,7 +226,7 @@ def builtin_home(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def data_cache_dir(tmp_path, monkeypatch):
     """Each test gets its own prepared-data cache: no test reuses rows another test prepared."""
-    from lite_sft import data_cache
+    from lite_sft.tasks.causal_lm import cache as data_cache
 
     folder = tmp_path / "data-cache"
     monkeypatch.setattr(data_cache, "cache_dir", lambda: folder)

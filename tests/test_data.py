@@ -10,12 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lite_sft import data as data_module
-from lite_sft import data_cache
 from lite_sft.config import BUILTIN_DATA, DataConfig
-from lite_sft.data import load_samples, prepare_data, split_validation
+from lite_sft.errors import DataError
 from lite_sft.inspect_data import render_report
-from lite_sft.masking import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, DataError, Sample
+from lite_sft.tasks.causal_lm import cache as data_cache
+from lite_sft.tasks.causal_lm import data as data_module
+from lite_sft.tasks.causal_lm.data import load_samples, prepare_data
+from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Sample
+from lite_sft.tasks.split import split_validation
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
 PC = {"prompt": "what is two plus two", "completion": " four"}

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lite_sft.data import load_samples
-from lite_sft.masking import DataError
+from lite_sft.tasks.causal_lm.data import load_samples
+from lite_sft.errors import DataError
 from lite_sft.tasks.classification import read_classification
 from lite_sft.tasks.ner import read_ner
 

@@ -182,7 +182,8 @@ def test_a_malformed_split_file_is_named_with_its_field(tmp_path, tokenizer):
 
 
 def test_a_run_without_the_split_file_re_derives_it_and_says_so(tmp_path, bpe_tokenizer, chat_jsonl):
-    from lite_sft.data import load_samples, split_validation
+    from lite_sft.tasks.causal_lm.data import load_samples
+    from lite_sft.tasks.split import split_validation
 
     cfg = load_config(None, {"data.path": str(chat_jsonl), "data.validation_fraction": 0.1, "train.seed": 3})
     prompts, source = held_out_prompts(tmp_path, cfg, bpe_tokenizer, 3)

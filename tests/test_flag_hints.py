@@ -9,8 +9,9 @@ import typer.main
 
 from lite_sft.cli import FLAG_FIELDS, app
 from lite_sft.config import setting
-from lite_sft.data import load_samples, split_validation
-from lite_sft.masking import DataError
+from lite_sft.errors import DataError
+from lite_sft.tasks.causal_lm.data import load_samples
+from lite_sft.tasks.split import split_validation
 from lite_sft.tasks.classification import read_classification
 from lite_sft.tasks.ner import read_ner
 

@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("demo", ("lite_sft.tiny",)),),
     (("modeling", ("lite_sft.model", "lite_sft.plan")),),
     (("train", ("lite_sft.train", "lite_sft.checkpoint", "lite_sft.evaluate", "lite_sft.generate",
-                "lite_sft.inspect_data")),
+                "lite_sft.inspect_data", "lite_sft.rundir", "lite_sft.validation")),
      ("export", ("lite_sft.export",))),
     (("serve", ("lite_sft.serve",)),),
     (("bench", ("lite_sft.serve.bench", "lite_sft.serve.bench_report", "lite_sft.serve.loadtest")),),

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from lite_sft.config import LoraConfig, ModelConfig
-from lite_sft.loss import FusedLinearCrossEntropy, check_loss_path, token_loss_sum
-from lite_sft.masking import IGNORE_INDEX
+from lite_sft.tasks.causal_lm.loss import FusedLinearCrossEntropy, check_loss_path, token_loss_sum
+from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX
 from lite_sft.model import add_lora, load_base_model
-from lite_sft.packing import Row, collate
+from lite_sft.tasks.causal_lm.packing import Row, collate
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ def test_a_plain_llama_keeps_the_fused_loss(tiny_model_dir):
 
 
 def test_the_automatic_chunk_holds_a_fixed_number_of_logits_within_bounds():
-    from lite_sft.loss import AUTO_CHUNK_LOGITS, chunk_tokens
+    from lite_sft.tasks.causal_lm.loss import AUTO_CHUNK_LOGITS, chunk_tokens
 
     assert chunk_tokens(300, 128_256) == 300  # an explicit setting wins
     assert chunk_tokens(0, 32_000) == AUTO_CHUNK_LOGITS // 32_000 == 1048

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from tokenizers import processors
 
 from lite_sft.config import DataConfig
-from lite_sft.data import load_samples
-from lite_sft.masking import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, DataError, Sample, build_examples,
+from lite_sft.errors import DataError
+from lite_sft.tasks.causal_lm.data import load_samples
+from lite_sft.tasks.causal_lm.masking import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Sample, build_examples,
                               ensure_chat_template, percentile, tokenize_sample)
 
 X = IGNORE_INDEX

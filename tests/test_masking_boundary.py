@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lite_sft.config import DataConfig
-from lite_sft.data import load_samples
-from lite_sft.masking import IGNORE_INDEX, Example, Sample, build_examples, ensure_chat_template, tokenize_sample
+from lite_sft.tasks.causal_lm.data import load_samples
+from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX, Example, Sample, build_examples, ensure_chat_template, tokenize_sample
 
 # A template for base models whose generation prompt ends in a space, as many hand-written ones do.
 QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Answer: ' + m['content'] + eos_token }}"

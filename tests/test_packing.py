@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import find_packed_sequence_indices
 
-from lite_sft import packing
-from lite_sft.masking import IGNORE_INDEX, Example
-from lite_sft.packing import Row, collate, pack, segment_ids, unpacked_rows
+from lite_sft.tasks.causal_lm import packing
+from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX, Example
+from lite_sft.tasks.causal_lm.packing import Row, collate, pack, segment_ids, unpacked_rows
 
 X = IGNORE_INDEX
 

@@ -176,7 +176,7 @@ def _child(model_dir: str, spec: dict) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lite_sft.config import LoraConfig, ModelConfig
-    from lite_sft.loss import token_loss_sum
+    from lite_sft.tasks.causal_lm.loss import token_loss_sum
     from lite_sft.model import add_lora
 
     torch.set_num_threads(1)

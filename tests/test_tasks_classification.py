@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lite_sft.masking import DataError
+from lite_sft.errors import DataError
 from lite_sft.tasks.classification import read_classification
 from lite_sft.tasks.labels import LabelMap, build_label_map
 from lite_sft.tasks.seq2seq import read_seq2seq

@@ -17,7 +17,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lite_sft.masking import IGNORE_INDEX, DataError
+from lite_sft.errors import DataError
+from lite_sft.tasks.base import IGNORE_INDEX
 from lite_sft.tasks.iob import entities, iob1_to_iob2, iob2_error
 from lite_sft.tasks.labels import LabelMap
 from lite_sft.tasks.ner import (TaggedSentence, align_labels, build_tag_map, encode_tags, entity_spans, read_ner,

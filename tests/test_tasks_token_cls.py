@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lite_sft.config import load_config
-from lite_sft.masking import IGNORE_INDEX, DataError
+from lite_sft.errors import DataError
+from lite_sft.tasks.base import IGNORE_INDEX
 from lite_sft.model import ModelError
 from lite_sft.train import tune
 

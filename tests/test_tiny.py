@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lite_sft import tiny
-from lite_sft.masking import DEFAULT_CHAT_TEMPLATE
+from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")

@@ -98,14 +98,14 @@ def test_logged_gradient_norm_is_the_norm_of_the_mean_token_loss_gradient(tiny_m
     a plain full-logits loss on the same rows, so a constant factor anywhere in the loop would show."""
     import torch.nn.functional as F
 
-    import lite_sft.data
+    import lite_sft.tasks.causal_lm.data
     import lite_sft.train as train
-    from lite_sft.masking import IGNORE_INDEX
-    from lite_sft.packing import collate
+    from lite_sft.tasks.causal_lm.masking import IGNORE_INDEX
+    from lite_sft.tasks.causal_lm.packing import collate
 
     seen = {}
-    prepare, add_lora, step = lite_sft.data.prepare_data, train.add_lora, torch.optim.AdamW.step
-    monkeypatch.setattr(lite_sft.data, "prepare_data", lambda *a, **k: seen.setdefault("data", prepare(*a, **k)))
+    prepare, add_lora, step = lite_sft.tasks.causal_lm.data.prepare_data, train.add_lora, torch.optim.AdamW.step
+    monkeypatch.setattr(lite_sft.tasks.causal_lm.data, "prepare_data", lambda *a, **k: seen.setdefault("data", prepare(*a, **k)))
     monkeypatch.setattr(train, "add_lora", lambda *a, **k: seen.setdefault("model", add_lora(*a, **k)))
 
     def checked_step(self, *args, **kwargs):

@@ -110,7 +110,7 @@ def _cfg(model_dir, data, out, **overrides):
 def test_template_tokens_of_an_untied_output_layer_are_saved_and_restored(tmp_path, tokenizer_factory, chat_jsonl):
     """ChatML rows added to an untied output layer were neither trained nor saved: every load resized them
     afresh at random, so the tuned model's prediction of <|im_end|> changed from one load to the next."""
-    from lite_sft.masking import ensure_chat_template
+    from lite_sft.tasks.causal_lm.masking import ensure_chat_template
     from lite_sft.model import load_tuned
 
     tokenizer = tokenizer_factory(chat_template=None, chatml=False)
@@ -163,7 +163,8 @@ def test_data_that_needs_no_template_adds_no_tokens(tmp_path, tokenizer_factory)
 def test_the_held_out_split_is_recorded_in_the_run_directory(tiny_model_dir, chat_jsonl, tmp_path):
     import hashlib
 
-    from lite_sft.data import load_samples, split_validation
+    from lite_sft.tasks.causal_lm.data import load_samples
+    from lite_sft.tasks.split import split_validation
 
     run = tmp_path / "run"
     tune(make_cfg(tiny_model_dir, chat_jsonl, run, **{"train.max_steps": 1, "data.validation_fraction": 0.25}))

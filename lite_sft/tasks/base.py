@@ -1,6 +1,6 @@
 """What differs between the tasks the training loop runs: data, model class, collation, loss, metrics.
 
-    task = get_task("seq-cls")
+    task = get_task("seq-cls")                               # the `TASK` of the module taskspec.TASKS names
     data = task.prepare(cfg, tokenizer)                      # TaskData: rows and counts
     model = load_base_model(cfg.model, path, device, task, data.labels)
     batch = task.collate(rows, tokenizer)                    # tensors for one micro-batch
@@ -15,12 +15,14 @@ Everything else, from optimiser to checkpoints, is the same loop for every task.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from lite_sft.errors import DataError  # noqa: F401  (raised by every task's readers)
+from lite_sft.config import setting
+from lite_sft.errors import ConfigError, DataError  # noqa: F401  (DataError: its old home, re-exported for now)
+from lite_sft.taskspec import TASK_NAMES, TASKS, TaskSpec
 
-TASK_NAMES = ("causal-lm", "seq-cls", "token-cls", "seq2seq")
 # The label value the loss ignores (torch.nn.CrossEntropyLoss and transformers' default ignore_index).
 IGNORE_INDEX = -100
 
@@ -48,17 +50,34 @@ class TaskData:
 
 
 class Task:
-    """The interface; each task module implements it (causal_lm.py, classification.py, ner.py, seq2seq.py)."""
+    """The interface; each task module implements it (causal_lm/, classification.py, token_cls.py, seq2seq.py)."""
 
     name: str
-    peft_task_type: str
-    """peft's TaskType name: CAUSAL_LM, SEQ_CLS, TOKEN_CLS or SEQ_2_SEQ_LM."""
-    auto_class: str
-    """The transformers Auto class that loads the base with this task's head."""
+    """Its row's name in taskspec.TASKS, where everything outside the task's module reads about it."""
     head_names: tuple[str, ...] = ()
     """Modules that are the task head: new, so trained whole and saved with the adapter (peft modules_to_save)."""
     unit_name: str = "trained_tokens"
     """What the loss is averaged over, as metrics.jsonl and summary.json name it."""
+    packs: bool = False
+    """Its rows may hold several examples (data.packing): the model must keep them apart, and the rows are
+    nearly all full, so grouping them by length gains nothing."""
+    lora_all_linear: bool = False
+    """peft's own "all-linear" keeps this task's head out of LoRA (it knows a causal LM's output layer); for
+    the other heads the layers are named by lite_sft.model.linear_layer_names."""
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.name]
+
+    @property
+    def peft_task_type(self) -> str:
+        """peft's TaskType name: CAUSAL_LM, SEQ_CLS, TOKEN_CLS or SEQ_2_SEQ_LM."""
+        return self.spec.peft_task_type
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class that loads the base with this task's head."""
+        return self.spec.auto_class
 
     def check_model(self, config, name: str) -> None:
         """Raise ModelError when the architecture cannot do this task (the base's config.json is given)."""
@@ -73,6 +92,13 @@ class Task:
 
     def prepare(self, cfg, tokenizer) -> TaskData:
         raise NotImplementedError
+
+    def record_detected(self, cfg, data: TaskData) -> None:
+        """Put into `cfg` what prepare detected, so the saved config.yaml records it (causal-lm: the format)."""
+
+    def loss_path(self, model, device, requested: str) -> str:
+        """The loss implementation train.loss asks for, checked against the model ("full" where only one)."""
+        return "full"
 
     def write_run_files(self, run_dir, cfg, tokenizer, model, data: TaskData) -> None:
         """What later steps (eval, export, serve) need besides config.yaml, the tokenizer and the adapter."""
@@ -107,25 +133,12 @@ class Task:
 
 
 def get_task(name: str) -> Task:
-    from lite_sft.config import ConfigError, setting
-
-    if name == "causal-lm":
-        from lite_sft.tasks.causal_lm import CausalLMTask
-
-        return CausalLMTask()
-    if name == "seq-cls":
-        from lite_sft.tasks.classification import SequenceClassificationTask
-
-        return SequenceClassificationTask()
-    if name == "token-cls":
-        from lite_sft.tasks.token_cls import TokenClassificationTask
-
-        return TokenClassificationTask()
-    if name == "seq2seq":
-        from lite_sft.tasks.seq2seq import Seq2SeqTask
-
-        return Seq2SeqTask()
-    raise ConfigError(f"{setting('task.name')} {name!r}: choose one of {', '.join(TASK_NAMES)}")
+    """A fresh Task for `name`: the `TASK` class of the module its row in taskspec.TASKS names (a registry
+    dispatch, so this interface never imports the tasks that implement it)."""
+    spec = TASKS.get(name)
+    if spec is None:
+        raise ConfigError(f"{setting('task.name')} {name!r}: choose one of {', '.join(TASK_NAMES)}")
+    return importlib.import_module(f"lite_sft.tasks.{spec.module}").TASK()
 
 
 def max_tokens(cfg, tokenizer) -> int:

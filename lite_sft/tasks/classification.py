@@ -14,8 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_sft.tasks.base import Task, TaskData, max_tokens
+from lite_sft.config import setting as named  # class_weights' parameter `setting` is the user's value
+from lite_sft.errors import ConfigError, ModelError
+from lite_sft.tasks.base import Task, TaskData, all_sum, gather, max_tokens
 from lite_sft.tasks.labels import LabelMap, build_label_map, label_kwargs, load_labels, parse_label, save_labels
+from lite_sft.tasks.metrics import classification_metrics
+from lite_sft.tasks.split import held_out
 from lite_sft.tasks.table import read_table, text_field
 
 
@@ -73,8 +77,6 @@ def class_weights(setting: str, labels: list[int], n_classes: int) -> list[float
     if setting == "balanced":
         counts = [labels.count(c) for c in range(n_classes)]
         return [len(labels) / (n_classes * count) if count else 0.0 for count in counts]
-    from lite_sft.config import ConfigError
-    from lite_sft.config import setting as named  # the parameter `setting` is the user's value
 
     weights = [float(w) for w in setting.split(",")]
     if len(weights) != n_classes:
@@ -87,8 +89,6 @@ class SequenceClassificationTask(Task):
     """seq-cls: a text (or a text pair) to one of a fixed set of labels, with a fresh classification head."""
 
     name = "seq-cls"
-    peft_task_type = "SEQ_CLS"
-    auto_class = "AutoModelForSequenceClassification"
     head_names = ("classifier", "score")  # BERT-style encoders, and decoders' sequence-classification heads
     unit_name = "examples"
 
@@ -100,25 +100,22 @@ class SequenceClassificationTask(Task):
         return label_kwargs(data.labels)
 
     def saved_model_kwargs(self, run_dir) -> dict:
-        from lite_sft.model import ModelError
-
         labels = load_labels(run_dir)
         if labels is None:
             raise ModelError(f"{run_dir} has no labels.json: it was not written by `lite-sft tune --task {self.name}`")
         return label_kwargs(labels)
 
     def prepare(self, cfg, tokenizer) -> TaskData:
-        from lite_sft.data import split_validation
-
         k, d = cfg.task, cfg.data
         records, labels = read_classification(d.path, text_column=k.text_column, label_column=k.label_column,
                                               pair_column=k.text_pair_column)
-        if d.validation_path:
-            held, _ = read_classification(d.validation_path, text_column=k.validation_text_column or k.text_column,
+        rule = held_out(d, cfg.train.seed)
+        if rule.kind == "file":
+            held, _ = read_classification(rule.path, text_column=k.validation_text_column or k.text_column,
                                           label_column=k.label_column, pair_column=k.text_pair_column,
                                           label_map=labels)
         else:
-            records, held = split_validation(records, d.validation_fraction, cfg.train.seed)
+            records, held = rule.split(records)
         self.labels = labels
         self.weights = class_weights(k.class_weights, [r.label for r in records], len(labels.names))
         limit = max_tokens(cfg, tokenizer)
@@ -133,8 +130,6 @@ class SequenceClassificationTask(Task):
         save_labels(run_dir, data.labels)
 
     def eval_rows(self, cfg, tokenizer, path: str, run_dir) -> list:
-        from lite_sft.model import ModelError
-
         self.labels = load_labels(run_dir)
         if self.labels is None:
             raise ModelError(f"{run_dir} has no labels.json: it was not written by `lite-sft tune --task {self.name}`")
@@ -192,9 +187,6 @@ class SequenceClassificationTask(Task):
                  loss_impl: str = "full", chunk: int = 0) -> dict:
         import torch
 
-        from lite_sft.tasks.base import all_sum, gather
-        from lite_sft.tasks.metrics import classification_metrics
-
         model.eval()
         total, units, predicted, truth = 0.0, 0.0, [], []
         with torch.no_grad():
@@ -208,3 +200,6 @@ class SequenceClassificationTask(Task):
         predicted, truth = gather(accelerator, predicted), gather(accelerator, truth)
         metrics = classification_metrics(truth, predicted, self.labels.names)
         return {"val_loss": all_sum(accelerator, total) / max(all_sum(accelerator, units), 1e-9), **metrics}
+
+
+TASK = SequenceClassificationTask  # what lite_sft.tasks.base.get_task builds for the row of taskspec.TASKS naming this module

@@ -10,12 +10,15 @@ unless a LabelMap with display names is given (LabelMap(("negative", "positive")
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from lite_sft.artifacts import LABELS_FILE
 from lite_sft.config import setting
-from lite_sft.tasks.base import DataError
+from lite_sft.errors import DataError
 
 _INTEGER = re.compile(r"-?\d+")
 
@@ -96,22 +99,13 @@ def label_kwargs(labels: LabelMap) -> dict:
     return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
 
 
-LABELS_FILE = "labels.json"
-
-
 def save_labels(folder, labels: LabelMap) -> None:
     """The run's label mapping, for eval and export to rebuild the same head (the model's id2label)."""
-    import json
-    from pathlib import Path
-
     (Path(folder) / LABELS_FILE).write_text(json.dumps({"names": list(labels.names), "ids": labels.ids}) + "\n")
 
 
 def load_labels(folder) -> LabelMap | None:
     """The mapping save_labels wrote, or None when the folder has none (a causal-lm or seq2seq run)."""
-    import json
-    from pathlib import Path
-
     path = Path(folder) / LABELS_FILE
     if not path.is_file():
         return None

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lite_sft.config import setting
-from lite_sft.tasks.base import IGNORE_INDEX, DataError
+from lite_sft.errors import DataError
+from lite_sft.tasks.base import IGNORE_INDEX
 from lite_sft.tasks.iob import entities, iob1_to_iob2, iob2_error, split_tag
 from lite_sft.tasks.labels import LabelMap
 from lite_sft.tasks.table import open_text, read_table

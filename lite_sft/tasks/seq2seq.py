@@ -23,10 +23,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_sft.tasks.base import IGNORE_INDEX, Task, TaskData
+from lite_sft.artifacts import GENERATION_CONFIG
+from lite_sft.errors import ModelError
+from lite_sft.tasks.base import IGNORE_INDEX, Task, TaskData, all_sum, gather, is_decoder_only
+from lite_sft.tasks.metrics import bleu, rouge
+from lite_sft.tasks.split import held_out
 from lite_sft.tasks.table import read_table, text_field
 
-GENERATION_CONFIG = "generation_config.json"
 SAVED_SETTINGS = ("max_new_tokens", "num_beams", "decoder_start_token_id", "eos_token_id", "pad_token_id")
 # Validation examples shown in the evaluation's report, so a figure can be read against what it measures.
 SHOWN_SAMPLES = 5
@@ -69,8 +72,6 @@ def tokenize_pairs(records: list[Seq2SeqRecord], tokenizer, max_source: int,
     rows, cut_sources, cut_targets = [], 0, 0
     eos = tokenizer.eos_token_id
     if eos is None:
-        from lite_sft.model import ModelError
-
         raise ModelError(f"{type(tokenizer).__name__} has no eos_token, so the decoder cannot learn where a target "
                          "ends; set tokenizer.eos_token in the model's tokenizer_config.json")
     for r in records:
@@ -124,8 +125,6 @@ def load_generation_settings(run_dir):
     try:
         return GenerationConfig.from_pretrained(str(run_dir))
     except (OSError, ValueError) as err:
-        from lite_sft.model import ModelError
-
         raise ModelError(f"{Path(run_dir) / GENERATION_CONFIG} cannot be read ({err}); delete it to generate with "
                          "the base model's own settings") from err
 
@@ -134,8 +133,6 @@ class Seq2SeqTask(Task):
     """seq2seq: an encoder-decoder taught to write the target of each source, with its own LM head."""
 
     name = "seq2seq"
-    peft_task_type = "SEQ_2_SEQ_LM"
-    auto_class = "AutoModelForSeq2SeqLM"
     head_names = ()
     unit_name = "target_tokens"
 
@@ -145,9 +142,6 @@ class Seq2SeqTask(Task):
         """The GenerationConfig evaluation uses: a finished run's saved one, or built from the model and cfg."""
 
     def check_model(self, config, name: str) -> None:
-        from lite_sft.model import ModelError
-        from lite_sft.tasks.base import is_decoder_only
-
         if getattr(config, "is_encoder_decoder", False):
             return
         if is_decoder_only(config):
@@ -158,15 +152,14 @@ class Seq2SeqTask(Task):
                          "T5 or BART")
 
     def prepare(self, cfg, tokenizer) -> TaskData:
-        from lite_sft.data import split_validation
-
         k, d = cfg.task, cfg.data
         self.max_new_tokens, self.num_beams = k.max_new_tokens, k.num_beams
         records = read_seq2seq(d.path, source_column=k.source_column, target_column=k.target_column)
-        if d.validation_path:
-            held = read_seq2seq(d.validation_path, source_column=k.source_column, target_column=k.target_column)
+        rule = held_out(d, cfg.train.seed)
+        if rule.kind == "file":
+            held = read_seq2seq(rule.path, source_column=k.source_column, target_column=k.target_column)
         else:
-            records, held = split_validation(records, d.validation_fraction, cfg.train.seed)
+            records, held = rule.split(records)
         max_source, max_target = self.max_lens(cfg, tokenizer)
         train, src_cut, tgt_cut = tokenize_pairs(records, tokenizer, max_source, max_target)
         validation, src_cut_val, tgt_cut_val = tokenize_pairs(held, tokenizer, max_source, max_target)
@@ -233,9 +226,6 @@ class Seq2SeqTask(Task):
                  loss_impl: str = "full", chunk: int = 0) -> dict:
         import torch
 
-        from lite_sft.tasks.base import all_sum, gather
-        from lite_sft.tasks.metrics import bleu, rouge
-
         model.eval()
         generator = accelerator.unwrap_model(model)  # DDP's wrapper has no generate()
         total, units, predictions, references, sources = 0.0, 0, [], [], []
@@ -256,3 +246,6 @@ class Seq2SeqTask(Task):
                 "bleu_signature": scores["signature"],
                 "samples": [{"source": s, "prediction": p, "reference": r}
                             for s, p, r in list(zip(sources, predictions, references))[:SHOWN_SAMPLES]]}
+
+
+TASK = Seq2SeqTask  # what lite_sft.tasks.base.get_task builds for the row of taskspec.TASKS naming this module

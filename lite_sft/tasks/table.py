@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lite_sft.config import setting
-from lite_sft.tasks.base import DataError
+from lite_sft.errors import DataError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 

@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_sft.tasks.base import IGNORE_INDEX, Task, TaskData, max_tokens
+from lite_sft.errors import ModelError
+from lite_sft.tasks.base import IGNORE_INDEX, Task, TaskData, all_sum, gather, is_decoder_only, max_tokens
 from lite_sft.tasks.labels import LabelMap, label_kwargs, load_labels, save_labels
 from lite_sft.tasks.iob import entities
+from lite_sft.tasks.metrics import entity_metrics
 from lite_sft.tasks.ner import (TaggedSentence, align_labels, build_tag_map, encode_tags, read_ner,
                                 word_predictions)
+from lite_sft.tasks.split import held_out
 
 
 @dataclass
@@ -81,8 +84,6 @@ class TokenClassificationTask(Task):
     """
 
     name = "token-cls"
-    peft_task_type = "TOKEN_CLS"
-    auto_class = "AutoModelForTokenClassification"
     head_names = ("classifier", "score")  # what transformers names the head: `classifier` in encoders
     unit_name = "labelled_tokens"
 
@@ -90,9 +91,6 @@ class TokenClassificationTask(Task):
         self.labels: LabelMap | None = None
 
     def check_model(self, config, name: str) -> None:
-        from lite_sft.model import ModelError
-        from lite_sft.tasks.base import is_decoder_only
-
         if is_decoder_only(config):
             raise ModelError(f"{name} is a causal language model ({config.model_type}): it reads left to right, so "
                              "each word's tag would be predicted without the words after it; use an encoder for "
@@ -105,15 +103,14 @@ class TokenClassificationTask(Task):
         return label_kwargs(self._saved_labels(run_dir))
 
     def prepare(self, cfg, tokenizer) -> TaskData:
-        from lite_sft.data import split_validation
-
         d = cfg.data
         sentences = self.read(d.path, cfg)
         labels = build_tag_map(sentences, d.path)
-        if d.validation_path:
-            held = self.read(d.validation_path, cfg)
+        rule = held_out(d, cfg.train.seed)
+        if rule.kind == "file":
+            held = self.read(rule.path, cfg)
         else:
-            sentences, held = split_validation(sentences, d.validation_fraction, cfg.train.seed)
+            sentences, held = rule.split(sentences)
         self.labels = labels
         train, cut = self.tokenize(sentences, tokenizer, cfg)
         validation, cut_val = self.tokenize(held, tokenizer, cfg)
@@ -140,8 +137,6 @@ class TokenClassificationTask(Task):
                         scheme=k.tag_scheme)
 
     def tokenize(self, sentences: list[TaggedSentence], tokenizer, cfg) -> tuple[list[TokenRow], int]:
-        from lite_sft.model import ModelError
-
         if not tokenizer.is_fast:
             raise ModelError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; token-cls needs a fast one, "
                              "which says which word each sub-token belongs to: use a model that ships tokenizer.json")
@@ -149,8 +144,6 @@ class TokenClassificationTask(Task):
         return tokenize_sentences(sentences, self.labels, tokenizer, max_tokens(cfg, tokenizer))
 
     def _saved_labels(self, run_dir) -> LabelMap:
-        from lite_sft.model import ModelError
-
         labels = load_labels(run_dir)
         if labels is None:
             raise ModelError(f"{run_dir} has no labels.json: it was not written by `lite-sft tune --task {self.name}`")
@@ -192,9 +185,6 @@ class TokenClassificationTask(Task):
                  loss_impl: str = "full", chunk: int = 0) -> dict:
         import torch
 
-        from lite_sft.tasks.base import all_sum, gather
-        from lite_sft.tasks.metrics import entity_metrics
-
         names = self.labels.names
         model.eval()
         total, units, unread, predicted, truth = 0.0, 0, 0, [], []
@@ -220,3 +210,6 @@ def _loss(logits, labels):
     import torch.nn.functional as F
 
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+TASK = TokenClassificationTask  # what lite_sft.tasks.base.get_task builds for the row of taskspec.TASKS naming this module

@@ -8,7 +8,8 @@ Packed examples never attend to each other, without a 4-D mask: position_ids res
 every example, and transformers (4.57, masking_utils.find_packed_sequence_indices) turns a restart
 into a new attention segment when attention_mask is None. So a packed batch carries position_ids
 and no attention_mask. The first token of every example is unlabelled (see masking.py), so no loss
-term predicts one example from the end of the one before it.
+term predicts one example from the end of the one before it. Whether the loaded model honours the restart
+is checked once, before training (check_packing_isolation).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lite_sft.masking import IGNORE_INDEX, Example
+from lite_sft.errors import ModelError
+from lite_sft.tasks.base import IGNORE_INDEX
+from lite_sft.tasks.causal_lm.masking import Example
 
 
 @dataclass
@@ -119,3 +122,25 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """
     previous = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=-1)
     return (position_ids - previous != 1).cumsum(-1)
+
+
+@torch.no_grad()
+def check_packing_isolation(model, device: torch.device) -> None:
+    """Packed examples must not see each other: compare a packed pair with the two run separately.
+
+    transformers isolates packed examples only for architectures whose masks honour restarting
+    position ids; this one forward pass proves it for the loaded model instead of assuming it.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (1, 5), generator=gen), torch.randint(0, vocab, (1, 4), generator=gen)
+    packed = torch.cat([a, b], dim=1).to(device)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 5:].float()
+    alone = model(input_ids=b.to(device), use_cache=False).logits[0].float()
+    model.train(was_training)
+    if not torch.allclose(together, alone, atol=1e-2, rtol=1e-2):
+        raise ModelError(f"{type(model).__name__} lets packed examples attend to each other in this transformers "
+                         "version; turn packing off with --no-packing")

@@ -1,6 +1,6 @@
 """Turn canonical samples into token ids and labels, deciding by position which tokens are trained.
 
-    from lite_sft.masking import Sample, tokenize_sample
+    from lite_sft.tasks.causal_lm.masking import Sample, tokenize_sample
     ex = tokenize_sample(Sample("demo", messages=[{"role": "user", "content": "Hi"},
                                                   {"role": "assistant", "content": "Hello"}]), tokenizer)
     ex.input_ids, ex.labels      # labels[t] is the target at position t (the loss shifts), or IGNORE_INDEX
@@ -21,8 +21,8 @@ How the trained tokens are found:
     and it keeps packed examples from training across their boundary.
 
 This module sits at the bottom of the data pipeline (data.py loads files into Samples; packing.py
-packs Examples); the one error type for bad data, DataError, and IGNORE_INDEX come from
-lite_sft.tasks.base, where every task (and the server, which must not import training code) finds them.
+packs Examples); the one error type for bad data, DataError, comes from lite_sft.errors, and IGNORE_INDEX
+from lite_sft.tasks.base, where every task finds it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import math
 from dataclasses import dataclass
 
 from lite_sft.config import DataConfig, setting
-# Defined beside the task interface, which every task shares and serving may import without training code.
-from lite_sft.tasks.base import IGNORE_INDEX, DataError  # noqa: F401  (re-exported: the data pipeline's names)
+from lite_sft.errors import DataError
+from lite_sft.tasks.base import IGNORE_INDEX
 
 
 # ChatML, used when the tokenizer has no chat template of its own and the config names none:

@@ -1,6 +1,6 @@
 """Load training data, recognise its format, and prepare packed rows: the data pipeline's entry point.
 
-    from lite_sft.data import prepare_data
+    from lite_sft.tasks.causal_lm.data import prepare_data
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
     data.train, data.validation              # lists of packing.Row, ready for packing.collate
     data.train_stats, data.format            # counts for the log; the format that was read
@@ -19,17 +19,20 @@ file, the record (JSONL line, CSV/Parquet row, JSON array index) and the field.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lite_sft import data_cache
+from lite_sft.artifacts import VALIDATION_SPLIT_FILE
 from lite_sft.config import BUILTIN_DATA, DataConfig, setting
-from lite_sft.masking import ROLES, DataError, DataStats, Example, Sample, build_examples, ensure_chat_template
-from lite_sft.packing import Row, pack, unpacked_rows
+from lite_sft.errors import DataError
+from lite_sft.tasks.causal_lm import cache
+from lite_sft.tasks.causal_lm.masking import ROLES, DataStats, Example, Sample, build_examples, ensure_chat_template
+from lite_sft.tasks.causal_lm.packing import Row, pack, unpacked_rows
+from lite_sft.tasks.split import held_out
 from lite_sft.tasks.table import open_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -44,6 +47,8 @@ FORMAT_KEYS = {
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
+# Held-out examples copied as tokenised into validation_split.json: enough for any parity gate, small on disk.
+SPLIT_EXAMPLES = 64
 
 
 @dataclass
@@ -76,26 +81,26 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     Gives `tokenizer` its chat template when the data is conversational; `added_tokens` is True exactly
     when that added tokens to `tokenizer`, from the cache as well as freshly prepared.
     """
-    key = data_cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
-    cached = data_cache.load(key)
+    key = cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
+    cached = cache.load(key)
     if cached is not None:
         # The key covers the tokenizer as given, so it is as the entry's was before preparing: make the
         # change a fresh preparation made, and say what it did to this tokenizer.
         cached.added_tokens = cached.chat_template_used and ensure_chat_template(tokenizer, cfg.chat_template)
         return cached
-    return data_cache.store(key, _prepare(cfg, tokenizer, seed))
+    return cache.store(key, _prepare(cfg, tokenizer, seed))
 
 
 def _prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     fmt, train = load_samples(cfg.path, cfg.format, cfg.split)
     validation_fmt = fmt
-    if cfg.validation_path:
-        validation_fmt, validation = load_samples(cfg.validation_path, cfg.format, cfg.split, role="validation")
-    elif cfg.path == BUILTIN_DATA and cfg.validation_fraction > 0:
-        # The bundled set ships its own held-out file; any fraction > 0 asks for it.
+    rule = held_out(cfg, seed)
+    if rule.kind == "file":
+        validation_fmt, validation = load_samples(rule.path, cfg.format, cfg.split, role="validation")
+    elif rule.kind == "builtin":  # the bundled set ships its own held-out file; any fraction > 0 asks for it
         validation_fmt, validation = load_samples(BUILTIN_DATA, cfg.format, cfg.split, role="validation")
     else:
-        train, validation = split_validation(train, cfg.validation_fraction, seed)
+        train, validation = rule.split(train)
     chat = bool({fmt, validation_fmt} & set(CHAT_FORMATS))
     added = chat and ensure_chat_template(tokenizer, cfg.chat_template)
     train_examples, train_stats = _examples(train, tokenizer, cfg, "training")
@@ -119,18 +124,32 @@ def _examples(samples: list[Sample], tokenizer, cfg: DataConfig, split: str) -> 
     return examples, stats
 
 
-def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out a seeded random `fraction` (at least one sample) for validation; 0 holds out none."""
-    if fraction <= 0:
-        return samples, []
-    if len(samples) < 2:
-        raise DataError(f"data.validation_fraction={fraction} needs at least 2 examples to split, got "
-                        f"{len(samples)}; add data, give {setting('data.validation_path')}, or set {setting('data.validation_fraction', 0)}")
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
-    held = set(order[:n_val])
-    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+def write_validation_split(run_dir: Path, cfg, data) -> Path:
+    """Record the held-out records and the first SPLIT_EXAMPLES of them as tokenised for validation.
+
+    Export checks its artefacts on examples training never saw. Re-deriving the split later from the
+    data file and the seed silently goes wrong when the file moves or changes, so the split is written
+    down now: which records (their sources), a digest of the file they came from, and the examples
+    themselves (`labels[t] == input_ids[t]` where trained, -100 elsewhere).
+    """
+    d, rule = cfg.data, held_out(cfg.data, cfg.train.seed)
+    source, origin = {
+        "file": (f"validation file {d.validation_path}", d.validation_path),
+        "builtin": ("the bundled validation set", None),
+        "fraction": (f"held-out fraction {d.validation_fraction} of {d.path}, seed {cfg.train.seed}", d.path),
+        "none": ("none", None),
+    }[rule.kind]
+    digest = None
+    if origin is not None and Path(origin).expanduser().is_file():
+        digest = hashlib.sha256(Path(origin).expanduser().read_bytes()).hexdigest()
+    examples = data.validation_examples
+    record = {"source": source, "data_sha256": digest, "count": len(examples),
+              "sources": [ex.source for ex in examples],
+              "examples": [{"source": ex.source, "input_ids": list(ex.input_ids), "labels": list(ex.labels)}
+                           for ex in examples[:SPLIT_EXAMPLES]]}
+    path = Path(run_dir) / VALIDATION_SPLIT_FILE
+    path.write_text(json.dumps(record) + "\n")
+    return path
 
 
 def load_samples(path: str, fmt: str = "auto", split: str = "train", role: str = "train") -> tuple[str, list[Sample]]:

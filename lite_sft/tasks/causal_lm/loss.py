@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .masking import IGNORE_INDEX
+from lite_sft.tasks.base import IGNORE_INDEX
 
 
 # `train.loss_chunk_tokens: 0` holds this many logits per chunk: 128 MiB in fp32; about 1,000 positions

@@ -32,9 +32,9 @@ from lite_sft.config import BUILTIN_DATA, DataConfig, lite_sft_home
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-# The modules whose source decides the prepared rows: loading and formats, tokenising and masking,
-# packing, and this cache itself.
-CODE_FILES = ("data.py", "masking.py", "packing.py", "data_cache.py")
+# The modules whose source decides the prepared rows (in this package): loading and formats, tokenising and
+# masking, packing, this cache itself, and the validation-split rule.
+CODE_FILES = ("data.py", "masking.py", "packing.py", "cache.py", "../split.py")
 
 
 def cache_dir() -> Path:
