@@ -59,6 +59,9 @@ class TaskSpec:
     """What the gate's agreement figure counts."""
     hf_aliases: tuple[str, ...] = ()
     """Other names older exports' parity.json may give the task."""
+    encoder_decoder: bool = False
+    """It reads the prompt with an encoder and writes with a decoder that starts from tokens of its own: no chat
+    template, and its caches are not joined (serving batches it statically)."""
 
     @property
     def endpoints(self) -> str:
@@ -78,7 +81,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              gate_examples=32, agreement="labels of every token"),
     TaskSpec("seq2seq", "seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", "text2text-generation-with-past",
              "an encoder-decoder (seq2seq) model", ("/v1/completions",), generates=True, gate_examples=8,
-             agreement="greedy next tokens, teacher-forced", hf_aliases=("text2text-generation",)),
+             agreement="greedy next tokens, teacher-forced", hf_aliases=("text2text-generation",),
+             encoder_decoder=True),
 )}
 TASK_NAMES = tuple(TASKS)
 

@@ -39,7 +39,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import ServeError
+from lite_sft.errors import ServeError
+
+from .backends.protocol import Joining
 from .generate import Batch, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class Engine:
             raise ServeError("max_batch and max_queue must be at least 1")
         self.backend, self.tokenizer = backend, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.continuous = continuous and hasattr(backend, "join")
+        self.continuous = continuous and isinstance(backend, Joining)
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
