@@ -9,9 +9,9 @@ decode(state, tokens) is one decoder step on the cache; keep(state, rows) drops 
 output, its mask and the cache. Sampling, stop strings and streaming then work as for a decoder-only model.
 
 Two models run those calls: TorchSeq2Seq, transformers' own model on a Hugging Face folder, and OrtSeq2Seq, the
-export's two graphs on onnxruntime (lite_sft.artifacts names them; `lite-sft export` writes them: the encoder gives every
-decoder layer's cross-attention keys and values once, and one decoder graph takes every step, the first on an
-empty cache). OrtSeq2Seq keeps both caches as torch tensors on the session's device and binds them to the graph
+export's two graphs on onnxruntime (lite_sft.artifacts names them; `lite-sft export` writes them: the encoder
+gives every decoder layer's cross-attention keys and values once, and one decoder graph takes every step, the
+first on an empty cache). OrtSeq2Seq keeps both caches as torch tensors on the session's device and binds them to the graph
 (IO binding), so under CUDA the cache never leaves the GPU; each step's new self-attention cache is a fresh
 tensor (the graph's Concat cannot write into its own input), and keep drops finished rows with torch indexing.
 
