@@ -278,8 +278,8 @@ class Batch:
         self.rows, self.state, self.logits = [], None, None
 
 
-def generate(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], tokenizer=None,
-             cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
+def generate(backend: GeneratingBackend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             tokenizer=None, cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
     """Events for every prompt, in step order, until each has finished.
 
     `tokenizer` is needed for text (and stop strings); without it events carry token ids only.
@@ -301,7 +301,8 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams | list[Sa
         batch.close()
 
 
-def generate_ids(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+def generate_ids(backend: GeneratingBackend, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
     """The generated ids per prompt (stop token included); a convenience over generate()."""
     out: list[list[int]] = [[] for _ in prompts]
     for event in generate(backend, prompts, params):
