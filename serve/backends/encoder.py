@@ -45,7 +45,7 @@ def read_labels(folder: Path, task: str) -> list[str]:
     if sorted(by_id) != list(range(len(raw))):
         raise ServeError(f"{folder / 'config.json'}: id2label keys must be the ids 0..{len(raw) - 1}, got {sorted(raw)}")
     labels = [by_id[i] for i in range(len(by_id))]
-    if task == "token-cls":
+    if TASKS[task].per_token:
         for name in labels:
             try:
                 split_tag(name)
@@ -81,6 +81,7 @@ class EncoderBackend:
     def __init__(self, task: str, folder: Path, labels: list[str], pad_id: int, max_context: int, name: str,
                  precision: str, provider: str):
         self.task, self.folder, self.labels, self.pad_id = task, folder, labels, pad_id
+        self.per_token = TASKS[task].per_token  # token-cls: logits per token, else one row per input
         self.max_context, self.name, self.precision, self.provider = max_context, name, precision, provider
         self.vocab_size = json.loads((folder / MODEL_CONFIG).read_text()).get("vocab_size")
 
@@ -89,7 +90,7 @@ class EncoderBackend:
 
     def check_tokenizer(self, tokenizer) -> None:
         """The tokenizer can do what this task's endpoint asks of it; also caps the context at its limit."""
-        if self.task == "token-cls" and not tokenizer.is_fast:
+        if self.per_token and not tokenizer.is_fast:
             raise ServeError(f"{self.folder}: /v1/ner maps sub-words back to words with a fast tokenizer's word ids; "
                              "save the model's tokenizer.json beside it")
         self.max_context = max_context(self.folder, tokenizer)
@@ -97,7 +98,7 @@ class EncoderBackend:
     def logits(self, rows: list[dict]) -> list[np.ndarray]:
         """float32 logits per row: (labels,) for seq-cls, (the row's tokens, labels) for token-cls."""
         out = self._forward(pad_right(rows, self.pad_id))  # (batch, labels) or (batch, longest, labels)
-        if self.task == "seq-cls":
+        if not self.per_token:
             return list(out)
         return [out[i, :len(r["input_ids"])] for i, r in enumerate(rows)]
 
@@ -118,7 +119,7 @@ class OrtEncoderBackend(EncoderBackend):
         self.session = open_session(folder / ONNX_FILE, device, threads)
         self.inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        rank = 2 if task == "seq-cls" else 3
+        rank = 3 if TASKS[task].per_token else 2
         if not {"input_ids", "attention_mask"} <= self.inputs or "logits" not in outputs \
                 or len(outputs["logits"].shape) != rank:
             raise ServeError(f"{folder / ONNX_FILE} is not a {task} classifier (inputs {sorted(self.inputs)}, outputs "
