@@ -158,7 +158,7 @@ def seq2seq_report(export: Path, opts, device: str) -> dict:
     import torch
 
     from lite_sft.serve.bench import bench_backend
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     backends = []
     for name, folder in (("torch-merged", export / "merged"), ("onnx-fp32", export / "onnx")):

@@ -300,7 +300,7 @@ def measure(engine: str, model: Path, variant: str, prompts: Path, args, peer: d
 def summarise(reports: list[dict], batch: int) -> dict:
     """A cell from its rounds' reports: every timed run pooled and summarised as lite-sft bench does (medians in
     the table), the first round's tokens (compared across engines by agree()); a failed round fails the cell."""
-    from lite_sft.serve.bench import summarize
+    from lite_sft.serve.bench_measure import summarize
 
     failed = next((r for r in reports if "error" in r), None)
     if failed is not None:

@@ -41,9 +41,9 @@ def lite_sft(args, prompts: list[list[int]]) -> tuple[list[list[float]], list[li
     import onnxruntime
 
     import lite_sft as pkg
-    from lite_sft.serve.bench import time_run
+    from lite_sft.serve.bench_measure import time_run
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     backend, _ = load_backend(args.model, args.device, args.threads, args.variant)
     tokens = generate_ids(backend, prompts, SamplingParams(max_new_tokens=args.new_tokens))  # greedy, no stop

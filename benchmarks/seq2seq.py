@@ -180,7 +180,8 @@ def onnx_scores(folder: Path, held_out: list[dict], threads: int) -> dict:
     from transformers import GenerationConfig
 
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend, stop_ids
+    from lite_sft.serve.backends.factory import load_backend
+    from lite_sft.serve.backends.folder import stop_ids
     from lite_sft.tasks.metrics import bleu
 
     backend, tokenizer = load_backend(folder, "cpu", threads=threads)

@@ -64,6 +64,11 @@ class TaskSpec:
     gate_on: str = "examples"
     """What the export gate runs through each model: "prompts", held-out prompts it continues greedily
     (export/parity.py), or "examples", the task's own held-out rows (export/parity_tasks.py)."""
+    encoder_decoder: bool = False
+    """It reads the prompt with an encoder and writes with a decoder that starts from tokens of its own: no chat
+    template, and its caches are not joined (serving batches it statically)."""
+    per_token: bool = False
+    """A classifier whose logits are a row per token (an IOB2 tag each, read into entities), not one per input."""
 
     @property
     def endpoints(self) -> str:
@@ -80,10 +85,11 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              gate_examples=32, agreement="labels of the examples"),
     TaskSpec("token-cls", "token_cls", "AutoModelForTokenClassification", "TOKEN_CLS", "token-classification",
              "a token classifier (NER)", ("/v1/ner",), generates=False, thresholds=CLASSIFIER_THRESHOLDS,
-             gate_examples=32, agreement="labels of every token"),
+             gate_examples=32, agreement="labels of every token", per_token=True),
     TaskSpec("seq2seq", "seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", "text2text-generation-with-past",
              "an encoder-decoder (seq2seq) model", ("/v1/completions",), generates=True, gate_examples=8,
-             agreement="greedy next tokens, teacher-forced", hf_aliases=("text2text-generation",)),
+             agreement="greedy next tokens, teacher-forced", hf_aliases=("text2text-generation",),
+             encoder_decoder=True),
 )}
 TASK_NAMES = tuple(TASKS)
 

@@ -9,11 +9,19 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lite_sft.taskspec import TASKS
+
+
+def scores(report: dict) -> bool:
+    """Whether the report measured a classifier (forward passes) rather than generation (a report without a
+    task is a causal LM's, from before bench measured classifiers)."""
+    return not TASKS[report.get("task", "causal-lm")].generates
+
 
 def targets(report: dict) -> list[dict]:
     """The issue's targets on decode tokens/s (p50) at batch 1, for every (prompt, output) shape measured:
     met only where met at all of them. fp16 on a GPU; fp32 and int8 on CPU."""
-    if report.get("task", "causal-lm") != "causal-lm":
+    if scores(report):
         return []  # the targets are on decode speed; an encoder classifier has none
     gpu = report["device"]["type"] == "cuda"
     rate = {}
@@ -67,7 +75,7 @@ def format_encoder_table(report: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-    if report.get("task", "causal-lm") != "causal-lm":
+    if scores(report):
         return format_encoder_table(report)
     head = (f"{'backend':<14} {'precision':<10} {'batch':>5} {'prompt':>6} {'output':>6} {'TTFT ms':>8} "
             f"{'TPOT ms':>8} {'ITL p95':>8} {'e2e ms':>8} {'decode/s':>9} {'p95':>8} {'tok/s':>8} {'roof %':>6} "
@@ -108,7 +116,7 @@ def plot(report: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    encoder = report.get("task", "causal-lm") != "causal-lm"
+    encoder = scores(report)
     keys = ("batch", "seq_len") if encoder else ("batch", "prompt_len", "output_len")
     metrics = (("seq_s", "sequences/s (p50, higher is better)"), ("latency_ms", "latency per batch, ms (p50)")) \
         if encoder else (("decode_tok_s", "decode tokens/s (p50, higher is better)"),

@@ -39,7 +39,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import ServeError
+from lite_sft.errors import ServeError
+
+from .backends.protocol import GeneratingBackend, Joining, ScoringBackend
 from .generate import Batch, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -96,15 +98,15 @@ class Job:
 
 
 class Engine:
-    def __init__(self, backend, tokenizer, max_batch: int = 8, max_queue: int = 32, registry=None,
-                 continuous: bool = True):
+    def __init__(self, backend: GeneratingBackend | ScoringBackend, tokenizer, max_batch: int = 8, max_queue: int = 32,
+                 registry=None, continuous: bool = True):
         from prometheus_client import Counter, Gauge, Histogram
 
         if max_batch < 1 or max_queue < 1:
             raise ServeError("max_batch and max_queue must be at least 1")
         self.backend, self.tokenizer = backend, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.continuous = continuous and hasattr(backend, "join")
+        self.continuous = continuous and isinstance(backend, Joining)
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -244,7 +246,7 @@ class Scored:
 class ScoreEngine(Engine):
     """The engine of an encoder classifier: each batch is one forward pass over the rows still wanted."""
 
-    def __init__(self, backend, tokenizer, max_batch: int = 8, max_queue: int = 32, registry=None):
+    def __init__(self, backend: ScoringBackend, tokenizer, max_batch: int = 8, max_queue: int = 32, registry=None):
         super().__init__(backend, tokenizer, max_batch, max_queue, registry, continuous=False)
 
     def _batch(self):

@@ -27,7 +27,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import ServeError
+from lite_sft.errors import ServeError
+
+from .backends.devices import DEVICES
+from .backends.factory import load_backend
+from .backends.folder import stop_ids
+from .backends.protocol import EncoderDecoder, GeneratingBackend, Joining
 from .sampling import SamplingParams, processors
 
 
@@ -156,25 +161,13 @@ def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     return ids, mask
 
 
-def align_left(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded rows as right-padded ones (the tokens first).
-
-    >>> [a.tolist() for a in align_left(np.array([[0, 7, 8], [5, 6, 9]]), np.array([[0, 1, 1], [1, 1, 1]]), 0)]
-    [[[7, 8, 0], [5, 6, 9]], [[1, 1, 0], [1, 1, 1]]]
-    """
-    out, out_mask = np.full_like(ids, pad_id), np.zeros_like(mask)
-    for i, (row, keep) in enumerate(zip(ids, mask.astype(bool))):
-        tokens = row[keep]
-        out[i, :len(tokens)], out_mask[i, :len(tokens)] = tokens, 1
-    return out, out_mask
-
 
 def over_context(prompt: int, new_tokens: int, backend) -> str | None:
     """Why `prompt` tokens + `new_tokens` do not fit the model, or None. A decoder-only model holds both in one
     context; an encoder-decoder reads the prompt with its encoder and writes the output with its decoder, each
     up to the context (after the tokens its decoder starts from)."""
     limit = backend.max_context
-    start = getattr(backend, "decoder_prompt", None)
+    start = backend.decoder_prompt if isinstance(backend, EncoderDecoder) else None
     if start is None:
         if prompt >= limit:  # no max_new_tokens would fit: the prompt is what is too long
             return f"the prompt is {prompt} tokens; the model's context of {limit} must also hold one new token"
@@ -212,10 +205,10 @@ class Batch:
     A failing decode leaves the batch empty (its cache is unusable) and raises.
     """
 
-    def __init__(self, backend, tokenizer=None):
+    def __init__(self, backend: GeneratingBackend, tokenizer=None):
         self.backend, self.tokenizer = backend, tokenizer
         # An encoder-decoder reads the prompt (its source) with the encoder; its decoder starts from its own tokens.
-        self.decoder_prompt = getattr(backend, "decoder_prompt", None)
+        self.decoder_prompt = backend.decoder_prompt if isinstance(backend, EncoderDecoder) else None
         self.rows: list[_Row] = []
         self.state = None
         self.logits: np.ndarray | None = None  # (rows, vocab): each row's next-token logits
@@ -226,7 +219,7 @@ class Batch:
     @property
     def can_join(self) -> bool:
         """Whether rows can be added to a running batch (the backend can join states; seq2seq cannot)."""
-        return hasattr(self.backend, "join")
+        return isinstance(self.backend, Joining)
 
     def add(self, keys: list, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         """Prefill `prompts` and add their rows; a ServeError (nothing added) when one is refused."""
@@ -280,13 +273,13 @@ class Batch:
 
     def close(self) -> None:
         """End the batch: the backend takes back its buffers."""
-        if self.state is not None and hasattr(self.backend, "release"):
+        if self.state is not None and isinstance(self.backend, Joining):
             self.backend.release(self.state)
         self.rows, self.state, self.logits = [], None, None
 
 
-def generate(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], tokenizer=None,
-             cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
+def generate(backend: GeneratingBackend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             tokenizer=None, cancelled: Callable[[int], bool] | None = None) -> Iterator[Event]:
     """Events for every prompt, in step order, until each has finished.
 
     `tokenizer` is needed for text (and stop strings); without it events carry token ids only.
@@ -308,7 +301,8 @@ def generate(backend, prompts: list[list[int]], params: SamplingParams | list[Sa
         batch.close()
 
 
-def generate_ids(backend, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+def generate_ids(backend: GeneratingBackend, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
     """The generated ids per prompt (stop token included); a convenience over generate()."""
     out: list[list[int]] = [[] for _ in prompts]
     for event in generate(backend, prompts, params):
@@ -320,8 +314,6 @@ def generate_ids(backend, prompts: list[list[int]], params: SamplingParams | lis
 def main() -> None:
     import argparse
     import time
-
-    from .runtime import DEVICES, load_backend, stop_ids
 
     parser = argparse.ArgumentParser(prog="python -m lite_sft.serve.generate", description=__doc__.splitlines()[0])
     parser.add_argument("folder")

@@ -21,7 +21,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import ServeError
+from lite_sft.errors import ServeError
 
 DEFAULT_PROMPT = "Write 40817 backwards."
 

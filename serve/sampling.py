@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ServeError
+from lite_sft.errors import ServeError
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (as vLLM does)
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence and frequency penalties: -2 to 2

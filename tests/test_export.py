@@ -157,7 +157,7 @@ def test_lite_sft_serve_runtime_loads_the_export(tuned, tmp_path):
     gives the merged model's logits."""
     import numpy as np
 
-    runtime = pytest.importorskip("lite_sft.serve.runtime")
+    runtime = pytest.importorskip("lite_sft.serve.backends.factory")
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "export"

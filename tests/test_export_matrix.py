@@ -41,7 +41,8 @@ def test_export_and_serve_every_architecture(arch, quant, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import OrtBackend, stop_ids
+    from lite_sft.serve.backends.folder import stop_ids
+    from lite_sft.serve.backends.ort import OrtBackend
     from lite_sft.stops import read_stop_tokens
 
     run, out, report = exported(arch, quant)

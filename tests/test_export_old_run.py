@@ -35,7 +35,7 @@ def old_run(tmp_path: Path) -> Path:
 
 def test_a_run_tuned_under_transformers_4_57_exports_and_serves(tmp_path):
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     run = old_run(tmp_path)
     out = tmp_path / "export"

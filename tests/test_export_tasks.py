@@ -168,7 +168,7 @@ def test_seq2seq_exports_encoder_and_decoders_that_generate_as_the_merged_model(
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     run, out = seq2seq_run(arch), tmp_path / "export"
     report = export(run, out, quantize="int8", parity_tokens=6)

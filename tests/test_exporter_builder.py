@@ -87,7 +87,7 @@ def genai_greedy(folder: Path, prompt: list[int]) -> list[int]:
 def served(folder: Path, prompts: list[list[int]]) -> list[list[int]]:
     """Greedy tokens from lite-sft's server runtime, the prompts batched together."""
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     backend, _ = load_backend(folder, device="cpu", threads=1)
     return generate_ids(backend, prompts, SamplingParams(max_new_tokens=NEW_TOKENS))

@@ -53,7 +53,7 @@ def test_served_greedy_tokens_and_logits_match_transformers(arch, exported):
     from transformers import AutoModelForCausalLM
 
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     merged, onnx = exported(arch)
     backend, _ = load_backend(onnx, "cpu", threads=1)
@@ -97,7 +97,7 @@ def test_fp16_export_loads_and_runs(exported):
     from transformers import AutoModelForCausalLM
 
     from lite_sft.serve.generate import SamplingParams, generate_ids
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.factory import load_backend
 
     merged, onnx = exported("llama", "fp16")
     backend, _ = load_backend(onnx, "cpu", threads=1)

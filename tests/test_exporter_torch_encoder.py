@@ -123,8 +123,8 @@ def test_int8_quantises_every_projection_attention_included(kind, exported, tmp_
 
 @pytest.mark.parametrize("kind", ["bert-seq", "bert-token"])
 def test_the_server_labels_the_export_as_pytorch_does(kind, exported):
-    from lite_sft.serve.encoder import OrtEncoderBackend
-    from lite_sft.serve.runtime import load_backend
+    from lite_sft.serve.backends.encoder import OrtEncoderBackend
+    from lite_sft.serve.backends.factory import load_backend
 
     model, tokenizer, out = exported(kind)
     backend, served_tokenizer = load_backend(out, device="cpu", threads=1)

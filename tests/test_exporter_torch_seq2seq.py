@@ -20,8 +20,9 @@ from lite_sft.export.parity_tasks import TaskReference, ort_batch_logits, ort_lo
 from lite_sft.export.quantize import quantize
 from lite_sft.serve import ServeError
 from lite_sft.serve.generate import SamplingParams, generate_ids
-from lite_sft.serve.runtime import load_backend, load_tokenizer
-from lite_sft.serve.seq2seq import Seq2SeqBackend
+from lite_sft.serve.backends.factory import load_backend
+from lite_sft.serve.backends.folder import load_tokenizer
+from lite_sft.serve.backends.seq2seq import Seq2SeqBackend
 
 SOURCES = ("translate : un deux trois", "copy : one", "reverse : nine eight seven six five four three", "zero")
 

@@ -34,7 +34,8 @@ LAYERS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
                 "lite_sft.inspect_data", "lite_sft.rundir", "lite_sft.validation")),
      ("export", ("lite_sft.export",))),
     (("serve", ("lite_sft.serve",)),),
-    (("bench", ("lite_sft.serve.bench", "lite_sft.serve.bench_report", "lite_sft.serve.loadtest")),),
+    (("bench", ("lite_sft.serve.bench", "lite_sft.serve.bench_candidates", "lite_sft.serve.bench_measure",
+                "lite_sft.serve.bench_report", "lite_sft.serve.loadtest")),),
     (("cli", ("lite_sft.cli", "lite_sft.cli_options", "lite_sft.cli_run", "lite_sft.cli_deploy", "lite_sft.__main__")),),
 )
 # Pairs a layer may not import although it sits above: serving works on an exported (or Hugging Face) model

@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 from lite_sft.cli import app
 from lite_sft.serve import ServeError
 from lite_sft.serve.generate import SamplingParams, TextStream, generate, generate_ids, pad_left
-from lite_sft.serve.runtime import OrtBackend, load_backend, resolve_model, stop_ids
-from lite_sft.serve.torch_backend import TorchBackend
+from lite_sft.serve.backends.factory import load_backend, resolve_model
+from lite_sft.serve.backends.folder import stop_ids
+from lite_sft.serve.backends.ort import OrtBackend
+from lite_sft.serve.backends.pytorch import TorchBackend
 
 runner = CliRunner()
 PROMPTS = [[40, 41, 42, 43, 44, 45, 46], [50, 51, 52], [60]]
@@ -74,7 +76,7 @@ def test_onnx_and_pytorch_greedy_agree_token_for_token_batched_and_alone(ort, me
 
 
 def test_adapter_unmerged_backend_agrees_with_merged(export_dir, merged):
-    from lite_sft.serve.bench import _adapter_backend
+    from lite_sft.serve.bench_candidates import _adapter_backend
 
     run_dir = json.loads((export_dir / "parity.json").read_text())["run_dir"]
     adapter = _adapter_backend(run_dir, "cpu", 1)
@@ -85,7 +87,7 @@ def test_adapter_unmerged_backend_agrees_with_merged(export_dir, merged):
 
 
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_result(ort, monkeypatch):
-    import lite_sft.serve.runtime as runtime
+    import lite_sft.serve.backends.ort as runtime
 
     whole = generate_ids(ort, PROMPTS, greedy(6))
     monkeypatch.setattr(runtime, "LOGITS_BUDGET_BYTES", 2 * len(PROMPTS) * ort.vocab_size * 4)  # 2 tokens a chunk
@@ -273,10 +275,17 @@ def test_serving_imports_no_training_code():
     import subprocess
     import sys
 
+    from test_layers import FORBIDDEN, layer_of
+
+    # Serving may load the layers below it (core, tasks, demo, modeling: bench loads a tuned run with
+    # lite_sft.model); tests/test_layers.py holds the source to that, and this the modules a process loads.
     probe = ("import sys, lite_sft.serve.server, lite_sft.serve.bench, lite_sft.serve.loadtest; "
-             "print(sorted(m for m in sys.modules if m.startswith('lite_sft.') and not m.startswith('lite_sft.serve')))")
+             "print(' '.join(sorted(m for m in sys.modules if m.startswith('lite_sft.'))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"  # not lite_sft.train, .data, .masking, nor even .config
+    loaded = out.split()
+    assert "lite_sft.serve.server" in loaded
+    training = [m for m in loaded if ("serve", layer_of(m)[1]) in FORBIDDEN]
+    assert training == []  # not lite_sft.train, .checkpoint, .evaluate, .generate, nor lite_sft.export
 
 
 def run_joined(backend, schedule: dict[int, list], steps: int = 40) -> dict:

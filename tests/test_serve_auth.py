@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from lite_sft.cli import app as cli
-from lite_sft.serve.runtime import load_tokenizer
+from lite_sft.serve.backends.folder import load_tokenizer
 from lite_sft.serve.server import create_app
+from lite_sft.serve.backends.pytorch import TorchBackend
 from lite_sft.options import ServerSettings
-from lite_sft.serve.torch_backend import TorchBackend
 
 from conftest import uvicorn_running
 

@@ -6,11 +6,11 @@ import pytest
 
 from lite_sft.serve import ServeError
 from lite_sft.serve.generate import SamplingParams, check_prompts
-from lite_sft.serve.runtime import load_tokenizer
-from lite_sft.serve.seq2seq import Seq2SeqBackend
+from lite_sft.serve.backends.folder import load_tokenizer
+from lite_sft.serve.backends.seq2seq import Seq2SeqBackend
 from lite_sft.serve.server import create_app
+from lite_sft.serve.backends.pytorch import TorchBackend
 from lite_sft.options import ServerSettings
-from lite_sft.serve.torch_backend import TorchBackend
 
 from conftest import uvicorn_running
 

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from lite_sft.serve.generate import SamplingParams, generate_ids
-from lite_sft.serve.runtime import load_tokenizer
+from lite_sft.serve.backends.folder import load_tokenizer
 from lite_sft.serve.server import create_app
+from lite_sft.serve.backends.pytorch import TorchBackend
 from lite_sft.options import ServerSettings
-from lite_sft.serve.torch_backend import TorchBackend
 
 from conftest import Slow, uvicorn_running
 

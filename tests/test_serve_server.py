@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from lite_sft.cli import app as cli
 from lite_sft.serve.generate import SamplingParams, generate
-from lite_sft.serve.runtime import OrtBackend, load_tokenizer, stop_ids
+from lite_sft.serve.backends.folder import load_tokenizer, stop_ids
+from lite_sft.serve.backends.ort import OrtBackend
 from lite_sft.serve.server import create_app
 from lite_sft.options import ServerSettings
 

@@ -24,10 +24,12 @@ from typer.testing import CliRunner
 
 from lite_sft.cli import app as cli
 from lite_sft.serve import ServeError
-from lite_sft.serve.encoder import OrtEncoderBackend, TorchEncoderBackend
+from lite_sft.serve.backends.encoder import OrtEncoderBackend, TorchEncoderBackend
 from lite_sft.serve.generate import SamplingParams, generate_ids
-from lite_sft.serve.runtime import load_backend, load_tokenizer, model_task, stop_ids
-from lite_sft.serve.seq2seq import Seq2SeqBackend
+from lite_sft.artifacts import model_task
+from lite_sft.serve.backends.factory import load_backend
+from lite_sft.serve.backends.folder import load_tokenizer, stop_ids
+from lite_sft.serve.backends.seq2seq import Seq2SeqBackend
 from lite_sft.serve.server import create_app
 from lite_sft.options import ServerSettings
 
@@ -362,7 +364,7 @@ def post(url: str, body: dict, **kw) -> httpx.Response:
 
 
 def test_classify_answers_labels_and_scores_per_input(cls_server, cls_out):
-    from lite_sft.serve.classify import softmax
+    from lite_sft.serve.http.classify import softmax
 
     r = post(cls_server + "/v1/classify", {"input": ["the film was great", "an awful plot", "love it"]})
     assert r.status_code == 200, r.text

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from lite_sft.serve import ServeError
-from lite_sft.serve.runtime import resolve_model
+from lite_sft.serve.backends.factory import resolve_model
 from lite_sft.serve.server import serve
 
 

@@ -90,7 +90,7 @@ def test_one_list_in_generate_the_demo_evaluation_the_parity_gate_and_the_server
     from lite_sft import tiny
     from lite_sft.config import load_config
     from lite_sft.export.pipeline import run_stop_ids
-    from lite_sft.serve.runtime import stop_ids as served_stop_ids
+    from lite_sft.serve.backends.folder import stop_ids as served_stop_ids
 
     base_config = GenerationConfig(eos_token_id=[EOS, 7])  # a base whose generation config stops at 7 too
     expected = [EOS, IM_END, 7]
@@ -115,7 +115,7 @@ def test_one_list_in_generate_the_demo_evaluation_the_parity_gate_and_the_server
 
 
 def test_a_folder_lite_sft_did_not_write_stops_at_its_config_and_tokenizer_eos(tokenizer, tmp_path):
-    from lite_sft.serve.runtime import stop_ids as served_stop_ids
+    from lite_sft.serve.backends.folder import stop_ids as served_stop_ids
 
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 8}))
     assert served_stop_ids(tmp_path, tokenizer) == [EOS, 8]

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ServeError
+from lite_sft.errors import ServeError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .devices import DTYPES, pick_device
+from .folder import max_context
 
 
 @dataclass
@@ -30,15 +31,6 @@ class TorchState:
     def batch(self) -> int:
         return self.mask.shape[0]
 
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ServeError("--device cuda: this torch build sees no CUDA GPU")
-    if device not in ("cpu", "cuda"):
-        raise ServeError(f"--device {device!r}: choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 class TorchBackend:
@@ -62,8 +54,6 @@ class TorchBackend:
     def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None,
                     threads: int | None = None, name: str = "torch-merged") -> "TorchBackend":
         from transformers import AutoModelForCausalLM
-
-        from .runtime import max_context
 
         dev = pick_device(device)
         if threads:
@@ -108,7 +98,7 @@ class TorchBackend:
         return self._run(state, torch.from_numpy(tokens.reshape(-1, 1)), torch.cat([state.mask, ones], dim=1))
 
     def keep(self, state: TorchState, rows: list[int]) -> TorchState:
-        """Only `rows` go on, without the leading columns that are padding for all of them (runtime.py's keep)."""
+        """Only `rows` go on, without the leading columns that are padding for all of them (ort.py's keep)."""
         index = torch.tensor(rows, device=self.device)
         mask = state.mask[index]
         pad = int(mask.any(dim=0).int().argmax())

@@ -13,7 +13,7 @@ import json
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from . import ServeError
+from lite_sft.errors import ServeError
 from .schemas import ApiError
 
 

@@ -1,7 +1,9 @@
-"""onnxruntime sessions on the provider a device asks for, shared by every ONNX backend (runtime.py's decoder,
-encoder.py's classifiers, seq2seq.py's encoder-decoders).
+"""Where a backend runs: the torch device (pick_device) and onnxruntime sessions on the provider a device asks
+for, shared by every backend (ort.py's decoder, encoder.py's classifiers, seq2seq.py's encoder-decoders,
+pytorch.py's models).
 
     session = open_session(Path("exports/demo/onnx/model.onnx"), "auto", threads=4)   # CUDA if there is one
+    pick_device("auto")                                                               # torch.device("cuda") if any
 
 `auto` takes the CUDA execution provider when onnxruntime has it and torch sees a GPU (the decoder's KV buffers
 are torch tensors on that GPU), the CPU provider otherwise; a session that silently fell back to the CPU when
@@ -12,11 +14,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import ServeError
+from lite_sft.errors import ServeError
 
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# onnxruntime's tensor types as torch's, and torch's as the numpy types IO binding is given
+ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+NP_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ServeError("--device cuda: this torch build sees no CUDA GPU")
+    if device not in ("cpu", "cuda"):
+        raise ServeError(f"--device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)
 
 
 def ort_providers(device: str) -> list[str]:

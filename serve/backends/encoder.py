@@ -1,15 +1,15 @@
 """Encoder classifiers (a seq-cls or token-cls head) behind one call: logits for a batch of tokenised texts.
 
-    backend, tokenizer = load_backend("exports/sst2")        # runtime.py: OUT/onnx on onnxruntime, or merged/
+    backend, tokenizer = load_backend("exports/sst2")        # factory.py: OUT/onnx on onnxruntime, or merged/
     rows = [dict(tokenizer("a great film")), dict(tokenizer("awful"))]     # or text pairs
     backend.logits(rows)     # seq-cls: one (labels,) array per row; token-cls: one (tokens, labels) per row
     backend.labels           # the names of the logits' columns, config.json's id2label in id order
 
-What the server makes of the logits (labels and scores, entity spans) is classify.py's.
+What the server makes of the logits (labels and scores, entity spans) is serve/http/classify.py's.
 
 Rows are padded on the right: BERT and RoBERTa number positions from the first token, and a decoder's
 sequence-classification head reads the last non-pad token, so right padding gives every row the positions
-it has alone. There is no IO binding here, unlike the KV-cache decoder of runtime.py: a batch is one run
+it has alone. There is no IO binding here, unlike the KV-cache decoder of ort.py: a batch is one run
 that reads ids in and logits out, and nothing stays on the device between runs.
 """
 
@@ -21,18 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ServeError
-from .runtime import ONNX_FILE, max_context
-from .sessions import onnx_precision, open_session
+from lite_sft.artifacts import MODEL_CONFIG, ONNX_FILE
+from lite_sft.errors import ServeError
+from lite_sft.taskspec import TASKS
+from lite_sft.tasks.iob import split_tag  # a leaf module: tag grammar only, no training code
 
-ENCODER_TASKS = ("seq-cls", "token-cls")
-HEADS = {"seq-cls": "AutoModelForSequenceClassification", "token-cls": "AutoModelForTokenClassification"}
+from .devices import DTYPES, onnx_precision, open_session, pick_device
+from .folder import max_context
 
 
 def read_labels(folder: Path, task: str) -> list[str]:
     """config.json's id2label as a list in id order; for token-cls every name must be an IOB2 tag, which is what
     /v1/ner reads entities from (a folder with other tags is refused when it loads, not on every request)."""
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / MODEL_CONFIG).read_text())
     raw = config.get("id2label")
     if not isinstance(raw, dict) or not raw:
         raise ServeError(f"{folder / 'config.json'} has no id2label: a classifier exported by `lite-sft export` "
@@ -44,9 +45,7 @@ def read_labels(folder: Path, task: str) -> list[str]:
     if sorted(by_id) != list(range(len(raw))):
         raise ServeError(f"{folder / 'config.json'}: id2label keys must be the ids 0..{len(raw) - 1}, got {sorted(raw)}")
     labels = [by_id[i] for i in range(len(by_id))]
-    if task == "token-cls":
-        from lite_sft.tasks.iob import split_tag  # a leaf module: tag grammar only, no training code
-
+    if TASKS[task].per_token:
         for name in labels:
             try:
                 split_tag(name)
@@ -82,15 +81,16 @@ class EncoderBackend:
     def __init__(self, task: str, folder: Path, labels: list[str], pad_id: int, max_context: int, name: str,
                  precision: str, provider: str):
         self.task, self.folder, self.labels, self.pad_id = task, folder, labels, pad_id
+        self.per_token = TASKS[task].per_token  # token-cls: logits per token, else one row per input
         self.max_context, self.name, self.precision, self.provider = max_context, name, precision, provider
-        self.vocab_size = json.loads((folder / "config.json").read_text()).get("vocab_size")
+        self.vocab_size = json.loads((folder / MODEL_CONFIG).read_text()).get("vocab_size")
 
     def describe(self) -> str:
         return f"{self.folder} on {self.provider} ({self.precision}), {self.task} with {len(self.labels)} labels"
 
     def check_tokenizer(self, tokenizer) -> None:
         """The tokenizer can do what this task's endpoint asks of it; also caps the context at its limit."""
-        if self.task == "token-cls" and not tokenizer.is_fast:
+        if self.per_token and not tokenizer.is_fast:
             raise ServeError(f"{self.folder}: /v1/ner maps sub-words back to words with a fast tokenizer's word ids; "
                              "save the model's tokenizer.json beside it")
         self.max_context = max_context(self.folder, tokenizer)
@@ -98,7 +98,7 @@ class EncoderBackend:
     def logits(self, rows: list[dict]) -> list[np.ndarray]:
         """float32 logits per row: (labels,) for seq-cls, (the row's tokens, labels) for token-cls."""
         out = self._forward(pad_right(rows, self.pad_id))  # (batch, labels) or (batch, longest, labels)
-        if self.task == "seq-cls":
+        if not self.per_token:
             return list(out)
         return [out[i, :len(r["input_ids"])] for i, r in enumerate(rows)]
 
@@ -107,7 +107,7 @@ class EncoderBackend:
 
 
 def _pad_id(folder: Path) -> int:
-    pad = json.loads((folder / "config.json").read_text()).get("pad_token_id")
+    pad = json.loads((folder / MODEL_CONFIG).read_text()).get("pad_token_id")
     return pad if isinstance(pad, int) else 0
 
 
@@ -119,7 +119,7 @@ class OrtEncoderBackend(EncoderBackend):
         self.session = open_session(folder / ONNX_FILE, device, threads)
         self.inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        rank = 2 if task == "seq-cls" else 3
+        rank = 3 if TASKS[task].per_token else 2
         if not {"input_ids", "attention_mask"} <= self.inputs or "logits" not in outputs \
                 or len(outputs["logits"].shape) != rank:
             raise ServeError(f"{folder / ONNX_FILE} is not a {task} classifier (inputs {sorted(self.inputs)}, outputs "
@@ -156,13 +156,11 @@ class TorchEncoderBackend(EncoderBackend):
                     threads: int | None = None) -> "TorchEncoderBackend":
         import transformers
 
-        from .torch_backend import DTYPES, pick_device
-
         folder, dev = Path(folder), pick_device(device)
         if threads:
             torch.set_num_threads(threads)
         precision = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-        auto = getattr(transformers, HEADS[task])
+        auto = getattr(transformers, TASKS[task].auto_class)
         try:
             model = auto.from_pretrained(folder, dtype=DTYPES[precision]).to(dev)
         except (OSError, ValueError) as err:

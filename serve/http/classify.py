@@ -20,14 +20,16 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 
-from . import ServeError
-from .engine import QueueFull
+from lite_sft.errors import ServeError
+from lite_sft.tasks.ner import entity_spans, split_words, word_predictions
+
+from ..engine import QueueFull
 from .schemas import ApiError, ClassifyRequest, NerRequest
+from .served import ServedModel
 from .stream import until_done
 
 
@@ -47,8 +49,6 @@ def ranked(logits: np.ndarray, labels: list[str], top_k: int | None = None) -> d
 def entities(text: str, offsets: list[tuple[int, int]], word_ids: list[int | None], logits: np.ndarray,
              labels: list[str]) -> list[dict]:
     """Entity spans of `text` from one row's token logits (tokens, labels); see the module docstring."""
-    from lite_sft.tasks.ner import entity_spans, word_predictions
-
     probs = softmax(logits)
     best = probs.argmax(-1)
     per_token = [(labels[b], float(probs[t, b])) for t, b in enumerate(best)]
@@ -73,8 +73,6 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None, limit: int, tru
     for i, text in enumerate(texts):
         try:
             if words:
-                from lite_sft.tasks.ner import split_words
-
                 split, offsets = split_words(text)
                 enc = tokenizer(split, is_split_into_words=True, truncation=truncate,
                                 max_length=limit if truncate else None)
@@ -92,32 +90,50 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None, limit: int, tru
     return out
 
 
-@dataclass
-class Api:
-    """What the routes need from create_app: the model, its engine, and the request plumbing server.py owns."""
+class ScoreHandler:
+    """/v1/classify and /v1/ner on every server (a model that does neither says which endpoint it serves)."""
 
-    engine: object
-    backend: object
-    tokenizer: object
-    model_name: str
-    context: int
-    keyed: list
-    refuse: Callable[[str], None]
-    """Answers 400 when the served model does not do this endpoint's task."""
-    serves: Callable[[str], bool]
-    begin: Callable
-    off_loop: Callable
-    check_chars: Callable[[int, str], None]
-    latency: object
+    def __init__(self, served: ServedModel):
+        self.served = served
 
+    def router(self, keyed: list) -> APIRouter:
+        """The routes, listed in the OpenAPI schema only where the model does the task."""
+        router = APIRouter()
+        for path, endpoint in (("/v1/classify", self.classify), ("/v1/ner", self.ner)):
+            router.add_api_route(path, endpoint, methods=["POST"], dependencies=keyed,
+                                 include_in_schema=self.served.serves(path))
+        return router
 
-def add_routes(app: FastAPI, api: Api) -> None:
-    """/v1/classify and /v1/ner on every server (a model that does neither says which endpoint it serves); the
-    OpenAPI schema lists them only where the model does the task."""
+    async def classify(self, body: ClassifyRequest, request: Request):
+        served = self.served
+        served.refuse("/v1/classify")
+        start, deadline = served.begin(body)
+        texts = self.texts_of(body)
+        pairs = None if body.text_pair is None else [body.text_pair] if isinstance(body.text_pair, str) \
+            else list(body.text_pair)
+        for text in pairs or []:
+            served.check_chars(len(text), "text_pair")
+        encoded = await served.off_loop(lambda: encode(served.tokenizer, texts, pairs, served.context, body.truncate,
+                                                       False), deadline)
+        logits = await self.score(request, [e.row for e in encoded], deadline)
+        data = [{"index": i, **ranked(row, served.backend.labels, body.top_k)} for i, row in enumerate(logits)]
+        return self.answer("classify", data, encoded, start)
 
-    async def score(request: Request, rows: list[dict], deadline: float) -> list[np.ndarray]:
+    async def ner(self, body: NerRequest, request: Request):
+        served = self.served
+        served.refuse("/v1/ner")
+        start, deadline = served.begin(body)
+        texts = self.texts_of(body)
+        encoded = await served.off_loop(lambda: encode(served.tokenizer, texts, None, served.context, body.truncate,
+                                                       True), deadline)
+        logits = await self.score(request, [e.row for e in encoded], deadline)
+        data = [{"index": i, "entities": entities(text, e.offsets, e.word_ids, row, served.backend.labels)}
+                for i, (text, e, row) in enumerate(zip(texts, encoded, logits))]
+        return self.answer("ner", data, encoded, start)
+
+    async def score(self, request: Request, rows: list[dict], deadline: float) -> list[np.ndarray]:
         try:
-            job = api.engine.submit(rows, [None] * len(rows))
+            job = self.served.engine.submit(rows, [None] * len(rows))
         except QueueFull as err:
             raise ApiError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from err
         except ServeError as err:
@@ -131,44 +147,19 @@ def add_routes(app: FastAPI, api: Api) -> None:
         await until_done(consume(), job, request, deadline)
         return out
 
-    def texts_of(body) -> list[str]:
+    def texts_of(self, body) -> list[str]:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        if len(texts) > api.engine.max_batch:
+        max_batch = self.served.engine.max_batch
+        if len(texts) > max_batch:
             raise ApiError(400, f"{len(texts)} inputs in one request; this server takes at most "
-                           f"{api.engine.max_batch} (its --max-batch)", param="input")
+                           f"{max_batch} (its --max-batch)", param="input")
         for text in texts:
-            api.check_chars(len(text), "input")
+            self.served.check_chars(len(text), "input")
         return texts
 
-    def answer(kind: str, data: list[dict], encoded: list[Encoded], start: float) -> dict:
-        api.latency.observe(time.perf_counter() - start)
+    def answer(self, kind: str, data: list[dict], encoded: list[Encoded], start: float) -> dict:
+        self.served.latency.observe(time.perf_counter() - start)
         tokens = sum(len(e.row["input_ids"]) for e in encoded)
         return {"id": f"{kind}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": api.model_name, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-    @app.post("/v1/classify", dependencies=api.keyed, include_in_schema=api.serves("/v1/classify"))
-    async def classify(body: ClassifyRequest, request: Request):
-        api.refuse("/v1/classify")
-        start, deadline = api.begin(body)
-        texts = texts_of(body)
-        pairs = None if body.text_pair is None else [body.text_pair] if isinstance(body.text_pair, str) \
-            else list(body.text_pair)
-        for text in pairs or []:
-            api.check_chars(len(text), "text_pair")
-        encoded = await api.off_loop(lambda: encode(api.tokenizer, texts, pairs, api.context, body.truncate, False),
-                                     deadline)
-        logits = await score(request, [e.row for e in encoded], deadline)
-        data = [{"index": i, **ranked(row, api.backend.labels, body.top_k)} for i, row in enumerate(logits)]
-        return answer("classify", data, encoded, start)
-
-    @app.post("/v1/ner", dependencies=api.keyed, include_in_schema=api.serves("/v1/ner"))
-    async def ner(body: NerRequest, request: Request):
-        api.refuse("/v1/ner")
-        start, deadline = api.begin(body)
-        texts = texts_of(body)
-        encoded = await api.off_loop(lambda: encode(api.tokenizer, texts, None, api.context, body.truncate, True),
-                                     deadline)
-        logits = await score(request, [e.row for e in encoded], deadline)
-        data = [{"index": i, "entities": entities(text, e.offsets, e.word_ids, row, api.backend.labels)}
-                for i, (text, e, row) in enumerate(zip(texts, encoded, logits))]
-        return answer("ner", data, encoded, start)
+                "model": self.served.settings.model_name, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -1,6 +1,6 @@
 """Encoder-decoder generation (T5, BART) behind the generation loop's three calls.
 
-    backend, tokenizer = load_backend("exports/summaries")   # runtime.py: OUT/onnx on onnxruntime, or merged/
+    backend, tokenizer = load_backend("exports/summaries")   # factory.py: OUT/onnx on onnxruntime, or merged/
     generate(backend, [tokenizer("translate : un deux")["input_ids"]], SamplingParams(max_new_tokens=16), tokenizer)
 
 prefill(source ids, mask, _) runs the encoder once and the decoder's first step from decoder_start_token_id
@@ -9,9 +9,9 @@ decode(state, tokens) is one decoder step on the cache; keep(state, rows) drops 
 output, its mask and the cache. Sampling, stop strings and streaming then work as for a decoder-only model.
 
 Two models run those calls: TorchSeq2Seq, transformers' own model on a Hugging Face folder, and OrtSeq2Seq, the
-export's two graphs on onnxruntime (layout.py names them; `lite-sft export` writes them: the encoder gives every
-decoder layer's cross-attention keys and values once, and one decoder graph takes every step, the first on an
-empty cache). OrtSeq2Seq keeps both caches as torch tensors on the session's device and binds them to the graph
+export's two graphs on onnxruntime (lite_sft.artifacts names them; `lite-sft export` writes them: the encoder
+gives every decoder layer's cross-attention keys and values once, and one decoder graph takes every step, the
+first on an empty cache). OrtSeq2Seq keeps both caches as torch tensors on the session's device and binds them to the graph
 (IO binding), so under CUDA the cache never leaves the GPU; each step's new self-attention cache is a fresh
 tensor (the graph's Concat cannot write into its own input), and keep drops finished rows with torch indexing.
 
@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ServeError
-from .generate import align_left
-from lite_sft.artifacts import DECODER_FILE, ENCODER_FILE, read_json_object
-from .runtime import NP_TYPES, ORT_TYPES, max_context
-from .sessions import onnx_precision, open_session
+from lite_sft.artifacts import DECODER_FILE, ENCODER_FILE, GENERATION_CONFIG, MODEL_CONFIG, read_json_object
+from lite_sft.errors import ServeError
+
+from .devices import DTYPES, NP_TYPES, ORT_TYPES, onnx_precision, open_session, pick_device
+from .folder import max_context
+from .protocol import align_left
 
 
 @dataclass
@@ -174,9 +175,8 @@ class Seq2SeqBackend:
     def from_onnx(cls, folder: str | Path, device: str = "auto", threads: int | None = None,
                   tokenizer=None) -> "Seq2SeqBackend":
         folder = Path(folder)
-        config = read_json_object(folder / "config.json")
-        generation = read_json_object(folder / "generation_config.json") \
-            if (folder / "generation_config.json").is_file() else {}
+        config = read_json_object(folder / MODEL_CONFIG)
+        generation = read_json_object(folder / GENERATION_CONFIG) if (folder / GENERATION_CONFIG).is_file() else {}
         model = OrtSeq2Seq(folder, device, threads, config.get("vocab_size"))
         provider = model.encoder.get_providers()[0]
         return cls(model, folder, f"onnx-{folder.name}", onnx_precision(folder, model.dtype == torch.float16),
@@ -186,8 +186,6 @@ class Seq2SeqBackend:
     def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None,
                     threads: int | None = None, tokenizer=None) -> "Seq2SeqBackend":
         from transformers import AutoModelForSeq2SeqLM
-
-        from .torch_backend import DTYPES, pick_device
 
         folder, dev = Path(folder), pick_device(device)
         if threads:

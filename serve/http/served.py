@@ -1,0 +1,73 @@
+"""What every route handler shares: the served model and its engine, and the checks each request goes through.
+
+    served = ServedModel(backend, tokenizer, engine, settings, latency, first_token)
+    start, deadline = served.begin(body)               # 404 for another model's name; the request's clock starts
+    ids = await served.off_loop(lambda: tokenize(text), deadline)    # tokenising never blocks the event loop
+
+A route the served model's task does not answer is refused here (refuse: 400 naming the endpoints it does),
+from the task's row in lite_sft.taskspec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from lite_sft.taskspec import TASKS, serving
+
+from .schemas import ApiError, Sampling, Scoring
+
+CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is refused before tokenising
+TOKENIZE_THREADS = min(4, os.cpu_count() or 1)
+
+
+class ServedModel:
+    def __init__(self, backend, tokenizer, engine, settings, latency, first_token):
+        self.backend, self.tokenizer, self.engine, self.settings = backend, tokenizer, engine, settings
+        self.task = backend.task
+        self.spec = TASKS[self.task]
+        self.context = min(settings.max_context or backend.max_context, backend.max_context)
+        self.latency, self.first_token = latency, first_token  # Histograms: request start to last / first token
+        # Tokenising a context's worth of text, or rendering a chat template over it, takes long enough to stall
+        # every other request if done on the event loop. A pool of its own bounds the threads: a flood of
+        # prompts waits here for one, it does not start a thread each.
+        self.tokenizing = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="lite-sft-tokenize")
+
+    def close(self) -> None:
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
+
+    def serves(self, path: str) -> bool:
+        return self.task in serving(path)
+
+    def refuse(self, path: str) -> None:
+        """A 400 naming what the model does serve, for an endpoint it does not."""
+        if not self.serves(path):
+            hint = ("; it has no chat template: send the source text as `prompt` to /v1/completions"
+                    if self.spec.encoder_decoder and path == "/v1/chat/completions" else "")
+            raise ApiError(400, f"{self.settings.model_name!r} is {self.spec.words}: it serves {self.spec.endpoints}, "
+                           f"not {path}{hint}", code="unsupported_endpoint")
+
+    def check_chars(self, chars: int, param: str) -> None:
+        if chars > CHARS_PER_TOKEN_LIMIT * self.context:
+            raise ApiError(400, f"the prompt is {chars} characters, far over the context of {self.context} tokens",
+                           param=param, code="context_length_exceeded")
+
+    def begin(self, body: Sampling | Scoring) -> tuple[float, float]:
+        """(start, deadline) of a request: its time runs from here, tokenising included."""
+        name = self.settings.model_name
+        if body.model not in (None, name):
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {name!r}",
+                           param="model", code="model_not_found")
+        return time.perf_counter(), asyncio.get_running_loop().time() + self.settings.timeout_s
+
+    async def off_loop(self, work, deadline: float):
+        """work() on a tokenizing thread; an ApiError it raises reaches the client as it would from here."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.tokenizing, work), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "the request did not finish within the server's timeout", "timeout",
+                           code="timeout") from None

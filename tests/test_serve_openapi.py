@@ -1,0 +1,75 @@
+"""The server's OpenAPI schema and metric names, word for word, against the ones saved in tests/data/openapi/:
+clients are generated from /openapi.json and dashboards read the metric names, so a reshaped HTTP layer must
+not change either by accident. The schema differs by task (a model lists only the endpoints it serves) and with
+an API key (the bearer scheme), so each is saved.
+
+    LITE_SFT_WRITE_OPENAPI=1 pytest tests/test_serve_openapi.py    # after a deliberate change: save the new ones
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lite_sft.serve.server import ServerSettings, create_app
+
+SAVED = Path(__file__).parent / "data" / "openapi"
+
+
+class FakeBackend:
+    """What create_app reads of a backend before any request: no model is loaded."""
+
+    max_context, vocab_size, labels, decoder_prompt = 64, 100, ["O", "B-PER", "I-PER"], [0]
+
+    def __init__(self, task: str):
+        self.task = task
+
+    def describe(self) -> str:
+        return f"a fake {self.task} backend"
+
+
+class FakeDecoder(FakeBackend):
+    def prefill(self, ids, mask, capacity): ...
+    def decode(self, state, tokens): ...
+    def keep(self, state, rows): ...
+    def join(self, state, other): ...
+    def release(self, state): ...
+
+
+def app_for(task: str, api_key: str | None = None):
+    backend = FakeDecoder(task) if task == "causal-lm" else FakeBackend(task)
+    return create_app(backend, None, ServerSettings("tiny", api_key=api_key))
+
+
+def compare(name: str, text: str) -> None:
+    saved = SAVED / name
+    if os.environ.get("LITE_SFT_WRITE_OPENAPI"):
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(text)
+    assert text == saved.read_text(), f"{name} changed; see {saved}"
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq2seq", "seq-cls", "token-cls"])
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_openapi_schema_is_unchanged(task, api_key):
+    app = app_for(task, api_key)
+    try:
+        schema = json.dumps(app.openapi(), sort_keys=True, indent=1) + "\n"
+    finally:
+        app.state.engine.close()
+    compare(f"{task}{'-key' if api_key else ''}.json", schema)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_metric_names_are_unchanged(task):
+    app = app_for(task)
+    try:
+        text = TestClient(app).get("/metrics").text
+    finally:
+        app.state.engine.close()
+    names = sorted({line.split()[2] + " " + line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")})
+    compare(f"metrics-{task}.txt", "\n".join(names) + "\n")
