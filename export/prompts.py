@@ -20,7 +20,7 @@ from lite_sft.config import BUILTIN_DATA
 from lite_sft.tasks.base import IGNORE_INDEX
 from lite_sft.tasks.causal_lm.data import load_samples
 from lite_sft.tasks.causal_lm.masking import Sample
-from lite_sft.tasks.split import split_validation
+from lite_sft.tasks.split import held_out
 
 from . import ExportError
 
@@ -97,18 +97,18 @@ def _split_prompt(example: dict) -> Prompt | None:
 def _derived_prompts(cfg, tokenizer, n: int) -> tuple[list[Prompt], str]:
     """The split re-derived from the data files by seed, topped up from FIXED_PROMPTS (older runs)."""
     d = cfg.data
+    rule = held_out(d, cfg.train.seed)  # the rule training split by (lite_sft/tasks/split.py)
     try:
-        if d.validation_path:
-            _, samples = load_samples(d.validation_path, d.format, d.split, role="validation")
-            source = f"validation data {d.validation_path}"
-        elif d.validation_fraction > 0 and d.path == BUILTIN_DATA:
+        if rule.kind == "file":
+            _, samples = load_samples(rule.path, d.format, d.split, role="validation")
+            source = f"validation data {rule.path}"
+        elif rule.kind == "builtin":
             _, samples = load_samples(BUILTIN_DATA, d.format, d.split, role="validation")
             source = "the bundled validation set"
-        elif d.validation_fraction > 0:
+        elif rule.kind == "fraction":
             # The same seeded split training made, if the data file has not changed since.
-            samples = split_validation(load_samples(d.path, d.format, d.split)[1], d.validation_fraction,
-                                       cfg.train.seed)[1]
-            source = f"held-out split of {d.path} (fraction {d.validation_fraction}, seed {cfg.train.seed})"
+            samples = rule.split(load_samples(rule.path, d.format, d.split)[1])[1]
+            source = f"held-out split of {rule.path} (fraction {rule.fraction}, seed {rule.seed})"
         else:
             samples, source = [], "fixed prompts (the run held out no validation data)"
         prompts = [p for p in (_render(s, tokenizer, d.system_prompt) for s in samples[:n]) if p]

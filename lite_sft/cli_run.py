@@ -66,7 +66,6 @@ EVAL = ("EvalOptions.data", "EvalOptions.out", "EvalOptions.batch_size", *COLUMN
 def _load(config: Path | None, overrides: dict):
     """The run config: the YAML file (--config), then the flags; the demo's settings under both for the built-in
     model."""
-    import lite_sft.tiny  # noqa: F401  (it adds its settings to config.BUILTIN_DEFAULTS as it is imported)
     from .config import load_config
 
     return load_config(config, overrides)

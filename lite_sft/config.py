@@ -48,9 +48,20 @@ def lite_sft_home() -> Path:
     return Path(os.environ.get("LITE_SFT_HOME", "~/.cache/lite-sft")).expanduser()
 
 
-# Settings put under the user's own when the model is the built-in one. The demo (lite_sft.tiny, a layer above
-# this one) adds its measured settings here as it is imported, so that the core never imports the demo.
-BUILTIN_DEFAULTS: dict[str, Any] = {}
+# Settings load_config puts under the user's own when the model is the built-in one (lite_sft.tiny builds it). LoRA is the
+# only trainable part and the base is random, so it wants a far higher learning rate than a
+# pretrained model. Measured with `lite-sft tune` on 2 CPU cores: 800 steps of 32 examples (about 13
+# passes) gave 100% held-out exact match for seeds 0, 1, 2, 3 and 42; 500 steps gave 86.5-100%, and
+# lr 3e-3 for 500 steps 89.5-100%. Rows hold one example each (no packing) so a step is always
+# 32 examples, as measured; max_seq_len is far above the skill's ~30 tokens so that the built-in
+# model with the user's own data is not cut short.
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "model": {"dtype": "float32"},  # its matmuls are too small for bf16 autocast to pay for its casts
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+    "data": {"max_seq_len": 256, "packing": False},
+    "train": {"max_steps": 800, "micro_batch_size": 32, "lr": 2e-3, "schedule": "cosine", "warmup_ratio": 0.03,
+              "eval_every": 100, "save_every": 400, "log_every": 10},
+}
 
 
 @dataclass
@@ -306,7 +317,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         values = _merge(values, _nest({k: v for k, v in overrides.items() if v is not None}))
     if values.get("model", {}).get("name_or_path", BUILTIN_MODEL) == BUILTIN_MODEL:
         # The tiny random-weight model learns with other settings than a pretrained one (see
-        # tiny.DEMO_DEFAULTS for the measurements); the user's own values still win.
+        # BUILTIN_DEFAULTS for the measurements); the user's own values still win.
         values = _merge(BUILTIN_DEFAULTS, values)
     problems: list[str] = []
     cfg = _build(RunConfig, values, "", problems)

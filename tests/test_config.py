@@ -10,7 +10,7 @@ from lite_sft.config import (
     load_config,
     save_config,
 )
-from lite_sft.tiny import DEMO_DEFAULTS
+from lite_sft.config import BUILTIN_DEFAULTS as DEMO_DEFAULTS
 
 
 def test_yaml_then_flags_override(tmp_path):

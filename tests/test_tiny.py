@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lite_sft import tiny
+from lite_sft.config import BUILTIN_DEFAULTS
 from lite_sft.tasks.causal_lm.masking import DEFAULT_CHAT_TEMPLATE
 
 
@@ -131,7 +132,7 @@ def test_random_base_model_scores_zero(builtin_dir, builtin_tokenizer):
 def test_demo_defaults_are_a_valid_config():
     from lite_sft.config import load_config
 
-    cfg = load_config(None, {f"{section}.{key}": value for section, values in tiny.DEMO_DEFAULTS.items()
+    cfg = load_config(None, {f"{section}.{key}": value for section, values in BUILTIN_DEFAULTS.items()
                              for key, value in values.items()})
     cfg.validate()
-    assert cfg.train.max_steps == tiny.DEMO_DEFAULTS["train"]["max_steps"]
+    assert cfg.train.max_steps == BUILTIN_DEFAULTS["train"]["max_steps"]
