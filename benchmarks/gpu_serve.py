@@ -21,7 +21,7 @@ a BERT with all-MiniLM-L6-v2's (384 wide, 6 layers, vocabulary 30,522), as a 2-l
   encoder   the same on the classifier's export: torch-merged and onnx-fp32, latency per batch and sequences/s
   seq2seq   `lite-sft bench` refuses seq2seq, so its generation loop is timed here with bench's own per-run
             measure (bench_backend: TTFT, TPOT, decode tokens/s) on merged/ (torch) and onnx/ (the export's
-            encoder and decoder graphs under serve/seq2seq.py, cache bound on the device under CUDA)
+            encoder and decoder graphs under serve/backends/seq2seq.py, cache bound on the device under CUDA)
 
 `--work` keeps the models and exports, so a second run only measures. Prints a table, then one JSON line, and
 saves benchmarks/results/serve_<kind>_<device>-<time>.json with the device, driver, versions and command.

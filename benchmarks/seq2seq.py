@@ -25,7 +25,7 @@ pairs, never trained on, are its validation data, scored with greedy generation 
 starts as the identity, so that is the random base) and after the last. tokens/s counts source and target
 tokens and excludes the evaluations. Each run is then exported as `lite-sft export RUN --quantize int8` does
 (merge, ONNX encoder and decoder, int8), with its parity gates' figures, and the ONNX models generate from
-the held-out sources through lite-sft's own server backend (serve/seq2seq.py, greedy, the export's
+the held-out sources through lite-sft's own server backend (serve/backends/seq2seq.py, greedy, the export's
 max_new_tokens and stop ids), scored the same way (--no-export skips it).
 Prints a table, then one JSON line, and saves benchmarks/results/seq2seq-<time>.json.
 """

@@ -11,8 +11,8 @@ position_ids and left-padded rows, as a Hugging Face model does. The model build
 onnxruntime's GroupQueryAttention, which places a row's positions from its attention mask's sum and writes a
 row's new key and value right after its own past, so its rows are padded on the right (`pad_right`).
 
-Written here rather than reusing lite-sft's server runtime (serve/runtime.py): export sits below serve and does
-not import it, and a second, plain feed (no IO binding, no buffer pool, the whole cache copied each step) is an
+Written here rather than reusing lite-sft's server runtime (serve/backends/ort.py): export sits below serve and
+does not import it, and a second, plain feed (no IO binding, no buffer pool, the whole cache copied each step) is an
 independent check of the graph the server then runs its own way.
 """
 

@@ -3,7 +3,7 @@
     texts, on = held_out_texts(run_dir, cfg, tokenizer)       # [(input_ids, labels)], what they are
     ppl = perplexity(lambda ids: model(input_ids=ids).logits[0], texts)
 
-tune's figure (tasks/causal_lm.py) is exp of the mean cross-entropy over the trained tokens (labels not
+tune's figure (tasks/causal_lm/) is exp of the mean cross-entropy over the trained tokens (labels not
 IGNORE_INDEX) of the validation split. Export measures the same thing on the same examples, as tune
 tokenised them (RUN_DIR/validation_split.json), so the adapter model's figure here is tune's last one; an
 earlier definition (every token, prompts included, of four examples) gave 118.9 where tune said 1.63.

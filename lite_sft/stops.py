@@ -10,8 +10,8 @@ a run starts and export writes it into merged/ and every ONNX folder (save_stop_
 generate`, the demo evaluation, the parity gate and the server all stop on the same tokens. A folder
 written before the list was saved gets it decided by the same function (stop_ids_for).
 
-Nothing here imports lite-sft's training code: export and the CLI import it, and the server reads the
-same JSON field itself (serve/runtime.py).
+It is core and imports nothing of lite-sft's: training, export, the CLI and the server (read_stop_tokens, in
+serve/backends/folder.py) all read the list through it.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def test_fp16_int4_is_the_builders_cuda_int4_and_torch_onnx_refuses_it(tuned, tm
 
 
 def test_lite_sft_serve_runtime_loads_the_export(tuned, tmp_path):
-    """The serving runtime (serve/runtime.py) reads the export OUT as written: decoding through its KV cache
+    """The serving runtime (serve/backends/ort.py) reads the export OUT as written: decoding through its KV cache
     gives the merged model's logits."""
     import numpy as np
 

@@ -3,7 +3,7 @@
     lite-sft export runs/gpt2 --out exports/gpt2 --exporter torch      # onnx/model.onnx from torch.onnx
 
 GPT-2 and kin, and the architectures only transformers 5 has (ministral3, gemma4 text, ...), are captured
-with torch.onnx.export(dynamo=True) in the layout serve/runtime.py's OrtBackend feeds:
+with torch.onnx.export(dynamo=True) in the layout serve/backends/ort.py's OrtBackend feeds:
     inputs   input_ids (batch, seq), attention_mask (batch, past + seq), position_ids (batch, seq) where the
              model takes them, past_key_values.{i}.key / .value (batch, kv_heads, past, head_dim) per layer
              that keeps a cache
@@ -25,13 +25,13 @@ prompt and on a cached step, else the next candidate is tried (_candidates), so 
 architecture costs its speed, not the export. No GroupQueryAttention: onnxruntime's kernel reads each row
 from column 0 (right padding), which this graph's left-padded rows are not. What that costs, measured on a
 random 55M Llama (hidden 512, 8 layers, 8 query / 2 key-value heads, vocab 32000) under lite-sft's server
-runtime (serve/runtime.py), 1 thread, a 128-token prompt then 64 greedy tokens, the two graphs interleaved,
+runtime (serve/backends/ort.py), 1 thread, a 128-token prompt then 64 greedy tokens, the two graphs interleaved,
 median of 7 rounds, two runs on a shared 2-core AMD EPYC (load average 3-4, so the spread is wide):
     graph                                  prefill 128    decode
     this one (fused MultiHeadAttention)    168-212 ms     55-58 tok/s
     onnxruntime-genai's builder (GQA)      162-191 ms     62-89 tok/s
 The builder's graph decodes 1.1-1.6x faster (the runtime binds its cache in place, where this graph's
-Concat copies the cache each step: serve/runtime.py), one reason the registry tries the builder first.
+Concat copies the cache each step: serve/backends/ort.py), one reason the registry tries the builder first.
 
 What it refuses (refuses()): models whose cache is more than one key and one value per layer, i.e. hybrids
 with recurrent, Mamba or convolution state (qwen3_5, qwen3_next, nemotron_h, olmo_hybrid, lfm2, jamba, ...),
