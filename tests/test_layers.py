@@ -25,7 +25,7 @@ PACKAGES = {"lite_sft": ROOT / "lite_sft", "lite_sft.export": ROOT / "export", "
 # level (train and export) are siblings that never import each other. A module is placed by the longest
 # prefix that names it.
 LAYERS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
-    (("core", ("lite_sft", "lite_sft.errors", "lite_sft.taskspec", "lite_sft.config", "lite_sft.artifacts",
+    (("core", ("lite_sft", "lite_sft.errors", "lite_sft.taskspec", "lite_sft.config", "lite_sft.artifacts", "lite_sft.adapters",
                "lite_sft.stops", "lite_sft.report", "lite_sft.assets", "lite_sft.config_io", "lite_sft.options")),),
     (("tasks", ("lite_sft.tasks",)),),
     (("demo", ("lite_sft.tiny",)),),
