@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import lite_sft
 from lite_sft.config import BUILTIN_DATA, DataConfig
 from lite_sft.errors import DataError
 from lite_sft.inspect_data import render_report
@@ -95,7 +96,7 @@ def test_builtin_resolves_to_packaged_files(tmp_path, monkeypatch, tokenizer):
 
 
 def test_builtin_data_when_packaged():
-    if not (Path(data_module.__file__).parent / "assets" / "skill_train.jsonl").is_file():
+    if not (Path(lite_sft.__file__).parent / "assets" / "skill_train.jsonl").is_file():
         pytest.skip("lite_sft/assets/skill_train.jsonl not there yet")
     fmt, samples = load_samples(BUILTIN_DATA)
     assert fmt == "messages" and samples
