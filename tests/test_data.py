@@ -360,8 +360,9 @@ def test_prepared_data_is_cached_and_the_cache_follows_its_inputs(tmp_path, toke
 
 def test_the_code_digest_follows_the_source_of_the_modules_that_build_rows(tmp_path):
     for name in data_cache.CODE_FILES:
-        (tmp_path / name).write_bytes((Path(data_cache.__file__).parent / name).read_bytes())
-    assert data_cache.source_digest(tmp_path) == data_cache.source_digest(Path(data_cache.__file__).parent)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((data_cache.TASKS_FOLDER / name).read_bytes())
+    assert data_cache.source_digest(tmp_path) == data_cache.source_digest(data_cache.TASKS_FOLDER)
     for name in data_cache.CODE_FILES:
         before = data_cache.source_digest(tmp_path)
         (tmp_path / name).write_text((tmp_path / name).read_text() + "# a change\n")

@@ -32,9 +32,10 @@ from lite_sft.config import BUILTIN_DATA, DataConfig, lite_sft_home
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-# The modules whose source decides the prepared rows (in this package): loading and formats, tokenising and
-# masking, packing, this cache itself, and the validation-split rule.
-CODE_FILES = ("data.py", "masking.py", "packing.py", "cache.py", "../split.py")
+# The modules whose source decides the prepared rows, relative to lite_sft/tasks/: loading and formats,
+# tokenising and masking, packing, this cache itself, and the validation-split rule.
+CODE_FILES = ("causal_lm/data.py", "causal_lm/masking.py", "causal_lm/packing.py", "causal_lm/cache.py", "split.py")
+TASKS_FOLDER = Path(__file__).parent.parent
 
 
 def cache_dir() -> Path:
@@ -68,12 +69,12 @@ def code_digest() -> bytes:
     import transformers
 
     digest = hashlib.sha256(f"transformers {transformers.__version__} tokenizers {tokenizers.__version__}".encode())
-    digest.update(source_digest(Path(__file__).parent))
+    digest.update(source_digest(TASKS_FOLDER))
     return digest.digest()
 
 
 def source_digest(package: Path) -> bytes:
-    """A digest of CODE_FILES in the folder `package`."""
+    """A digest of CODE_FILES in the folder `package` (lite_sft/tasks/, or a copy of it)."""
     digest = hashlib.sha256()
     for name in CODE_FILES:
         digest.update(name.encode() + b"\0" + hashlib.sha256(package.joinpath(name).read_bytes()).digest())
