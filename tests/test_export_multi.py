@@ -1,0 +1,155 @@
+"""Several runs of one base exported together (export/multi.py): one base graph with LoRA branches, an adapter file
+per run, the manifest, a gate per adapter per stage and a mixed batch; and every refusal, before anything is
+written."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lite_sft.adapters import read_adapter_file, read_manifest
+from lite_sft.cli import app
+from lite_sft.export import ExportError
+from lite_sft.export.multi import export_runs
+from lite_sft.options import ExportOptions
+from lite_sft.train import tune
+
+from conftest import make_tokenizer
+from test_export import build_base, run_config
+
+pytest.importorskip("onnxruntime_genai")
+runner = CliRunner()
+FAST = dict(parity_prompts=2, parity_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, bpe_tokenizer, chat_jsonl):
+    """Two finished runs on one tiny Llama: rank 4 on q and v, rank 8 with rsLoRA on q, k, v, o and down."""
+    root = tmp_path_factory.mktemp("multi")
+    base = build_base(root / "base", "llama", bpe_tokenizer)
+    made = {}
+    for name, overrides in {"sentiment": {"lora.target_modules": ["q_proj", "v_proj"]},
+                            "support": {"lora.r": 8, "lora.alpha": 16, "lora.use_rslora": True, 
+                                        "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}
+                            }.items():
+        made[name] = root / name
+        tune(run_config(base, chat_jsonl, made[name], **overrides))
+    return root, base, made
+
+
+def edited(run, where, **changes):
+    """A copy of `run` at `where` whose config.yaml has `changes` ({"section.key": value})."""
+    shutil.copytree(run, where)
+    config = yaml.safe_load((where / "config.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    (where / "config.yaml").write_text(yaml.safe_dump(config))
+    return where
+
+
+def test_two_runs_give_one_graph_an_adapter_each_and_every_gate(runs, tmp_path):
+    _, base, made = runs
+    out = tmp_path / "team"
+    opts = ExportOptions(quantize="int8", names=[f"{made['support']}=help-desk"], **FAST)
+    report = export_runs([made["sentiment"], made["support"]], out, opts, say=lambda _: None)
+    assert report["passed"] and report["task"] == "causal-lm" and not report["not_run"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "adapters.json", "base", "onnx", "onnx-int8",
+                                                     "parity.json"]
+    manifest = read_manifest(out)
+    assert [a.name for a in manifest.adapters] == ["sentiment", "help-desk"]
+    sentiment, support = manifest.adapters
+    assert (sentiment.rank, sentiment.scale, sentiment.targets) == (4, 2.0, ["q_proj", "v_proj"])
+    assert support.rank == 8 and support.rslora and support.scale == pytest.approx(16 / 8 ** 0.5)
+    assert support.targets == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert manifest.base["digest"].startswith("sha256:") and manifest.base["source"] == str(base.resolve())
+    # The graph's sites are the union of the targets; each file holds its own run's only.
+    assert {s.name.split(".", 2)[2] for s in manifest.sites} == set(support.targets)
+    assert set(read_adapter_file(out / sentiment.file)) == {f"layers.{i}.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    for entry in manifest.adapters:
+        assert set(entry.gate) == {"merge", "onnx", "int8"} and all(g["passed"] for g in entry.gate.values())
+    # parity.json: a gate per adapter per stage, each alone and as a padded batch, and a mixed batch per graph.
+    parity = json.loads((out / "parity.json").read_text())
+    assert [(g["stage"], g["adapter"]) for g in parity["gates"]] == [
+        ("merge", "sentiment"), ("merge", "help-desk"), ("onnx", "sentiment"), ("onnx", "help-desk"),
+        ("int8", "sentiment"), ("int8", "help-desk")]
+    assert all(g["batch"]["passed"] for g in parity["gates"] if g["stage"] != "merge")
+    onnx = next(g for g in parity["gates"] if g["stage"] == "onnx")
+    assert onnx["greedy_agreement"] == 1.0 and onnx["max_abs_diff"] < 1e-3 * max(1, onnx["logit_scale"])
+    assert [(m["stage"], m["adapters"], m["passed"]) for m in parity["mixed"]] == [
+        ("onnx", ["sentiment", "help-desk"], True), ("int8", ["sentiment", "help-desk"], True)]
+    assert parity["mixed"][0]["vs_alone"]["greedy_agreement"] == 1.0
+    assert parity["mixed"][0]["vs_alone"]["max_abs_diff"] < 1e-4
+    # int8: the base's weights are quantised, the LoRA branches are still float MatMuls on the bank inputs.
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(out / "onnx-int8" / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+    assert all(n.op_type == "MatMul" for n in graph.node if "/lora/" in n.name and n.name.endswith(("/A", "/B")))
+    # base/ is a Hugging Face folder of the base itself (a 16/32-bit run: the checkpoint's weights).
+    from safetensors.numpy import load_file
+
+    saved, original = load_file(out / "base" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert all(np.array_equal(saved[k], original[k]) for k in original)
+
+
+def test_refusals_name_the_runs_and_write_nothing(runs, tmp_path):
+    root, base, made = runs
+    a, b = made["sentiment"], made["support"]
+    out = tmp_path / "out"
+    other = build_base(tmp_path / "other-base", "llama", make_tokenizer(), num_hidden_layers=1)
+    cases = [
+        ([a, edited(b, tmp_path / "q4", **{"model.quant": "4bit"})], [],
+         r"\(none\) and .*q4 \(4bit\) cannot share one base graph.*export them separately"),
+        ([a, edited(b, tmp_path / "dora", **{"lora.use_dora": True})], [], r"dora is a DoRA run"),
+        ([a, edited(b, tmp_path / "cls", **{"task.name": "seq-cls"})], [],
+         r"cls is a seq-cls run.*encoder tasks are not served this way yet"),
+        ([a, edited(b, tmp_path / "moved", **{"model.name_or_path": str(other)})], [],
+         r"were tuned on different bases"),
+        ([a, b], [f"{tmp_path / 'elsewhere'}=x"], r"elsewhere is not one of the runs given"),
+        ([a, b], [f"{a}=same", f"{b}=same"], r"are both named 'same'"),
+        ([a, b], [f"{a}=has space"], r"adapter name 'has space' .* cannot be served"),
+        ([a, b], [f"{a}=base"], r"'base' is the base's name"),
+        ([a, a], [], r"is given twice"),
+    ]
+    for run_dirs, names, message in cases:
+        with pytest.raises(ExportError, match=message):
+            export_runs(run_dirs, out, ExportOptions(names=names, **FAST), say=lambda _: None)
+        assert not out.exists() and not list(tmp_path.glob("out.*"))
+
+
+def test_a_different_tokenizer_is_refused(runs, tmp_path):
+    _, _, made = runs
+    changed = shutil.copytree(made["support"], tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(changed)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(changed)
+    with pytest.raises(ExportError, match="have different tokenizers: the vocabulary differs"):
+        export_runs([made["sentiment"], changed], tmp_path / "out", ExportOptions(**FAST), say=lambda _: None)
+
+
+def test_cli_several_runs_and_a_single_run_exports_as_before(runs, tmp_path):
+    _, _, made = runs
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    (existing / "parity.json").write_text("{}")
+    # Bad input exits 2 in one line and leaves an existing OUT as it was.
+    result = runner.invoke(app, ["export", str(made["sentiment"]), str(made["support"]), "--out", str(existing),
+                                 "--overwrite", "--name", f"{made['sentiment']}=same", "--name",
+                                 f"{made['support']}=same"])
+    assert result.exit_code == 2 and "both named 'same'" in result.output, result.output
+    assert sorted(p.name for p in existing.iterdir()) == ["parity.json"]
+    result = runner.invoke(app, ["export", str(made["sentiment"]), "--out", str(tmp_path / "one"), "--name", "x=y"])
+    assert result.exit_code == 2 and "alone exports merged" in result.output
+    # One RUN: today's merged export, the same folders and parity.json keys.
+    result = runner.invoke(app, ["export", str(made["sentiment"]), "--out", str(tmp_path / "one"),
+                                 "--parity-prompts", "2", "--parity-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["merged", "onnx", "parity.json"]
+    parity = json.loads((tmp_path / "one" / "parity.json").read_text())
+    assert "names" not in parity["settings"] and [g["stage"] for g in parity["gates"]] == ["merge", "onnx"]
