@@ -153,3 +153,34 @@ def test_cli_several_runs_and_a_single_run_exports_as_before(runs, tmp_path):
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["merged", "onnx", "parity.json"]
     parity = json.loads((tmp_path / "one" / "parity.json").read_text())
     assert "names" not in parity["settings"] and [g["stage"] for g in parity["gates"]] == ["merge", "onnx"]
+
+
+def test_qlora_runs_share_their_dequantised_base_and_int4_keeps_float_branches(tmp_path_factory, bpe_tokenizer,
+                                                                                 chat_jsonl, tmp_path):
+    """4-bit runs of one base: base/ holds the dequantised NF4 weights they were trained against (not the
+    checkpoint's), every adapter passes its gates on it, and the int4 graph, rebuilt by the builder, gets the same
+    float branches."""
+    root = tmp_path_factory.mktemp("multi-q4")
+    base = build_base(root / "base", "llama", bpe_tokenizer)
+    made = []
+    for i, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "up_proj"])):
+        made.append(root / f"q4-{i}")
+        tune(run_config(base, chat_jsonl, made[-1], **{"model.quant": "4bit", "lora.target_modules": targets}))
+    lines = []
+    report = export_runs(made, tmp_path / "out", ExportOptions(quantize="int4", **FAST), say=lines.append)
+    assert report["passed"], "\n".join(lines)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.base["quant"] == "4bit" and manifest.base["merge_onto"] == "dequantized"
+    assert [g["stage"] for g in report["gates"]] == ["merge", "merge", "onnx", "onnx", "int4", "int4"]
+    assert [m["passed"] for m in report["mixed"]] == [True, True]
+    from safetensors.numpy import load_file
+
+    saved, original = load_file(tmp_path / "out" / "base" / "model.safetensors"), load_file(base / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(saved[key].astype(np.float32), original[key].astype(np.float16).astype(np.float32))
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(tmp_path / "out" / "onnx-int4" / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "MatMulNBits" for n in graph.node)
+    assert {n.op_type for n in graph.node if "/lora/" in n.name and n.name.endswith(("/A", "/B"))} == {"MatMul"}
+    assert "int4" in "\n".join(lines) and "mixed batch (onnx-int4)" in "\n".join(lines)
