@@ -184,3 +184,31 @@ def test_qlora_runs_share_their_dequantised_base_and_int4_keeps_float_branches(t
     assert any(n.op_type == "MatMulNBits" for n in graph.node)
     assert {n.op_type for n in graph.node if "/lora/" in n.name and n.name.endswith(("/A", "/B"))} == {"MatMul"}
     assert "int4" in "\n".join(lines) and "mixed batch (onnx-int4)" in "\n".join(lines)
+
+
+def test_lora_outside_the_decoder_projections_and_other_architectures_are_refused(runs, tmp_path, bpe_tokenizer,
+                                                                                 chat_jsonl):
+    root, base, made = runs
+    head = tmp_path / "head"
+    tune(run_config(base, chat_jsonl, head, **{"lora.target_modules": ["q_proj", "lm_head"]}))
+    with pytest.raises(ExportError, match=r"head trains LoRA outside the decoder layers' projections.*lm_head"):
+        export_runs([made["sentiment"], head], tmp_path / "out", ExportOptions(**FAST), say=lambda _: None)
+    saved = shutil.copytree(made["support"], tmp_path / "saved")
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["score"]}))
+    with pytest.raises(ExportError, match=r"saved trains whole modules \(score\)"):
+        export_runs([made["sentiment"], saved], tmp_path / "out", ExportOptions(**FAST), say=lambda _: None)
+    gpt2 = build_base(tmp_path / "gpt2", "gpt2", bpe_tokenizer)
+    tune(run_config(gpt2, chat_jsonl, tmp_path / "g1"))
+    shutil.copytree(tmp_path / "g1", tmp_path / "g2")
+    with pytest.raises(ExportError, match=r"cannot be exported with adapters: .*model builder does not take"):
+        export_runs([tmp_path / "g1", tmp_path / "g2"], tmp_path / "out", ExportOptions(**FAST), say=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_graph_keeps_fp16_branches_and_passes_the_fp16_gate(runs, tmp_path):
+    _, _, made = runs
+    report = export_runs([made["sentiment"], made["support"]], tmp_path / "out", ExportOptions(dtype="fp16", **FAST),
+                         say=lambda _: None)
+    assert report["passed"] and {g["precision"] for g in report["gates"] if g["stage"] == "onnx"} == {"float16"}
+    assert report["mixed"][0]["vs_alone"]["greedy_agreement"] == 1.0
