@@ -50,7 +50,7 @@ from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
 from .lora_graph import add_lora_branches
 from .merge import load_reference, merge, merged_dtype, plain_base, save_merged, stored_dtype, unquantized_base
 from .multi_gate import adapter_gate, mixed_check, summary
-from .multi_runs import base_digest, read_runs
+from .multi_runs import read_runs
 from .ort_decoder import OnnxDecoder
 from .parity import format_report
 from .pipeline import ONNX_PACKAGES, PRECISION, ParityFailed, _check_disk, _check_out, _install, _version, load_merged
@@ -73,7 +73,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
     first, quant = runs[0], runs[0].cfg.model.quant
     save_dtype = merged_dtype(opts.merged_dtype, quant, stored_dtype(first.base, first.cfg.model.trust_remote_code))
     base_info = {"name_or_path": first.cfg.model.name_or_path, "folder": BASE_DIR, "source": first.base,
-                 "digest": base_digest(first.base), "quant": quant,
+                 "digest": first.digest, "quant": quant,
                  "merge_onto": opts.merge_onto if quant != "none" else None, "dtype": PRECISION[save_dtype]}
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     remove_leftovers(out, say)

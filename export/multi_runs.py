@@ -5,9 +5,9 @@
 
 Runs share one base graph only when everything the graph bakes in is the same for all of them, so each of these
 is refused up front, in one line naming the runs and what differs: a task other than causal-lm; another base (the
-resolved folder, or the sha256 digest of its config and weight files); another quantisation (a 4-bit run's
-adapter learned the dequantised NF4 weights, an 8-bit run's the dequantised int8 ones, a 16/32-bit run's the
-checkpoint's own); another tokenizer (vocabulary, added tokens, chat template); DoRA (its magnitude vector
+sha256 digest of the resolved base folder's config and weight files: a copy of one base is that base); another
+quantisation (a 4-bit run's adapter learned the dequantised NF4 weights, an 8-bit run's the dequantised int8
+ones, a 16/32-bit run's the checkpoint's own); another tokenizer (vocabulary, added tokens, chat template); DoRA (its magnitude vector
 rescales the whole projection, not a low-rank delta); LoRA on anything but the decoder layers' projections
 (embed_tokens, lm_head, a task head) or modules saved whole (modules_to_save); an architecture the model builder
 does not take (the LoRA branches go beside the builder's projections, export/lora_graph.py).
@@ -46,6 +46,8 @@ class Run:
     alpha: float = 0.0
     scale: float = 0.0
     rslora: bool = False
+    digest: str = ""
+    """sha256 of the base folder's config and weight files (base_digest)."""
     sites: dict = field(default_factory=dict)
     """{site: {"A": (in, r), "B": (r, out) scaled}}, from the run's adapter_model.safetensors."""
 
@@ -69,12 +71,17 @@ def read_runs(run_dirs: list[Path], names: list[str], dtype: str) -> list[Run]:
     for run in runs[1:]:
         if run.cfg.model.quant != first.cfg.model.quant:
             raise ExportError(_quant_mix(first, run))
+    digests: dict[str, str] = {}  # each base folder hashed once
     for run in runs:
-        run.base = str(Path(base_path(run.cfg, run.run_dir)).resolve())
+        run.base = _local_folder(base_path(run.cfg, run.run_dir), run)
+        if run.base not in digests:
+            digests[run.base] = base_digest(run.base)
+        run.digest = digests[run.base]
     for run in runs[1:]:
-        if run.base != first.base:
-            raise ExportError(f"{first.run_dir} and {run.run_dir} were tuned on different bases ({first.base} and "
-                              f"{run.base}): export together only runs of one base")
+        if run.digest != first.digest:
+            raise ExportError(f"{first.run_dir} and {run.run_dir} were tuned on different bases ({first.base}, "
+                              f"{first.digest[:19]}... and {run.base}, {run.digest[:19]}...: the config or weight files "
+                              "differ): export together only runs of one base")
     _check_builder(first, dtype)
     _check_tokenizers(runs)
     for run in runs:
@@ -93,6 +100,19 @@ def base_digest(folder: str) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return "sha256:" + digest.hexdigest()
+
+
+def _local_folder(path: str, run: Run) -> str:
+    """The base as a local folder: a hub id is looked up in the Hugging Face cache (the run downloaded it there)."""
+    if not Path(path).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(path, local_files_only=True)
+        except Exception as err:  # noqa: BLE001  (huggingface_hub raises several types for a missing snapshot)
+            raise ExportError(f"the base of {run.run_dir} ({path}) is not in the local Hugging Face cache, so its "
+                              "weights cannot be compared with the other runs' base: download it first") from err
+    return str(Path(path).resolve())
 
 
 def _name(runs: list[Run], names: list[str]) -> None:

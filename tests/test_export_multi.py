@@ -14,6 +14,7 @@ from lite_sft.adapters import read_adapter_file, read_manifest
 from lite_sft.cli import app
 from lite_sft.export import ExportError
 from lite_sft.export.multi import export_runs
+from lite_sft.export.multi_runs import base_digest, read_runs
 from lite_sft.options import ExportOptions
 from lite_sft.train import tune
 
@@ -66,6 +67,7 @@ def test_two_runs_give_one_graph_an_adapter_each_and_every_gate(runs, tmp_path):
     assert support.rank == 8 and support.rslora and support.scale == pytest.approx(16 / 8 ** 0.5)
     assert support.targets == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
     assert manifest.base["digest"].startswith("sha256:") and manifest.base["source"] == str(base.resolve())
+    assert manifest.base["digest"] == base_digest(str(base))
     # The graph's sites are the union of the targets; each file holds its own run's only.
     assert {s.name.split(".", 2)[2] for s in manifest.sites} == set(support.targets)
     assert set(read_adapter_file(out / sentiment.file)) == {f"layers.{i}.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
@@ -108,13 +110,17 @@ def test_refusals_name_the_runs_and_write_nothing(runs, tmp_path):
         ([a, edited(b, tmp_path / "cls", **{"task.name": "seq-cls"})], [],
          r"cls is a seq-cls run.*encoder tasks are not served this way yet"),
         ([a, edited(b, tmp_path / "moved", **{"model.name_or_path": str(other)})], [],
-         r"were tuned on different bases"),
+         r"sentiment and .*moved were tuned on different bases .*the config or weight files differ"),
         ([a, b], [f"{tmp_path / 'elsewhere'}=x"], r"elsewhere is not one of the runs given"),
         ([a, b], [f"{a}=same", f"{b}=same"], r"are both named 'same'"),
         ([a, b], [f"{a}=has space"], r"adapter name 'has space' .* cannot be served"),
         ([a, b], [f"{a}=base"], r"'base' is the base's name"),
         ([a, a], [], r"is given twice"),
     ]
+    # A copy of the base in another folder is the same base: the digest decides, not the path.
+    copy = shutil.copytree(base, tmp_path / "base-copy")
+    same = read_runs([a, edited(b, tmp_path / "copied", **{"model.name_or_path": str(copy)})], [], "fp32")
+    assert same[0].digest == same[1].digest and same[0].base != same[1].base
     for run_dirs, names, message in cases:
         with pytest.raises(ExportError, match=message):
             export_runs(run_dirs, out, ExportOptions(names=names, **FAST), say=lambda _: None)
