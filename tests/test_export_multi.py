@@ -218,3 +218,27 @@ def test_fp16_graph_keeps_fp16_branches_and_passes_the_fp16_gate(runs, tmp_path)
                          say=lambda _: None)
     assert report["passed"] and {g["precision"] for g in report["gates"] if g["stage"] == "onnx"} == {"float16"}
     assert report["mixed"][0]["vs_alone"]["greedy_agreement"] == 1.0
+
+
+def test_cli_exports_several_runs_and_a_failed_gate_keeps_them_aside(runs, tmp_path, monkeypatch):
+    from lite_sft.export import multi
+
+    _, _, made = runs
+    args = ["export", str(made["sentiment"]), str(made["support"]), "--parity-prompts", "2", "--parity-tokens", "4"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "team")])
+    assert result.exit_code == 0, result.output
+    assert "exported to" in result.output and "adapters/ adapters.json parity.json" in result.output
+    assert "sentiment: parity on" in result.output and "mixed batch (onnx)" in result.output
+
+    def failing(*args, **kwargs):  # the support adapter's graph gate fails
+        gate, alone = real(*args, **kwargs)
+        gate.passed = gate.passed and gate.extra["adapter"] != "support"
+        return gate, alone
+
+    real = multi.adapter_gate
+    monkeypatch.setattr(multi, "adapter_gate", failing)
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "team"), "--overwrite"])
+    assert result.exit_code == 1 and "parity gate failed" in result.output
+    failed = json.loads((tmp_path / "team.parity-failed" / "parity.json").read_text())
+    assert failed["passed"] is False and failed["mixed"][0]["passed"] is True
+    assert json.loads((tmp_path / "team" / "parity.json").read_text())["passed"] is True  # the earlier export stays
