@@ -4,8 +4,8 @@
 
 The model builder writes one MatMul (MatMulNBits when int4) per projection, named `/model/layers.{i}/attn/
 q_proj/MatMul`, `/model/layers.{i}/mlp/down_proj/MatMul` and so on (`.../MatMul_Q4` at int4), built with
-disable_qkv_fusion so that q, k and v keep a MatMul each. Beside each projection some adapter trains, this adds the branch lite_sft/adapters.py
-describes, in the graph's io dtype (float even when the base is int4 or int8):
+disable_qkv_fusion so that q, k and v keep a MatMul each. Beside each projection some adapter trains, this adds
+the branch lite_sft/adapters.py describes, in the graph's io dtype (float even when the base is int4 or int8):
 
     y' = y + MatMul(Mul(MatMul(x, lora.SITE.A), Unsqueeze(lora_mask, 1)), lora.SITE.B)
 

@@ -92,7 +92,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         base = (unquantized_base(reference, tokenizer, first.cfg, first.run_dir, opts.merge_onto) if quant != "none"
                 else plain_base(first.cfg, first.run_dir, tokenizer))
         del reference
-        _check_disk(tmp, base.num_parameters() * (len(runs) + 1), save_dtype, opts)
+        _check_disk(tmp, base.num_parameters(), save_dtype, opts)  # the adapter files are a few MB
         save_merged(base, tokenizer, tmp / BASE_DIR, save_dtype, opts.max_shard_size)
         base_info["stop_ids"] = read_stop_tokens(tmp / BASE_DIR)
         del base
@@ -100,14 +100,15 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         lap("base_s")
 
         for run in runs:
-            say(f"{run.name}: merging {run.run_dir}'s adapter (r {run.rank}, {', '.join(run.targets)}) onto {BASE_DIR}/")
+            say(f"{run.name}: merging {run.run_dir}'s adapter (r {run.rank}, {', '.join(run.targets)}) onto "
+                f"{BASE_DIR}/")
             model, tok = load_reference(run.run_dir, run.cfg)
             checks[run.name] = check = CausalChecks(run.run_dir, run.cfg, model, tok, opts)
             adapter_ref = check.reference(model)
             del model
             merged = merge(load_merged(tmp / BASE_DIR, "causal-lm"), run.cfg, run.run_dir)
             gate = check.torch_gate(merged, adapter_ref, stage="merge", artefact=_file(run.name),
-                                    precision="float32", min_agreement=opts.min_agreement,
+                                    precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
                                     tolerance="int8" if quant == "8bit" else None,
                                     reference=f"adapter model of {run.run_dir}, fp32 on CPU")
             gate.extra["adapter"] = run.name
@@ -149,12 +150,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         write_manifest(tmp, manifest)
         report = _report(runs, out, opts, base_info, checks, gates, mixed, timings, passed)
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        text = "\n".join(f"{run.name}: " + format_report([g for g in gates if g.extra["adapter"] == run.name],
-                                                         checks[run.name].source, perplexity_on=checks[run.name].perplexity_on)
-                         for run in runs)
-        text += "".join(f"\n  mixed batch ({m['artefact']}): {', '.join(m['adapters'])}: greedy as alone "
-                        f"{m['vs_alone']['greedy_agreement']:.1%}, max |dlogit| vs alone {m['vs_alone']['max_abs_diff']:.2e}"
-                        f"  {'pass' if m['passed'] else 'FAIL'}" for m in mixed)
+        text = _text(runs, gates, mixed, checks)
         if passed:
             _install(tmp, out)
             (out / TMP_LOCK).unlink(missing_ok=True)
@@ -178,6 +174,17 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         lock.close()
 
 
+def _text(runs, gates, mixed, checks) -> str:
+    """Each adapter's parity table (parity.py's), then a line per mixed batch."""
+    tables = [f"{run.name}: " + format_report([g for g in gates if g.extra["adapter"] == run.name],
+                                              checks[run.name].source, perplexity_on=checks[run.name].perplexity_on)
+              for run in runs]
+    lines = [f"  mixed batch ({m['artefact']}): {', '.join(m['adapters'])}: greedy as alone "
+             f"{m['vs_alone']['greedy_agreement']:.1%}, max |dlogit| vs alone {m['vs_alone']['max_abs_diff']:.2e}  "
+             + ("pass" if m["passed"] else "FAIL") for m in mixed]
+    return "\n".join(tables + lines)
+
+
 def _check_options(opts: ExportOptions) -> None:
     if not opts.onnx:
         raise ExportError("--no-onnx: several runs export one base graph with their adapters; export a run alone "
@@ -194,7 +201,8 @@ def check_branches_float(model_file: Path) -> None:
     banks = {i.name for i in graph.input if i.name.startswith("lora.")}
     used = {name for node in graph.node if node.op_type == "MatMul" for name in node.input if name in banks}
     if used != banks:
-        raise ExportError(f"{model_file}: the quantiser rewrote the LoRA branches of {', '.join(sorted(banks - used)[:3])}"
+        raise ExportError(f"{model_file}: the quantiser rewrote the LoRA branches of "
+                          f"{', '.join(sorted(banks - used)[:3])}"
                           " (they must stay float MatMuls on the bank inputs)")
 
 

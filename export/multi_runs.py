@@ -7,10 +7,10 @@ Runs share one base graph only when everything the graph bakes in is the same fo
 is refused up front, in one line naming the runs and what differs: a task other than causal-lm; another base (the
 sha256 digest of the resolved base folder's config and weight files: a copy of one base is that base); another
 quantisation (a 4-bit run's adapter learned the dequantised NF4 weights, an 8-bit run's the dequantised int8
-ones, a 16/32-bit run's the checkpoint's own); another tokenizer (vocabulary, added tokens, chat template); DoRA (its magnitude vector
-rescales the whole projection, not a low-rank delta); LoRA on anything but the decoder layers' projections
-(embed_tokens, lm_head, a task head) or modules saved whole (modules_to_save); an architecture the model builder
-does not take (the LoRA branches go beside the builder's projections, export/lora_graph.py).
+ones, a 16/32-bit run's the checkpoint's own); another tokenizer (vocabulary, added tokens, chat template); DoRA
+(its magnitude vector rescales the whole projection, not a low-rank delta); LoRA on anything but the decoder
+layers' projections (embed_tokens, lm_head, a task head) or modules saved whole (modules_to_save); an architecture
+the model builder does not take (the LoRA branches go beside the builder's projections, export/lora_graph.py).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def read_runs(run_dirs: list[Path], names: list[str], dtype: str) -> list[Run]:
     for run in runs[1:]:
         if run.digest != first.digest:
             raise ExportError(f"{first.run_dir} and {run.run_dir} were tuned on different bases ({first.base}, "
-                              f"{first.digest[:19]}... and {run.base}, {run.digest[:19]}...: the config or weight files "
-                              "differ): export together only runs of one base")
+                              f"{first.digest[:19]}... and {run.base}, {run.digest[:19]}...: the config or weight "
+                              "files differ): export together only runs of one base")
     _check_builder(first, dtype)
     _check_tokenizers(runs)
     for run in runs:

@@ -70,7 +70,8 @@ def test_two_runs_give_one_graph_an_adapter_each_and_every_gate(runs, tmp_path):
     assert manifest.base["digest"] == base_digest(str(base))
     # The graph's sites are the union of the targets; each file holds its own run's only.
     assert {s.name.split(".", 2)[2] for s in manifest.sites} == set(support.targets)
-    assert set(read_adapter_file(out / sentiment.file)) == {f"layers.{i}.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    assert set(read_adapter_file(out / sentiment.file)) == {f"layers.{i}.{m}" for i in (0, 1)
+                                                             for m in ("q_proj", "v_proj")}
     for entry in manifest.adapters:
         assert set(entry.gate) == {"merge", "onnx", "int8"} and all(g["passed"] for g in entry.gate.values())
     # parity.json: a gate per adapter per stage, each alone and as a padded batch, and a mixed batch per graph.
