@@ -162,23 +162,24 @@ def test_cli_several_runs_and_a_single_run_exports_as_before(runs, tmp_path):
     assert "names" not in parity["settings"] and [g["stage"] for g in parity["gates"]] == ["merge", "onnx"]
 
 
-def test_qlora_runs_share_their_dequantised_base_and_int4_keeps_float_branches(tmp_path_factory, bpe_tokenizer,
-                                                                                 chat_jsonl, tmp_path):
-    """4-bit runs of one base: base/ holds the dequantised NF4 weights they were trained against (not the
-    checkpoint's), every adapter passes its gates on it, and the int4 graph, rebuilt by the builder, gets the same
-    float branches."""
-    root = tmp_path_factory.mktemp("multi-q4")
+@pytest.mark.parametrize("quant, method", [("4bit", "int4"), ("8bit", "int8")])
+def test_quantised_runs_share_their_dequantised_base_and_the_quantised_graph_keeps_float_branches(
+        quant, method, tmp_path_factory, bpe_tokenizer, chat_jsonl, tmp_path):
+    """4-bit (8-bit) runs of one base: base/ holds the dequantised NF4 (int8) weights they were trained against
+    (not the checkpoint's), every adapter passes its gates on it, and the quantised graph (int4: rebuilt by the
+    builder; int8: quantize_dynamic) gets the same float branches."""
+    root = tmp_path_factory.mktemp(f"multi-{quant}")
     base = build_base(root / "base", "llama", bpe_tokenizer)
     made = []
     for i, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "up_proj"])):
-        made.append(root / f"q4-{i}")
-        tune(run_config(base, chat_jsonl, made[-1], **{"model.quant": "4bit", "lora.target_modules": targets}))
+        made.append(root / f"{quant}-{i}")
+        tune(run_config(base, chat_jsonl, made[-1], **{"model.quant": quant, "lora.target_modules": targets}))
     lines = []
-    report = export_runs(made, tmp_path / "out", ExportOptions(quantize="int4", **FAST), say=lines.append)
+    report = export_runs(made, tmp_path / "out", ExportOptions(quantize=method, **FAST), say=lines.append)
     assert report["passed"], "\n".join(lines)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest.base["quant"] == "4bit" and manifest.base["merge_onto"] == "dequantized"
-    assert [g["stage"] for g in report["gates"]] == ["merge", "merge", "onnx", "onnx", "int4", "int4"]
+    assert manifest.base["quant"] == quant and manifest.base["merge_onto"] == "dequantized"
+    assert [g["stage"] for g in report["gates"]] == ["merge", "merge", "onnx", "onnx", method, method]
     assert [m["passed"] for m in report["mixed"]] == [True, True]
     from safetensors.numpy import load_file
 
@@ -187,10 +188,10 @@ def test_qlora_runs_share_their_dequantised_base_and_int4_keeps_float_branches(t
     assert not np.array_equal(saved[key].astype(np.float32), original[key].astype(np.float16).astype(np.float32))
     import onnx as onnx_lib
 
-    graph = onnx_lib.load(str(tmp_path / "out" / "onnx-int4" / "model.onnx"), load_external_data=False).graph
-    assert any(n.op_type == "MatMulNBits" for n in graph.node)
+    graph = onnx_lib.load(str(tmp_path / "out" / f"onnx-{method}" / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
     assert {n.op_type for n in graph.node if "/lora/" in n.name and n.name.endswith(("/A", "/B"))} == {"MatMul"}
-    assert "int4" in "\n".join(lines) and "mixed batch (onnx-int4)" in "\n".join(lines)
+    assert f"mixed batch (onnx-{method})" in "\n".join(lines)
 
 
 def test_lora_outside_the_decoder_projections_and_other_architectures_are_refused(runs, tmp_path, bpe_tokenizer,
