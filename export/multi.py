@@ -252,7 +252,7 @@ def _report(runs, out, opts, base, checks, gates, mixed, timings, passed) -> dic
         "base": base,
         "run_quant": base["quant"],
         "adapters": {run.name: {"run_dir": str(run.run_dir), "r": run.rank, "alpha": run.alpha, "dora": False,
-                                "rslora": run.rslora, "targets": run.targets, "prompts": checks[run.name].report()}
+                                "rslora": run.rslora, "targets": run.targets, **checks[run.name].report()}
                      for run in runs},
         "settings": settings,
         "gates": [g.to_dict() for g in gates],

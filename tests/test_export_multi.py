@@ -80,6 +80,7 @@ def test_two_runs_give_one_graph_an_adapter_each_and_every_gate(runs, tmp_path):
         ("merge", "sentiment"), ("merge", "help-desk"), ("onnx", "sentiment"), ("onnx", "help-desk"),
         ("int8", "sentiment"), ("int8", "help-desk")]
     assert all(g["batch"]["passed"] for g in parity["gates"] if g["stage"] != "merge")
+    assert parity["adapters"]["help-desk"]["prompts"]["count"] == 2 and parity["adapters"]["help-desk"]["stop_ids"]
     onnx = next(g for g in parity["gates"] if g["stage"] == "onnx")
     assert onnx["greedy_agreement"] == 1.0 and onnx["max_abs_diff"] < 1e-3 * max(1, onnx["logit_scale"])
     assert [(m["stage"], m["adapters"], m["passed"]) for m in parity["mixed"]] == [
