@@ -3,9 +3,9 @@
     sites = add_lora_branches(Path("OUT/onnx/model.onnx"), {"q_proj", "v_proj"})   # in place; returns the sites
 
 The model builder writes one MatMul (MatMulNBits when int4) per projection, named `/model/layers.{i}/attn/
-q_proj/MatMul`, `/model/layers.{i}/mlp/down_proj/MatMul` and so on (built with disable_qkv_fusion so that q, k
-and v keep a MatMul each). Beside each projection some adapter trains, this adds the branch lite_sft/adapters.py
-describes, in the graph's io dtype (float even when the base is int4 or int8):
+q_proj/MatMul`, `/model/layers.{i}/mlp/down_proj/MatMul` and so on (`.../MatMul_Q4` at int4), built with
+disable_qkv_fusion so that q, k and v keep a MatMul each. Beside each projection some adapter trains, this adds
+the branch lite_sft/adapters.py describes, in the graph's io dtype (float even when the base is int4 or int8):
 
     y' = y + MatMul(Mul(MatMul(x, lora.SITE.A), Unsqueeze(lora_mask, 1)), lora.SITE.B)
 
@@ -26,7 +26,7 @@ from lite_sft.adapters import MASK_INPUT, Site, input_names, site_name
 
 from . import ExportError
 
-NODE = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/([A-Za-z_0-9]+)/(MatMul|MatMulNBits)$")
+NODE = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/([A-Za-z_0-9]+)/(MatMul|MatMulNBits|MatMul_Q4)$")
 RANK_DIM, BATCH_DIM = "lora_rank", "batch_size"
 
 

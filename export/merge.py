@@ -102,7 +102,7 @@ def unquantized_base(reference, tokenizer, cfg, run_dir: Path, onto: str = "dequ
     if onto == "original":
         log.warning("merging a %s run's adapter onto the ORIGINAL base weights: it was trained against the "
                     "dequantised weights, so the merged model will not match the tuned one", cfg.model.quant)
-    base = _plain_base(cfg, run_dir, tokenizer)
+    base = plain_base(cfg, run_dir, tokenizer)
     if onto == "dequantized":
         _copy_dequantized(reference, base)
     return base
@@ -129,7 +129,7 @@ def merge(model, cfg, run_dir: Path):
     return merged
 
 
-def _plain_base(cfg, run_dir: Path, tokenizer):
+def plain_base(cfg, run_dir: Path, tokenizer):
     """The base checkpoint as ordinary fp32 modules (Linear, GPT-2's Conv1D), with the run's task head and
     sized for the run's tokenizer: lite_sft.model's own loading, without the quantisation."""
     task = get_task(cfg.task.name)

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lite_sft.adapters import MASK_INPUT
 from lite_sft.artifacts import MODEL_CONFIG, ONNX_FILE
 
 from . import ExportError
@@ -64,6 +65,15 @@ class OnnxDecoder:
             self.head_dim = config.get("head_dim") or config["hidden_size"] // heads
         graph = onnx.load(str(model_file), load_external_data=False).graph
         self.pad_right = any(node.op_type == "GroupQueryAttention" for node in graph.node)
+        self.constants: dict[str, np.ndarray] = {}
+        self.row_mask: np.ndarray | None = None
+
+    def feed_also(self, constants: dict[str, np.ndarray], row_mask: np.ndarray) -> None:
+        """Inputs a multi-adapter graph (lite_sft/adapters.py) takes besides the decoder's: `constants` fed as they
+        are on every call (the LoRA banks), and `row_mask` (rows, R) as the lora_mask of a call with `rows` rows,
+        or, with one row, of every row of any call."""
+        self.constants = {name: value.astype(self.kv_type, copy=False) for name, value in constants.items()}
+        self.row_mask = row_mask.astype(self.kv_type, copy=False)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None,
@@ -80,5 +90,8 @@ class OnnxDecoder:
             empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_type)
             past_key_values = [empty] * len(self.past)
         feed.update(zip(self.past, past_key_values))
+        if self.row_mask is not None:
+            rows = self.row_mask if self.row_mask.shape[0] == batch else np.repeat(self.row_mask[:1], batch, 0)
+            feed.update(self.constants, **{MASK_INPUT: rows})
         outputs = self.session.run(["logits", *self.present], feed)
         return SimpleNamespace(logits=torch.from_numpy(outputs[0]).float(), past_key_values=outputs[1:])

@@ -255,7 +255,7 @@ def _install(tmp: Path, out: Path) -> None:
 def _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter) -> dict:
     import onnxruntime
 
-    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
+    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("overwrite", "names")}
     planned = ["merge"] + (["onnx"] if opts.onnx else []) + ([opts.quantize] if opts.quantize != "none" else [])
     return {
         "task": cfg.task.name,  # what the server and the benchmarks read to know what the model does

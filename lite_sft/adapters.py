@@ -76,6 +76,10 @@ class AdapterEntry:
     task: str = "causal-lm"
     gate: dict = field(default_factory=dict)
     """Its export gate: base graph + this adapter against the run's merged PyTorch model."""
+    stop_ids: list[int] | None = None
+    """The run's stop ids where they differ from the base's (base["stop_ids"]); None: the base's."""
+    rslora: bool = False
+    """Its scale is alpha / sqrt(rank) (rsLoRA)."""
 
 
 @dataclass

@@ -16,13 +16,13 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_options import Given, fail, options
-from .cli_run import RUN_ERRORS, RunDir
+from .cli_run import RUN_ERRORS
 from .errors import ExportError, ServeError
 from .options import BenchOptions, BenchRun, ExportOptions, ExportTarget, ServeOptions, ServerSettings
 
 EXPORT = ("ExportTarget.out", *(f"ExportOptions.{name}" for name in (
     "dtype", "merged_dtype", "quantize", "block_size", "merge_onto", "onnx", "exporter", "parity_prompts",
-    "parity_tokens", "parity_examples", "min_agreement", "overwrite")))
+    "parity_tokens", "parity_examples", "min_agreement", "names", "overwrite")))
 SERVE = ("ServeOptions.host", "ServeOptions.port", "ServeOptions.device", "ServeOptions.variant",
          "ServerSettings.api_key", "ServeOptions.model_name", "ServerSettings.max_batch", "ServerSettings.max_queue",
          "ServerSettings.batching", "ServerSettings.timeout_s", "ServerSettings.max_context",
@@ -33,20 +33,35 @@ BENCH = ("BenchRun.url", "BenchOptions.backends", "BenchOptions.prompt_lens", "B
          "BenchRun.max_tokens", "BenchRun.min_tokens", "BenchRun.api_key")
 
 
+RunDirs = Annotated[list[Path], typer.Argument(
+    help="A `lite-sft tune` output directory; several of one base: one base graph and an adapter per run.")]
+
+
 @options(*EXPORT)
-def export(run_dir: RunDir, given: Given):
+def export(run_dir: RunDirs, given: Given):
     """Merge the adapter into its base, export ONNX (optionally int8/int4) and gate each step on parity."""
     out = ExportTarget(**given.of(ExportTarget)).out
     opts = ExportOptions(**given.of(ExportOptions))
     try:
+        from lite_sft.export.multi import export_runs
         from lite_sft.export.pipeline import ParityFailed, export_run
 
-        export_run(run_dir, out, opts, say=typer.echo)
+        if len(run_dir) > 1:
+            export_runs(run_dir, out, opts, say=typer.echo)
+        elif opts.names:
+            raise ExportError(f"--name {opts.names[0]}: names the adapters of several runs exported together; "
+                              f"{run_dir[0]} alone exports merged")
+        else:
+            export_run(run_dir[0], out, opts, say=typer.echo)
     except RUN_ERRORS + (ExportError,) as err:
         fail(err)
     except ParityFailed as err:
         typer.echo(err.text)
         fail(err, code=1)
+    if len(run_dir) > 1:
+        typer.echo(f"\nexported to {out}: base/ onnx/" + (f" onnx-{opts.quantize}/" if opts.quantize != "none" else "")
+                   + " adapters/ adapters.json parity.json")
+        return
     typer.echo(f"\nexported to {out}: merged/" + (" onnx/" if opts.onnx else "")
                + (f" onnx-{opts.quantize}/" if opts.quantize != "none" else "") + " parity.json")
 

@@ -114,6 +114,8 @@ class ExportOptions:
     """Override every gate's greedy-agreement threshold (0-1)."""
     max_shard_size: str = "5GB"
     """Largest safetensors file of the merged model; bigger models are sharded."""
+    names: list[str] | None = field(default=None, metadata=flag("--name", repeat=True))
+    """Several runs: RUN=NAME names RUN's adapter (default: the run directory's name); repeat per run."""
     overwrite: bool = False
     """Replace an existing --out (an earlier export), only once the new one has passed."""
 

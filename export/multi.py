@@ -1,0 +1,264 @@
+"""`lite-sft export RUN_A RUN_B [...]`: several adapters of one base, exported together to be served by one server.
+
+    lite-sft export runs/sentiment runs/support --out exports/team --name runs/support=helpdesk
+
+OUT holds:
+    base/                       the shared base as a Hugging Face folder (a QLoRA run's: the dequantised weights it
+                                was trained against), its tokenizer, config and generation config
+    onnx/                       the model builder's graph of base/ (q, k, v as separate MatMuls), with a LoRA branch
+                                beside every projection some run trains (export/lora_graph.py); its LoRA weights are
+                                graph inputs, float whatever the base's precision
+    onnx-int8/, onnx-int4/      --quantize: the quantised base graph with the same float branches
+    adapters/NAME.onnx_adapter  each run's LoRA matrices, scaled (lite_sft/adapters.py)
+    adapters.json               the manifest: the base (its folder and weights digest), the sites, every adapter
+    parity.json                 the task, every gate, per adapter and stage, and the mixed checks
+
+The runs are checked against each other before anything is built (multi_runs.py says what is refused and why).
+Every adapter is gated: merge (its run's merged model on base/ against the run's adapter model, as the single-run
+export's merge gate), then each graph fed with its bank alone against that merged model, alone and as a padded
+batch (multi_gate.py), and a mixed batch whose rows use different adapters. As in the single-run export
+(pipeline.py) everything is built in OUT.tmp-<pid>, installed only when every gate passed, kept as
+OUT.parity-failed when one did not, and an existing OUT is replaced only with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gc
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from lite_sft.adapters import ADAPTER_SUFFIX, ADAPTERS_DIR, AdapterEntry, Manifest, write_adapter_file, write_manifest
+from lite_sft.artifacts import ONNX_FILE, PARITY_FILE, variant_folder
+from lite_sft.options import ExportOptions
+from lite_sft.report import peak_memory, versions
+from lite_sft.stops import read_stop_tokens
+from lite_sft.taskspec import TASKS
+
+from . import ExportError
+from .checks import CausalChecks
+from .exporters import builder
+from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
+from .lora_graph import add_lora_branches
+from .merge import load_reference, merge, merged_dtype, plain_base, save_merged, stored_dtype, unquantized_base
+from .multi_gate import adapter_gate, mixed_check, summary
+from .multi_runs import read_runs
+from .ort_decoder import OnnxDecoder
+from .parity import format_report
+from .pipeline import ONNX_PACKAGES, PRECISION, ParityFailed, _check_disk, _check_out, _install, _version, load_merged
+from .quantize import quantize
+
+BASE_DIR = "base"
+MERGED = "merged PyTorch model (base/ + the run's adapter, merged in memory), fp32"
+
+
+def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | None = None,
+                say: Callable[[str], None] = print) -> dict:
+    """Check, build and gate the multi-adapter export of `run_dirs` into `out`; returns parity.json's report."""
+    opts = opts or ExportOptions()
+    out = Path(out)
+    opts.validate()
+    _check_options(opts)
+    for run_dir in run_dirs:
+        _check_out(Path(run_dir), out, opts.overwrite)
+    runs = read_runs(run_dirs, opts.names or [], opts.dtype)
+    first, quant = runs[0], runs[0].cfg.model.quant
+    save_dtype = merged_dtype(opts.merged_dtype, quant, stored_dtype(first.base, first.cfg.model.trust_remote_code))
+    base_info = {"name_or_path": first.cfg.model.name_or_path, "folder": BASE_DIR, "source": first.base,
+                 "digest": first.digest, "quant": quant,
+                 "merge_onto": opts.merge_onto if quant != "none" else None, "dtype": PRECISION[save_dtype]}
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    remove_leftovers(out, say)
+    gates, mixed, timings, refs, checks = [], [], {}, {}, {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - clock[0], 3)
+        clock[0] = time.perf_counter()
+
+    lock = hold_tmp(tmp)
+    try:
+        say(f"writing the shared base of {len(runs)} runs ({first.cfg.model.name_or_path}, quant {quant}) to "
+            f"{BASE_DIR}/")
+        reference, tokenizer = load_reference(first.run_dir, first.cfg)
+        base = (unquantized_base(reference, tokenizer, first.cfg, first.run_dir, opts.merge_onto) if quant != "none"
+                else plain_base(first.cfg, first.run_dir, tokenizer))
+        del reference
+        _check_disk(tmp, base.num_parameters(), save_dtype, opts)  # the adapter files are a few MB
+        save_merged(base, tokenizer, tmp / BASE_DIR, save_dtype, opts.max_shard_size)
+        base_info["stop_ids"] = read_stop_tokens(tmp / BASE_DIR)
+        del base
+        gc.collect()
+        lap("base_s")
+
+        for run in runs:
+            say(f"{run.name}: merging {run.run_dir}'s adapter (r {run.rank}, {', '.join(run.targets)}) onto "
+                f"{BASE_DIR}/")
+            model, tok = load_reference(run.run_dir, run.cfg)
+            checks[run.name] = check = CausalChecks(run.run_dir, run.cfg, model, tok, opts)
+            adapter_ref = check.reference(model)
+            del model
+            merged = merge(load_merged(tmp / BASE_DIR, "causal-lm"), run.cfg, run.run_dir)
+            gate = check.torch_gate(merged, adapter_ref, stage="merge", artefact=_file(run.name),
+                                    precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
+                                    tolerance="int8" if quant == "8bit" else None,
+                                    reference=f"adapter model of {run.run_dir}, fp32 on CPU")
+            gate.extra["adapter"] = run.name
+            gates.append(gate)
+            refs[run.name] = check.reference(merged, gate.extra.get("perplexity"))
+            del merged
+            gc.collect()
+        lap("merge_s")
+
+        sites = []
+        if all(g.passed for g in gates):
+            for run in runs:
+                write_adapter_file(tmp / _file(run.name), run.sites)
+            precision, provider = builder.PRECISIONS[opts.dtype]
+            variants = [("onnx", variant_folder("fp"), PRECISION[opts.dtype])]
+            if opts.quantize != "none":
+                variants.append((opts.quantize, variant_folder(opts.quantize), opts.quantize))
+            targets = set().union(*(run.targets for run in runs))
+            for stage, folder, judged in variants:
+                say(f"building {folder}/ ({judged}) with LoRA branches on {', '.join(sorted(targets))}")
+                if stage == "int8":  # onnxruntime's quantize_dynamic over onnx/, the branches included
+                    quantize(tmp / variant_folder("fp"), tmp / folder, "int8")
+                    check_branches_float(tmp / folder / ONNX_FILE)
+                else:
+                    options = ({} if stage == "onnx" else dict(block_size=opts.block_size, is_symmetric="false",
+                                                               accuracy_level=builder.INT4_ACCURACY_LEVEL))
+                    builder._build(tmp / BASE_DIR, tmp / folder, precision if stage == "onnx" else "int4", provider,
+                                   disable_qkv_fusion="true", **options)
+                    sites = add_lora_branches(tmp / folder / ONNX_FILE, targets)
+                lap(f"{stage}_build_s")
+                stage_gates = _gate_graph(tmp / folder, sites, runs, refs, checks, stage, judged, mixed)
+                gates.extend(stage_gates)
+                lap(f"{stage}_gate_s")
+                if not all(g.passed for g in stage_gates) or not mixed[-1]["passed"]:
+                    break
+
+        passed = all(g.passed for g in gates) and all(m["passed"] for m in mixed) and bool(sites)
+        manifest = Manifest(base_info, sites, [_entry(run, gates, checks[run.name].stops, base_info) for run in runs])
+        write_manifest(tmp, manifest)
+        report = _report(runs, out, opts, base_info, checks, gates, mixed, timings, passed)
+        (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        text = _text(runs, gates, mixed, checks)
+        if passed:
+            _install(tmp, out)
+            (out / TMP_LOCK).unlink(missing_ok=True)
+            say(text)
+            return report
+        failed = out.with_name(f"{out.name}.parity-failed")
+        if failed.exists():
+            shutil.rmtree(failed)
+        tmp.rename(failed)
+        (failed / TMP_LOCK).unlink(missing_ok=True)
+        raise ParityFailed(report, text, failed)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ExportError(f"ran out of disk space writing {tmp}: {err}; nothing was kept") from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        lock.close()
+
+
+def _text(runs, gates, mixed, checks) -> str:
+    """Each adapter's parity table (parity.py's), then a line per mixed batch."""
+    tables = [f"{run.name}: " + format_report([g for g in gates if g.extra["adapter"] == run.name],
+                                              checks[run.name].source, perplexity_on=checks[run.name].perplexity_on)
+              for run in runs]
+    lines = [f"  mixed batch ({m['artefact']}): {', '.join(m['adapters'])}: greedy as alone "
+             f"{m['vs_alone']['greedy_agreement']:.1%}, max |dlogit| vs alone {m['vs_alone']['max_abs_diff']:.2e}  "
+             + ("pass" if m["passed"] else "FAIL") for m in mixed]
+    return "\n".join(tables + lines)
+
+
+def _check_options(opts: ExportOptions) -> None:
+    if not opts.onnx:
+        raise ExportError("--no-onnx: several runs export one base graph with their adapters; export a run alone "
+                          "for its merged model only")
+    if opts.exporter == "torch":
+        raise ExportError("--exporter torch: several runs export through onnxruntime-genai's model builder, whose "
+                          "projections the LoRA branches sit beside; drop --exporter")
+
+
+def check_branches_float(model_file: Path) -> None:
+    """A quantised graph's LoRA branches are still float MatMuls on the bank inputs: quantize_dynamic quantises a
+    MatMul only when its weight is an initializer, and the banks are graph inputs; checked, not assumed."""
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    banks = {i.name for i in graph.input if i.name.startswith("lora.")}
+    used = {name for node in graph.node if node.op_type == "MatMul" for name in node.input if name in banks}
+    if used != banks:
+        raise ExportError(f"{model_file}: the quantiser rewrote the LoRA branches of "
+                          f"{', '.join(sorted(banks - used)[:3])}"
+                          " (they must stay float MatMuls on the bank inputs)")
+
+
+def _gate_graph(folder: Path, sites, runs, refs, checks, stage: str, precision: str, mixed: list) -> list:
+    decoder = OnnxDecoder(folder)
+    gates, alones = [], []
+    for run in runs:
+        gate, alone = adapter_gate(decoder, sites, run, refs[run.name], checks[run.name], stage=stage,
+                                   artefact=f"{folder.name} + {_file(run.name)}", precision=precision, reference=MERGED)
+        gates.append(gate)
+        alones.append(alone)
+    mixed.append(mixed_check(decoder, sites, runs, [refs[run.name] for run in runs], alones, stage=stage,
+                             artefact=folder.name, precision=precision))
+    del decoder
+    gc.collect()
+    return gates
+
+
+def _file(name: str) -> str:
+    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
+
+
+def _entry(run, gates, stops: list[int], base: dict) -> AdapterEntry:
+    return AdapterEntry(name=run.name, file=_file(run.name), rank=run.rank, alpha=run.alpha, scale=run.scale,
+                        targets=run.targets, run_dir=str(run.run_dir), task=run.cfg.task.name,
+                        gate={g.stage: summary(g) for g in gates if g.extra.get("adapter") == run.name},
+                        stop_ids=list(stops) if list(stops) != list(base.get("stop_ids") or []) else None,
+                        rslora=run.rslora)
+
+
+def _report(runs, out, opts, base, checks, gates, mixed, timings, passed) -> dict:
+    import onnxruntime
+
+    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
+    planned = ["merge", "onnx"] + ([opts.quantize] if opts.quantize != "none" else [])
+    done = {g.stage for g in gates}
+    return {
+        "task": "causal-lm",
+        "optimum_task": TASKS["causal-lm"].hf_task,
+        "exporter": {"name": builder.NAME, "module": "lite_sft.export.exporters.builder", "chosen": "auto",
+                     "fallback_from": None},
+        "passed": passed,
+        "not_run": [stage for stage in planned if stage not in done],
+        "run_dirs": [str(run.run_dir) for run in runs],
+        "out": str(out),
+        "base_model": base["name_or_path"],
+        "base": base,
+        "run_quant": base["quant"],
+        "adapters": {run.name: {"run_dir": str(run.run_dir), "r": run.rank, "alpha": run.alpha, "dora": False,
+                                "rslora": run.rslora, "targets": run.targets, **checks[run.name].report()}
+                     for run in runs},
+        "settings": settings,
+        "gates": [g.to_dict() for g in gates],
+        "mixed": mixed,
+        "timings_s": timings,
+        **peak_memory(torch.device("cpu")),
+        "versions": {**versions(), "onnxruntime": onnxruntime.__version__,
+                     **{name: _version(name) for name in ONNX_PACKAGES}},
+    }
