@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..backends.lora import BASE
 from .auth import ApiKey
 from .served import ServedModel
 
@@ -44,6 +45,12 @@ class SystemHandler:
 
     async def models(self):
         served = self.served
+        if served.multi:  # the bare base, then each adapter by its manifest name, with its rank and targets
+            loaded = served.backend.served_adapters()
+            entries = [(BASE, {})] + [(name, {"adapter": loaded[name]}) for name in served.engine.adapter_names()]
+            return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lite-sft",
+                                                "max_model_len": served.context, "task": served.task, **extra}
+                                               for name, extra in entries]}
         return {"object": "list", "data": [{"id": served.settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "lite-sft", "max_model_len": served.context,
                                             "task": served.task}]}

@@ -1,0 +1,209 @@
+"""Several LoRA adapters of one base served by one ONNX decoder, rows of different adapters in one batch.
+
+    backend = LoraOrtBackend("exports/team/onnx", "auto", manifest_dir="exports/team")   # factory.load_backend
+    logits, state = backend.prefill(ids, mask, capacity, adapters=["sentiment", None])    # None: the bare base
+    backend.load_adapter("support", "exports/support.onnx_adapter"); backend.unload_adapter("sentiment")
+
+The graph (lite_sft/adapters.py, export/lora_graph.py) takes, per site, a bank `lora.SITE.A` (in, R) and
+`lora.SITE.B` (R, out), and a (batch, R) `lora_mask`. Here a bank holds every loaded adapter's columns side by side
+(Bank); an adapter that does not train a site has zeros there. The banks live on the device and are bound once
+per bank version to a state's IO binding; each step binds only the mask, built from each row's adapter (the state
+carries them through keep and join). A base row's mask is all zeros; with no adapter loaded the banks keep one
+zero column (R >= 1: a zero-width input is not something every provider takes).
+
+Loading and unloading build a new Bank (a new version); the engine calls them between two steps, never under a
+running one, so the buffers a step reads stay alive until it ends. Columns move when an adapter before them
+goes: a row's columns are looked up by its adapter's name at every step, not kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lite_sft.adapters import ADAPTER_SUFFIX, MASK_INPUT, Site, input_names, read_adapter_file, read_manifest
+from lite_sft.errors import AdapterConflict, ServeError, UnknownAdapter
+
+from .devices import NP_TYPES, ORT_TYPES
+from .ort import OrtBackend, OrtState
+
+BASE = "base"
+"""The name a request gives for the bare base model."""
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class Adapter:
+    """One loaded adapter: its weights per site (float32 on the host) and where it came from."""
+
+    name: str
+    rank: int
+    sites: dict[str, dict]
+    """{site: {"A": (in, r), "B": (r, out)}}: the sites it trains."""
+    path: str
+    targets: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"rank": self.rank, "targets": self.targets}
+
+
+def check_adapter(name: str, sites: dict[str, dict], graph: dict[str, Site], path: Path) -> Adapter:
+    """An Adapter from a file's weights, when every one fits a site of the graph with one rank; else one
+    ServeError naming the adapter and what differs."""
+    if not NAME.match(name) or name == BASE:
+        raise ServeError(f"adapter name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-' (and not {BASE!r})")
+    unknown = sorted(set(sites) - set(graph))
+    if unknown:
+        raise ServeError(f"adapter {name!r} ({path}) trains {', '.join(unknown[:3])}, which this base graph has no "
+                         f"LoRA branch for (it has {len(graph)} sites, e.g. {next(iter(graph), 'none')}): "
+                         "export it together with the base's other adapters")
+    ranks = {pair["A"].shape[1] for pair in sites.values()}
+    if len(ranks) != 1:
+        raise ServeError(f"adapter {name!r} ({path}) has sites of ranks {sorted(ranks)}: one adapter has one rank")
+    for site, pair in sites.items():
+        want = (graph[site].fan_in, graph[site].fan_out)
+        have = (pair["A"].shape[0], pair["B"].shape[1])
+        if have != want:
+            raise ServeError(f"adapter {name!r} ({path}): site {site} is {have[0]} -> {have[1]}, the base graph's is "
+                             f"{want[0]} -> {want[1]}: it was trained on another base")
+    targets = sorted({site.split(".", 2)[2] for site in sites})
+    return Adapter(name, ranks.pop(), sites, str(path), targets)
+
+
+class Bank:
+    """Every loaded adapter's columns, per site, as device tensors; one version of the banks."""
+
+    def __init__(self, adapters: dict[str, Adapter], graph: dict[str, Site], dtype: torch.dtype,
+                 device: torch.device, version: int):
+        self.version, self.columns = version, {}
+        start = 0
+        for adapter in adapters.values():
+            self.columns[adapter.name] = (start, start + adapter.rank)
+            start += adapter.rank
+        self.width = max(1, start)  # R >= 1: one zero column when nothing is loaded
+        self.tensors: dict[str, torch.Tensor] = {}
+        for site in graph.values():
+            a = np.zeros((site.fan_in, self.width), np.float32)
+            b = np.zeros((self.width, site.fan_out), np.float32)
+            for adapter in adapters.values():
+                pair = adapter.sites.get(site.name)
+                if pair is not None:
+                    lo, hi = self.columns[adapter.name]
+                    a[:, lo:hi], b[lo:hi] = pair["A"], pair["B"]
+            a_name, b_name = input_names(site.name)
+            self.tensors[a_name] = torch.from_numpy(a).to(device=device, dtype=dtype).contiguous()
+            self.tensors[b_name] = torch.from_numpy(b).to(device=device, dtype=dtype).contiguous()
+
+    def mask(self, rows: list[str | None], dtype) -> np.ndarray:
+        """(batch, R): ones on the columns of each row's adapter."""
+        out = np.zeros((len(rows), self.width), dtype)
+        for i, name in enumerate(rows):
+            if name is not None:
+                if name not in self.columns:
+                    raise UnknownAdapter(f"adapter {name!r} is not loaded")
+                lo, hi = self.columns[name]
+                out[i, lo:hi] = 1
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class LoraOrtBackend(OrtBackend):
+    """An OrtBackend over a graph with LoRA branches: each row runs the base plus its own adapter (or none)."""
+
+    def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None, *,
+                 manifest_dir: str | Path):
+        super().__init__(folder, device, threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if MASK_INPUT not in inputs:
+            raise ServeError(f"{self.folder} has {Path(manifest_dir) / 'adapters.json'} but its graph has no "
+                             f"{MASK_INPUT} input: export the runs again (`lite-sft export RUN_A RUN_B --out OUT`)")
+        self.lora_dtype = ORT_TYPES[inputs[MASK_INPUT].type]
+        self.graph_sites: dict[str, Site] = {}
+        for name, value in inputs.items():
+            match = re.fullmatch(r"lora\.(.+)\.A", name)
+            if match:
+                b = inputs[input_names(match.group(1))[1]]
+                self.graph_sites[match.group(1)] = Site(match.group(1), value.shape[0], b.shape[1])
+        manifest_dir = Path(manifest_dir)
+        self.manifest = read_manifest(manifest_dir)
+        self.adapters: dict[str, Adapter] = {}
+        for entry in self.manifest.adapters:
+            adapter = self._read(entry.name, manifest_dir / entry.file)
+            if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
+                raise ServeError(f"adapter {entry.name!r}: {entry.file} holds rank {adapter.rank} on "
+                                 f"{', '.join(adapter.targets)}, adapters.json says rank {entry.rank} on "
+                                 f"{', '.join(entry.targets)}: export the runs again")
+            if entry.name in self.adapters:
+                raise ServeError(f"adapters.json names adapter {entry.name!r} twice: rename one at export (--name)")
+            self.adapters[entry.name] = adapter
+        self.bank = self._bank(0)
+
+    # -- the adapters served ----------------------------------------------------------------------------------
+
+    def served_adapters(self) -> dict[str, dict]:
+        """{name: {"rank", "targets"}} of the adapters loaded, in bank order."""
+        return {name: adapter.describe() for name, adapter in self.adapters.items()}
+
+    def load_adapter(self, name: str, path: str | Path) -> dict:
+        """Read, check and add an adapter file; call between steps (the engine does). Its description."""
+        if name in self.adapters:
+            raise AdapterConflict(f"adapter {name!r} is already served: unload it first (DELETE /v1/adapters/{name})"
+                                  " or pick another name")
+        adapter = self._read(name, Path(path))
+        # A new dict, never one changed in place: the HTTP threads read it while the engine's worker loads.
+        self.adapters = {**self.adapters, name: adapter}
+        self.bank = self._bank(self.bank.version + 1)
+        return adapter.describe()
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an adapter's columns; call between steps, once no row uses it (the engine sees to both)."""
+        if name not in self.adapters:
+            raise UnknownAdapter(f"adapter {name!r} is not served; served: {', '.join(self.adapters) or 'none'}")
+        self.adapters = {key: value for key, value in self.adapters.items() if key != name}
+        self.bank = self._bank(self.bank.version + 1)
+
+    def adapter_bytes(self) -> int:
+        """The banks' bytes on the device (what the adapters add to the base)."""
+        return self.bank.nbytes()
+
+    def describe(self) -> str:
+        return (super().describe() + f", {len(self.adapters)} LoRA adapter" + ("s" if len(self.adapters) != 1 else "")
+                + (f" ({', '.join(self.adapters)})" if self.adapters else ""))
+
+    def _read(self, name: str, path: Path) -> Adapter:
+        if path.suffix != ADAPTER_SUFFIX and path.is_file():
+            raise ServeError(f"adapter {name!r}: {path} is not an {ADAPTER_SUFFIX} file (onnxruntime's adapter format, "
+                             "as `lite-sft export RUN_A RUN_B --out OUT` writes under OUT/adapters/)")
+        try:
+            sites = read_adapter_file(path)
+        except ServeError as err:
+            raise ServeError(f"adapter {name!r}: {err}") from err
+        return check_adapter(name, sites, self.graph_sites, path)
+
+    def _bank(self, version: int) -> Bank:
+        return Bank(self.adapters, self.graph_sites, self.lora_dtype, self.device, version)
+
+    # -- the calls --------------------------------------------------------------------------------------------
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
+                adapters: list[str | None] | None = None) -> tuple[np.ndarray, OrtState]:
+        """As OrtBackend's, each row with its adapter (None, or no list: the base)."""
+        rows = list(adapters) if adapters is not None else [None] * ids.shape[0]
+        if len(rows) != ids.shape[0]:
+            raise ServeError(f"{len(rows)} adapters for {ids.shape[0]} rows")
+        self.bank.mask(rows, np.float32)  # an unknown name fails here, before any buffer is taken
+        return self._prefill(ids, mask, capacity, rows)
+
+    def _bind_more(self, state: OrtState, binding) -> None:
+        bank = self.bank
+        if state.bank != bank.version:  # the banks are bound once per version, not every step
+            for name, tensor in bank.tensors.items():
+                self._bind(binding, name, tensor)
+            state.bank = bank.version
+        binding.bind_cpu_input(MASK_INPUT, bank.mask(state.adapters, NP_TYPES[self.lora_dtype]))
