@@ -33,8 +33,10 @@ class AdapterHandler:
     def router(self, keyed: list) -> APIRouter:
         router = APIRouter()
         guard = keyed or [Depends(self.no_key)]
-        router.add_api_route("/v1/adapters", self.load, methods=["POST"], dependencies=guard, status_code=201)
-        router.add_api_route("/v1/adapters/{name}", self.unload, methods=["DELETE"], dependencies=guard)
+        router.add_api_route("/v1/adapters", self.load, methods=["POST"], dependencies=guard, status_code=201,
+                             summary="Load a LoRA adapter file")
+        router.add_api_route("/v1/adapters/{name}", self.unload, methods=["DELETE"], dependencies=guard,
+                             summary="Unload a LoRA adapter (?drain=true: after its requests in flight)")
         return router
 
     @staticmethod
