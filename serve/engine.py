@@ -20,6 +20,11 @@ decode step, which leaves the batch's cache unusable, fails every request in the
 A waiting request that is cancelled (its client left or timed out) leaves the queue at once: `max_queue`
 counts only requests someone still waits for; a running one's rows leave the batch at the next step.
 
+Several LoRA adapters of one base (a backend that is protocol.Adapters): a job names its adapter, its rows keep
+it in the batch beside other adapters' rows, and loading or unloading one (load_adapter, unload_adapter) is done
+by the worker between two steps, never under a running one; an adapter unloaded with `drain` takes no new job
+and goes when its last running or waiting job ends.
+
 One worker, one model: onnxruntime and torch release the GIL while they compute, so the asyncio loop keeps
 answering (health, metrics, new requests and 429s) while a batch runs.
 
