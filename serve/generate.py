@@ -228,7 +228,8 @@ class Batch:
         if not prompts:
             return
         if adapters is not None and any(adapters) and not isinstance(self.backend, Adapters):
-            raise ServeError(f"{type(self.backend).__name__} serves one model, not adapters {sorted(set(adapters) - {None})}")
+            raise ServeError(f"{type(self.backend).__name__} serves one model, not adapters "
+                             f"{sorted(set(adapters) - {None})}")
         if self.rows and not self.can_join:
             raise ServeError(f"{type(self.backend).__name__} cannot add rows to a running batch")
         check_prompts(self.backend, keys, prompts, params)
