@@ -16,7 +16,8 @@ the context), 401 without the key, 404 for another model's name, 429 when the qu
 request outlives its timeout. A multi-adapter export serves each adapter by name beside `base`, and
 POST /v1/adapters and DELETE /v1/adapters/{name} load and unload them while serving (http/adapters.py).
 A client that disconnects, streaming or not, has its rows dropped from the batch, or its place in the queue
-given up if it was still waiting. Prompts are tokenised and chat templates rendered on a few threads of their own, so a long prompt never holds up the event loop (health, metrics, streams).
+given up if it was still waiting. Prompts are tokenised and chat templates rendered on a few threads of their
+own, so a long prompt never holds up the event loop (health, metrics, streams).
 """
 
 from __future__ import annotations
