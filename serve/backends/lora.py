@@ -11,7 +11,8 @@ per bank version to a state's IO binding; each step binds only the mask, built f
 carries them through keep and join). A base row's mask is all zeros; with no adapter loaded the banks keep one
 zero column (R >= 1: a zero-width input is not something every provider takes).
 
-Loading and unloading build a new Bank (a new version); the engine calls them between two steps, never under a
+Loading and unloading build a new Bank (a new version) from the current one's tensors, so an adapter's weights are
+held once, in the banks; the engine calls them between two steps, never under a
 running one, so the buffers a step reads stay alive until it ends. Columns move when an adapter before them
 goes: a row's columns are looked up by its adapter's name at every step, not kept.
 """
@@ -43,7 +44,7 @@ class Adapter:
     name: str
     rank: int
     sites: dict[str, dict]
-    """{site: {"A": (in, r), "B": (r, out)}}: the sites it trains."""
+    """{site: {"A": (in, r), "B": (r, out)}}: the sites it trains, until its columns are in the banks (then {})."""
     path: str
     targets: list[str] = field(default_factory=list)
 
@@ -75,28 +76,54 @@ def check_adapter(name: str, sites: dict[str, dict], graph: dict[str, Site], pat
 
 
 class Bank:
-    """Every loaded adapter's columns, per site, as device tensors; one version of the banks."""
+    """Every loaded adapter's columns, per site, as device tensors: one version of the banks. Immutable: adding or
+    dropping an adapter makes a new Bank from this one's tensors, so the adapters' weights are held once (in the
+    banks), not also per adapter on the host."""
 
-    def __init__(self, adapters: dict[str, Adapter], graph: dict[str, Site], dtype: torch.dtype,
-                 device: torch.device, version: int):
-        self.version, self.columns = version, {}
-        start = 0
-        for adapter in adapters.values():
-            self.columns[adapter.name] = (start, start + adapter.rank)
-            start += adapter.rank
-        self.width = max(1, start)  # R >= 1: one zero column when nothing is loaded
-        self.tensors: dict[str, torch.Tensor] = {}
-        for site in graph.values():
-            a = np.zeros((site.fan_in, self.width), np.float32)
-            b = np.zeros((self.width, site.fan_out), np.float32)
-            for adapter in adapters.values():
-                pair = adapter.sites.get(site.name)
-                if pair is not None:
-                    lo, hi = self.columns[adapter.name]
-                    a[:, lo:hi], b[lo:hi] = pair["A"], pair["B"]
+    def __init__(self, graph: dict[str, Site], dtype: torch.dtype, device: torch.device, version: int = 0,
+                 columns: dict[str, tuple[int, int]] | None = None, tensors: dict[str, torch.Tensor] | None = None):
+        self.graph, self.dtype, self.device, self.version = graph, dtype, device, version
+        self.columns = dict(columns or {})
+        self.used = max((hi for _, hi in self.columns.values()), default=0)
+        self.width = max(1, self.used)  # R >= 1: one zero column when nothing is loaded
+        if tensors is None:
+            tensors = {}
+            for site in graph.values():
+                a_name, b_name = input_names(site.name)
+                tensors[a_name] = torch.zeros(site.fan_in, self.width, dtype=dtype, device=device)
+                tensors[b_name] = torch.zeros(self.width, site.fan_out, dtype=dtype, device=device)
+        self.tensors = tensors
+
+    def with_adapter(self, adapter: Adapter) -> Bank:
+        """A new version with `adapter`'s columns after the others (zeros at the sites it does not train)."""
+        tensors = {}
+        for site in self.graph.values():
             a_name, b_name = input_names(site.name)
-            self.tensors[a_name] = torch.from_numpy(a).to(device=device, dtype=dtype).contiguous()
-            self.tensors[b_name] = torch.from_numpy(b).to(device=device, dtype=dtype).contiguous()
+            pair = adapter.sites.get(site.name)
+            a = np.zeros((site.fan_in, adapter.rank), np.float32) if pair is None else pair["A"]
+            b = np.zeros((adapter.rank, site.fan_out), np.float32) if pair is None else pair["B"]
+            tensors[a_name] = torch.cat([self.tensors[a_name][:, :self.used], self._device(a)], 1).contiguous()
+            tensors[b_name] = torch.cat([self.tensors[b_name][:self.used], self._device(b)], 0).contiguous()
+        columns = {**self.columns, adapter.name: (self.used, self.used + adapter.rank)}
+        return Bank(self.graph, self.dtype, self.device, self.version + 1, columns, tensors)
+
+    def without(self, name: str) -> Bank:
+        """A new version without `name`'s columns; the columns after them move down."""
+        lo, hi = self.columns[name]
+        columns = {other: (a - (hi - lo) if a >= hi else a, b - (hi - lo) if a >= hi else b)
+                   for other, (a, b) in self.columns.items() if other != name}
+        if not columns:
+            return Bank(self.graph, self.dtype, self.device, self.version + 1)
+        keep = torch.cat([torch.arange(0, lo), torch.arange(hi, self.used)]).to(self.device)
+        tensors = {}
+        for site in self.graph.values():
+            a_name, b_name = input_names(site.name)
+            tensors[a_name] = self.tensors[a_name].index_select(1, keep).contiguous()
+            tensors[b_name] = self.tensors[b_name].index_select(0, keep).contiguous()
+        return Bank(self.graph, self.dtype, self.device, self.version + 1, columns, tensors)
+
+    def _device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=self.dtype)
 
     def mask(self, rows: list[str | None], dtype) -> np.ndarray:
         """(batch, R): ones on the columns of each row's adapter."""
@@ -133,6 +160,7 @@ class LoraOrtBackend(OrtBackend):
         manifest_dir = Path(manifest_dir)
         self.manifest = read_manifest(manifest_dir)
         self.adapters: dict[str, Adapter] = {}
+        self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
         for entry in self.manifest.adapters:
             adapter = self._read(entry.name, manifest_dir / entry.file)
             if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
@@ -141,8 +169,7 @@ class LoraOrtBackend(OrtBackend):
                                  f"{', '.join(entry.targets)}: export the runs again")
             if entry.name in self.adapters:
                 raise ServeError(f"adapters.json names adapter {entry.name!r} twice: rename one at export (--name)")
-            self.adapters[entry.name] = adapter
-        self.bank = self._bank(0)
+            self._add(adapter)
 
     # -- the adapters served ----------------------------------------------------------------------------------
 
@@ -156,17 +183,16 @@ class LoraOrtBackend(OrtBackend):
             raise AdapterConflict(f"adapter {name!r} is already served: unload it first (DELETE /v1/adapters/{name})"
                                   " or pick another name")
         adapter = self._read(name, Path(path))
-        # A new dict, never one changed in place: the HTTP threads read it while the engine's worker loads.
-        self.adapters = {**self.adapters, name: adapter}
-        self.bank = self._bank(self.bank.version + 1)
+        self._add(adapter)
         return adapter.describe()
 
     def unload_adapter(self, name: str) -> None:
         """Drop an adapter's columns; call between steps, once no row uses it (the engine sees to both)."""
         if name not in self.adapters:
             raise UnknownAdapter(f"adapter {name!r} is not served; served: {', '.join(self.adapters) or 'none'}")
+        self.bank = self.bank.without(name)
+        # A new dict, never one changed in place: the HTTP threads read it while the engine's worker changes it.
         self.adapters = {key: value for key, value in self.adapters.items() if key != name}
-        self.bank = self._bank(self.bank.version + 1)
 
     def adapter_bytes(self) -> int:
         """The banks' bytes on the device (what the adapters add to the base)."""
@@ -186,8 +212,10 @@ class LoraOrtBackend(OrtBackend):
             raise ServeError(f"adapter {name!r}: {err}") from err
         return check_adapter(name, sites, self.graph_sites, path)
 
-    def _bank(self, version: int) -> Bank:
-        return Bank(self.adapters, self.graph_sites, self.lora_dtype, self.device, version)
+    def _add(self, adapter: Adapter) -> None:
+        self.bank = self.bank.with_adapter(adapter)
+        adapter.sites = {}  # its weights live in the banks now; a host copy would double the adapters' memory
+        self.adapters = {**self.adapters, adapter.name: adapter}  # a new dict: see unload_adapter
 
     # -- the calls --------------------------------------------------------------------------------------------
 

@@ -71,13 +71,13 @@ class ServedModel:
     def pick(self, model: str | None) -> str | None:
         """The adapter a request's `model` names, None for the base (`base`, the server's name or none); a 404
         listing the names served for any other."""
-        if model in (None, BASE, self.settings.model_name):
-            return None
         names = self.engine.adapter_names()
-        if model not in names:
+        if model in names:
+            return model
+        if model not in (None, BASE, self.settings.model_name):
             raise ApiError(404, f"model {model!r} does not exist; this server serves {', '.join([BASE, *names])}",
                            param="model", code="model_not_found")
-        return model
+        return None
 
     async def off_loop(self, work, deadline: float):
         """work() on a tokenizing thread; an ApiError it raises reaches the client as it would from here."""
