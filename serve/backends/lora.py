@@ -94,17 +94,27 @@ class Bank:
                 tensors[b_name] = torch.zeros(self.width, site.fan_out, dtype=dtype, device=device)
         self.tensors = tensors
 
-    def with_adapter(self, adapter: Adapter) -> Bank:
-        """A new version with `adapter`'s columns after the others (zeros at the sites it does not train)."""
+    def with_adapters(self, adapters: list[Adapter]) -> Bank:
+        """A new version with the adapters' columns after the others (zeros at the sites one does not train).
+        Each tensor is written once into its new size: the server's start adds all the manifest's adapters in one
+        go, as one bank grown adapter by adapter left the freed smaller banks scattered over the heap (measured:
+        RSS 2.2x the adapters' bytes for 16 loaded one by one)."""
+        columns, width = dict(self.columns), self.used
+        for adapter in adapters:
+            columns[adapter.name] = (width, width + adapter.rank)
+            width += adapter.rank
         tensors = {}
         for site in self.graph.values():
             a_name, b_name = input_names(site.name)
-            pair = adapter.sites.get(site.name)
-            a = np.zeros((site.fan_in, adapter.rank), np.float32) if pair is None else pair["A"]
-            b = np.zeros((adapter.rank, site.fan_out), np.float32) if pair is None else pair["B"]
-            tensors[a_name] = torch.cat([self.tensors[a_name][:, :self.used], self._device(a)], 1).contiguous()
-            tensors[b_name] = torch.cat([self.tensors[b_name][:self.used], self._device(b)], 0).contiguous()
-        columns = {**self.columns, adapter.name: (self.used, self.used + adapter.rank)}
+            a = torch.zeros(site.fan_in, max(1, width), dtype=self.dtype, device=self.device)
+            b = torch.zeros(max(1, width), site.fan_out, dtype=self.dtype, device=self.device)
+            a[:, :self.used], b[:self.used] = self.tensors[a_name][:, :self.used], self.tensors[b_name][:self.used]
+            for adapter in adapters:
+                pair = adapter.sites.get(site.name)
+                if pair is not None:
+                    lo, hi = columns[adapter.name]
+                    a[:, lo:hi], b[lo:hi] = self._device(pair["A"]), self._device(pair["B"])
+            tensors[a_name], tensors[b_name] = a, b
         return Bank(self.graph, self.dtype, self.device, self.version + 1, columns, tensors)
 
     def without(self, name: str) -> Bank:
@@ -161,15 +171,17 @@ class LoraOrtBackend(OrtBackend):
         self.manifest = read_manifest(manifest_dir)
         self.adapters: dict[str, Adapter] = {}
         self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
+        first = []
         for entry in self.manifest.adapters:
             adapter = self._read(entry.name, manifest_dir / entry.file)
             if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
                 raise ServeError(f"adapter {entry.name!r}: {entry.file} holds rank {adapter.rank} on "
                                  f"{', '.join(adapter.targets)}, adapters.json says rank {entry.rank} on "
                                  f"{', '.join(entry.targets)}: export the runs again")
-            if entry.name in self.adapters:
+            if entry.name in {a.name for a in first}:
                 raise ServeError(f"adapters.json names adapter {entry.name!r} twice: rename one at export (--name)")
-            self._add(adapter)
+            first.append(adapter)
+        self._add(first)
 
     # -- the adapters served ----------------------------------------------------------------------------------
 
@@ -183,7 +195,7 @@ class LoraOrtBackend(OrtBackend):
             raise AdapterConflict(f"adapter {name!r} is already served: unload it first (DELETE /v1/adapters/{name})"
                                   " or pick another name")
         adapter = self._read(name, Path(path))
-        self._add(adapter)
+        self._add([adapter])
         return adapter.describe()
 
     def unload_adapter(self, name: str) -> None:
@@ -193,6 +205,7 @@ class LoraOrtBackend(OrtBackend):
         self.bank = self.bank.without(name)
         # A new dict, never one changed in place: the HTTP threads read it while the engine's worker changes it.
         self.adapters = {key: value for key, value in self.adapters.items() if key != name}
+        _trim()
 
     def adapter_bytes(self) -> int:
         """The banks' bytes on the device (what the adapters add to the base)."""
@@ -212,10 +225,12 @@ class LoraOrtBackend(OrtBackend):
             raise ServeError(f"adapter {name!r}: {err}") from err
         return check_adapter(name, sites, self.graph_sites, path)
 
-    def _add(self, adapter: Adapter) -> None:
-        self.bank = self.bank.with_adapter(adapter)
-        adapter.sites = {}  # its weights live in the banks now; a host copy would double the adapters' memory
-        self.adapters = {**self.adapters, adapter.name: adapter}  # a new dict: see unload_adapter
+    def _add(self, adapters: list[Adapter]) -> None:
+        self.bank = self.bank.with_adapters(adapters)
+        for adapter in adapters:
+            adapter.sites = {}  # its weights live in the banks now; a host copy would double the adapters' memory
+        self.adapters = {**self.adapters, **{a.name: a for a in adapters}}  # a new dict: see unload_adapter
+        _trim()
 
     # -- the calls --------------------------------------------------------------------------------------------
 
@@ -235,3 +250,18 @@ class LoraOrtBackend(OrtBackend):
                 self._bind(binding, name, tensor)
             state.bank = bank.version
         binding.bind_cpu_input(MASK_INPUT, bank.mask(state.adapters, NP_TYPES[self.lora_dtype]))
+
+
+def _trim() -> None:
+    """Give the freed banks' memory back to the system (glibc's malloc_trim; a no-op elsewhere). Called by hand
+    because neither torch nor Python returns freed heap pages: a server that loads and unloads adapters would
+    otherwise keep every older bank's size in its RSS (measured: 16 hot loads 18.9 MB of RSS for 8.5 MB of
+    banks, 11.8 MB with the trim)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim this way
+            pass
