@@ -276,3 +276,28 @@ def test_a_bank_row_uses_only_its_columns(export):
     assert set(input_names("layers.0.q_proj")) <= set(backend.bank.tensors)
     with pytest.raises(Exception, match="'delta' is not loaded"):
         backend.prefill(ids, mask, 8, ["delta", None, None])
+
+
+def test_the_graph_alone_or_a_broken_manifest_is_one_clear_error(export, tmp_path):
+    from lite_sft.errors import ServeError
+    from lite_sft.serve.backends.ort import OrtBackend
+
+    out, _, _ = export
+    with pytest.raises(ServeError, match="has LoRA branches .* serve the export folder holding adapters.json"):
+        OrtBackend(out / "onnx", "cpu", threads=1)
+    copy = tmp_path / "team"
+    copy.mkdir()
+    (copy / "onnx").symlink_to(out / "onnx")
+    (copy / "adapters").symlink_to(out / "adapters")
+    (copy / "parity.json").write_text((out / "parity.json").read_text())
+    manifest = json.loads((out / "adapters.json").read_text())
+    manifest["adapters"][0]["rank"] = 16
+    (copy / "adapters.json").write_text(json.dumps(manifest))
+    with pytest.raises(ServeError, match="adapter 'alpha': adapters/alpha.onnx_adapter holds rank 4"):
+        load_backend(copy, "cpu", threads=1)
+    (out / "adapters" / "alpha.onnx_adapter").rename(tmp_path / "moved")
+    try:
+        with pytest.raises(ServeError, match="adapter 'alpha': .*alpha.onnx_adapter: no such adapter file"):
+            load_backend(out, "cpu", threads=1)
+    finally:
+        (tmp_path / "moved").rename(out / "adapters" / "alpha.onnx_adapter")

@@ -87,6 +87,9 @@ class OrtBackend:
         if missing or "logits" not in outputs:
             raise ServeError(f"{self.folder / ONNX_FILE} is not a decoder with a KV cache (missing inputs "
                              f"{sorted(missing)}): export it with `lite-sft export`")
+        if "lora_mask" in inputs and type(self) is OrtBackend:  # lora.py's LoraOrtBackend serves these
+            raise ServeError(f"{self.folder / ONNX_FILE} has LoRA branches (a multi-adapter export's graph): serve the "
+                             "export folder holding adapters.json, which names its adapters")
         self.has_positions = "position_ids" in inputs
         self.pad_right = _uses_gqa(self.folder / ONNX_FILE)  # rows from column 0: see the module docstring
         # past_key_values.N.key -> present.N.key, in layer order
