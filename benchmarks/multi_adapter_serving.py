@@ -1,20 +1,25 @@
 """Several LoRA adapters of one base in one server: batch invariance, throughput mixed against one adapter alone,
 and memory by the number of adapters.
 
-    OMP_NUM_THREADS=1 python benchmarks/multi_adapter_serving.py            # about 3 minutes on 2 cores
-    OMP_NUM_THREADS=1 python benchmarks/multi_adapter_serving.py --quick    # a smoke run
+    OMP_NUM_THREADS=1 python benchmarks/multi_adapter_serving.py                # --size small, about 8 minutes
+    OMP_NUM_THREADS=1 python benchmarks/multi_adapter_serving.py --size tiny
+    OMP_NUM_THREADS=1 python benchmarks/multi_adapter_serving.py --quick        # a smoke run (tiny, one round)
 
-The model is the built-in tiny Llama (2 layers, hidden 128) as the builder exports it, with LoRA branches on
-q_proj, v_proj and down_proj (export/lora_graph.py), and random adapters of rank 8 (random weights give honest
-timings: the arithmetic does not depend on their values). A model this small is dominated by per-step overhead,
-so the ratios say what the banks and the mask cost per step, not what a 1B model would see.
+The model (--size) is a random-weight Llama of 4 layers, hidden 512 (small), or the built-in tiny Llama of 2
+layers, hidden 128 (tiny), as the builder exports it, with LoRA branches on q_proj, v_proj and down_proj
+(export/lora_graph.py), and random adapters of rank 8 (random weights give honest timings: the arithmetic does
+not depend on their values). Models this small are dominated by per-step overhead, and the banks' R columns
+(32 for 4 adapters) are a larger share of hidden 128 or 512 than of a 1B model's 2048, so the ratios here
+are a floor for what a real model would see.
 
 The server's engine runs in this process (serve/engine.py, continuous batching, max batch 16), fed by N clients
 that each send requests back to back (greedy, `--tokens` new tokens each, end-of-sequence ignored):
   * invariance: every (adapter, prompt)'s tokens alone, then with 4/8/16 clients mixing 4 adapters and the base
     in every batch: all must be identical;
   * throughput at 8 and 16 clients: 4 adapters mixed (clients round-robin over them), one adapter alone (the
-    same graph, one adapter loaded, every client on it), and the base graph without LoRA branches;
+    same graph, one adapter loaded, every client on it), four engines of one adapter each sharing the cores
+    (as four single-adapter servers would; clients split over them), and the base graph without LoRA
+    branches; the setups take turns `--rounds` times and each cell is the median (the cores are shared);
   * memory: a fresh process per count serves the graph with 0, 1, 4 and 16 adapters of rank 64, listed in its
     manifest at start ("start") or hot-loaded one by one ("hot"), and serves one request; RSS over the
     0-adapter process's, against the adapters' bytes.
@@ -51,17 +56,43 @@ def random_adapter(merged: Path, seed: int, r: int, path: Path) -> Path:
     return write_adapter_file(path, peft_sites({k: v for k, v in peft.state_dict().items() if "lora_" in k}, 2.0))
 
 
-def make_export(root: Path, adapters: int, rank: int) -> Path:
-    """OUT with the LoRA graph and an empty manifest (adapters are loaded at run time), OUT/files/a{i}, and
-    OUT-base: the same model's graph without branches."""
+SIZES = {"tiny": {}, "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4)}
+
+
+def base_model(root: Path, size: str) -> Path:
+    """The built-in tiny Llama, or (small) a random-weight Llama of the sizes above with its tokenizer."""
     import shutil
 
     from lite_sft import tiny
+
+    merged = tiny.materialize_builtin_model()
+    if not SIZES[size]:
+        return merged
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = root / f"{size}-base"
+    shutil.copytree(merged, folder)
+    config = LlamaConfig.from_pretrained(merged)
+    for key, value in SIZES[size].items():
+        setattr(config, key, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def make_export(root: Path, adapters: int, rank: int, size: str = "tiny") -> Path:
+    """OUT with the LoRA graph and an empty manifest (adapters are loaded at run time), OUT/files/a{i}, and
+    root/base: the same model's graph without branches."""
+    import shutil
+
     from lite_sft.adapters import Manifest, write_manifest
     from lite_sft.export.exporters import builder
     from lite_sft.export.lora_graph import add_lora_branches
 
-    merged = tiny.materialize_builtin_model()
+    merged = base_model(root, size)
     out = root / "team"
     builder._build(merged, out / "onnx", "fp32", "cpu", disable_qkv_fusion="true")
     shutil.copytree(out / "onnx", root / "base")
@@ -74,7 +105,8 @@ def make_export(root: Path, adapters: int, rank: int) -> Path:
 
 
 async def run_clients(engine, clients: int, per_client: int, pick, tokens: int) -> tuple[dict, float, int]:
-    """({(client, k): token ids}, seconds, tokens) for `clients` sending `per_client` requests each."""
+    """({(client, k): token ids}, seconds, tokens) for `clients` sending `per_client` requests each; `engine` is
+    one engine, or a list of them that client c uses the (c mod len)-th of."""
     from lite_sft.serve.sampling import SamplingParams
 
     answers, generated = {}, 0
@@ -83,7 +115,8 @@ async def run_clients(engine, clients: int, per_client: int, pick, tokens: int) 
         nonlocal generated
         for k in range(per_client):
             adapter, prompt = pick(c, k)
-            job = engine.submit([PROMPTS[prompt]], [SamplingParams(tokens, 0.0, stop_ids=[])], adapter=adapter)
+            serving = engine[c % len(engine)] if isinstance(engine, list) else engine
+            job = serving.submit([PROMPTS[prompt]], [SamplingParams(tokens, 0.0, stop_ids=[])], adapter=adapter)
             ids = []
             async for _, event in job:
                 if event.token_id is not None:
@@ -108,10 +141,12 @@ def measure(args) -> dict:
     from lite_sft.serve.backends.ort import OrtBackend
 
     root = Path(tempfile.mkdtemp(prefix="multi-adapter-"))
-    out = make_export(root, 4, 8)
+    out = make_export(root, 4, 8, args.size)
     names = [f"a{i}" for i in range(4)]
     tokenizer = load_tokenizer(out / "onnx")
-    result = {"model": "builtin tiny Llama (2 layers, hidden 128), fp32, CPU", "tokens": args.tokens,
+    model = ("builtin tiny Llama (2 layers, hidden 128)" if args.size == "tiny" else
+             "random Llama " + ", ".join(f"{k} {v}" for k, v in SIZES[args.size].items()))
+    result = {"model": f"{model}, fp32, CPU", "tokens": args.tokens, "rounds": args.rounds,
               "threads": args.threads, "rank": 8, "targets": TARGETS}
 
     def lora_backend(loaded: list[str]):
@@ -137,23 +172,37 @@ def measure(args) -> dict:
     engine.close()
     result["identical_alone_and_mixed"] = invariance
 
-    # Throughput
-    rows = []
-    setups = {"4 adapters mixed": (lambda: lora_backend(names), lambda c, k: (names[(c + k) % 4], (c + k) % 5)),
-              "1 adapter alone": (lambda: lora_backend(names[:1]), lambda c, k: ("a0", (c + k) % 5)),
-              "base graph, no LoRA": (lambda: OrtBackend(root / "base", "cpu", args.threads),
+    # Throughput: the setups take turns, `rounds` times, and each cell is the median (the cores are shared)
+    import statistics
+
+    setups = {"4 adapters mixed": (lambda: engine_over(lora_backend(names), tokenizer),
+                                   lambda c, k: (names[(c + k) % 4], (c + k) % 5)),
+              "1 adapter alone": (lambda: engine_over(lora_backend(names[:1]), tokenizer),
+                                  lambda c, k: ("a0", (c + k) % 5)),
+              # four servers of one adapter each, on the same cores: four engines, client c on the (c mod 4)-th
+              "4 single-adapter engines": (lambda: [engine_over(lora_backend([n]), tokenizer) for n in names],
+                                           lambda c, k: (names[c % 4], (c + k) % 5)),
+              "base graph, no LoRA": (lambda: engine_over(OrtBackend(root / "base", "cpu", args.threads), tokenizer),
                                       lambda c, k: (None, (c + k) % 5))}
+    engines = {label: make() for label, (make, _) in setups.items()}
+    samples: dict = {}
     for clients in (8, 16):
-        for label, (make, pick) in setups.items():
-            engine = engine_over(make(), tokenizer)
-            asyncio.run(run_clients(engine, clients, 1, pick, args.tokens))  # warm up
-            _, seconds, generated = asyncio.run(run_clients(engine, clients, args.requests, pick, args.tokens))
-            engine.close()
-            rows.append({"setup": label, "clients": clients, "tokens_per_s": round(generated / seconds, 1)})
+        for _ in range(args.rounds):
+            for label, (_, pick) in setups.items():
+                asyncio.run(run_clients(engines[label], clients, 1, pick, args.tokens))  # warm up
+                _, seconds, generated = asyncio.run(run_clients(engines[label], clients, args.requests, pick,
+                                                                args.tokens))
+                samples.setdefault((label, clients), []).append(generated / seconds)
+    for engine in engines.values():
+        for one in engine if isinstance(engine, list) else [engine]:
+            one.close()
+    rows = [{"setup": label, "clients": clients, "tokens_per_s": round(statistics.median(values), 1),
+             "samples": [round(v, 1) for v in values]} for (label, clients), values in samples.items()]
     result["throughput"] = rows
     for clients in (8, 16):
         by = {r["setup"]: r["tokens_per_s"] for r in rows if r["clients"] == clients}
         result[f"mixed_over_alone_{clients}"] = round(by["4 adapters mixed"] / by["1 adapter alone"], 3)
+        result[f"mixed_over_4_engines_{clients}"] = round(by["4 adapters mixed"] / by["4 single-adapter engines"], 3)
 
     # Memory, a fresh process per count
     mem_root = Path(tempfile.mkdtemp(prefix="multi-adapter-mem-"))
@@ -208,6 +257,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=6, help="requests per client per throughput cell")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,11 +266,11 @@ def main() -> None:
         memory_child(args.memory_child[0], int(args.memory_child[1]), args.memory_child[2])
         return
     if args.quick:
-        args.tokens, args.requests = 8, 2
+        args.tokens, args.requests, args.rounds, args.size = 8, 2, 1, "tiny"
     result = measure(args)
-    print(f"{'setup':<22}{'clients':>8}{'tokens/s':>10}")
+    print(f"{'setup':<26}{'clients':>8}{'tokens/s':>10}")
     for row in result["throughput"]:
-        print(f"{row['setup']:<22}{row['clients']:>8}{row['tokens_per_s']:>10}")
+        print(f"{row['setup']:<26}{row['clients']:>8}{row['tokens_per_s']:>10}")
     print("identical alone and mixed:", result["identical_alone_and_mixed"])
     for row in result["memory"]:
         print(f"{row['adapters']:>3} adapters ({row['how']}): RSS +{row['rss_over_base_mb']} MB over none; files "
@@ -229,7 +280,7 @@ def main() -> None:
     if not args.quick:
         results = Path(__file__).parent / "results"
         results.mkdir(exist_ok=True)
-        name = f"multi_adapter_serving-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+        name = f"multi_adapter_serving-{args.size}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
         (results / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
