@@ -248,7 +248,8 @@ def memory_child(out: str, count: int, how: str) -> None:
     engine.close()
     rss = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmRSS:"))
-    print(json.dumps({"adapters": count, "how": how, "rss": rss, "adapter_file_bytes": sum(p.stat().st_size for p in files),
+    print(json.dumps({"adapters": count, "how": how, "rss": rss,
+                      "adapter_file_bytes": sum(p.stat().st_size for p in files),
                       "bank_bytes": backend.adapter_bytes() if files else 0}))
 
 

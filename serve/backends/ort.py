@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lite_sft.adapters import MASK_INPUT
 from lite_sft.artifacts import MODEL_CONFIG, ONNX_FILE
 from lite_sft.errors import ServeError
 
@@ -87,7 +88,7 @@ class OrtBackend:
         if missing or "logits" not in outputs:
             raise ServeError(f"{self.folder / ONNX_FILE} is not a decoder with a KV cache (missing inputs "
                              f"{sorted(missing)}): export it with `lite-sft export`")
-        if "lora_mask" in inputs and type(self) is OrtBackend:  # lora.py's LoraOrtBackend serves these
+        if MASK_INPUT in inputs and type(self) is OrtBackend:  # lora.py's LoraOrtBackend serves these
             raise ServeError(f"{self.folder / ONNX_FILE} has LoRA branches (a multi-adapter export's graph): serve the "
                              "export folder holding adapters.json, which names its adapters")
         self.has_positions = "position_ids" in inputs
@@ -175,7 +176,8 @@ class OrtBackend:
         """Read the (left-padded) prompts; `capacity` is the longest the cache will grow (prompt + new tokens)."""
         return self._prefill(ids, mask, capacity, [])
 
-    def _prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int, adapters: list) -> tuple[np.ndarray, OrtState]:
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
+                 adapters: list) -> tuple[np.ndarray, OrtState]:
         batch, seq = ids.shape
         state = OrtState(self._take(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding(),
                          adapters=adapters)
