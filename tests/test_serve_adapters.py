@@ -301,3 +301,17 @@ def test_the_graph_alone_or_a_broken_manifest_is_one_clear_error(export, tmp_pat
             load_backend(out, "cpu", threads=1)
     finally:
         (tmp_path / "moved").rename(out / "adapters" / "alpha.onnx_adapter")
+
+
+def test_chat_and_streaming_pick_the_adapter_too(export, server):
+    _, answers, _ = export
+    url, _ = server
+    chat = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
+    assert chat.status_code == 200 and chat.json()["model"] == "beta"
+    body = {"model": "alpha", "prompt": PROMPTS[3], "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert {c["model"] for c in chunks} == {"alpha"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == answers["alpha"][3]
