@@ -166,9 +166,10 @@ class Engine:
             return []
         return [name for name in self.backend.served_adapters() if name not in self._draining]
 
-    def load_adapter(self, name: str, path: str) -> Future:
-        """Load an adapter file between two steps; the future's result is its description (rank, targets)."""
-        return self._change(lambda: self.backend.load_adapter(name, path))
+    def add_adapter(self, adapter) -> Future:
+        """Add an adapter the backend has read (Adapters.read_adapter) between two steps; the future's result is
+        its description (rank, targets)."""
+        return self._change(lambda: self.backend.add_adapter(adapter))
 
     def unload_adapter(self, name: str, drain: bool = False) -> Future:
         """Unload between two steps. With requests in flight: AdapterConflict naming the count, or with `drain`

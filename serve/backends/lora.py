@@ -189,14 +189,26 @@ class LoraOrtBackend(OrtBackend):
         """{name: {"rank", "targets"}} of the adapters loaded, in bank order."""
         return {name: adapter.describe() for name, adapter in self.adapters.items()}
 
+    def read_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Read and check an adapter file, changing nothing: any thread may call it (the server reads on one of
+        its own, so a large file never holds up the decode steps)."""
+        self._free(name)
+        return self._read(name, Path(path))
+
+    def add_adapter(self, adapter: Adapter) -> dict:
+        """Put a read adapter's columns in the banks; call between steps (the engine does). Its description."""
+        self._free(adapter.name)
+        self._add([adapter])
+        return adapter.describe()
+
     def load_adapter(self, name: str, path: str | Path) -> dict:
-        """Read, check and add an adapter file; call between steps (the engine does). Its description."""
+        """read_adapter, then add_adapter."""
+        return self.add_adapter(self.read_adapter(name, path))
+
+    def _free(self, name: str) -> None:
         if name in self.adapters:
             raise AdapterConflict(f"adapter {name!r} is already served: unload it first (DELETE /v1/adapters/{name})"
                                   " or pick another name")
-        adapter = self._read(name, Path(path))
-        self._add([adapter])
-        return adapter.describe()
 
     def unload_adapter(self, name: str) -> None:
         """Drop an adapter's columns; call between steps, once no row uses it (the engine sees to both)."""

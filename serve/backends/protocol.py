@@ -78,13 +78,18 @@ class Joining(Protocol):
 @runtime_checkable
 class Adapters(Protocol):
     """A generating backend serving several LoRA adapters of one base (lora.py's LoraOrtBackend): each row of a
-    prefill names its adapter (None: the bare base) and keeps it through keep and join. load_adapter and
-    unload_adapter change what is served; the engine calls them between steps, never under a running one."""
+    prefill names its adapter (None: the bare base) and keeps it through keep and join. read_adapter reads and
+    checks a file on any thread; add_adapter (or load_adapter, both at once) and unload_adapter change what is
+    served, and the engine calls them between steps, never under a running one."""
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
                 adapters: list[str | None] | None = None) -> tuple[np.ndarray, Any]: ...
 
     def served_adapters(self) -> dict[str, dict]: ...
+
+    def read_adapter(self, name: str, path: str | Path) -> Any: ...
+
+    def add_adapter(self, adapter: Any) -> dict: ...
 
     def load_adapter(self, name: str, path: str | Path) -> dict: ...
 

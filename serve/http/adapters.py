@@ -45,9 +45,13 @@ class AdapterHandler:
                        "LITE_SFT_API_KEY set (or --api-key)", "permission_error", code="api_key_required")
 
     async def load(self, body: AdapterLoad):
-        future = self.served.engine.load_adapter(body.name, body.path)
+        served = self.served
         try:
-            about = await asyncio.wrap_future(future)
+            # Read and checked on a thread of its own, then added by the engine between two steps: the decode
+            # steps wait for the banks to be rebuilt, never for the disk.
+            adapter = await asyncio.get_running_loop().run_in_executor(
+                None, served.backend.read_adapter, body.name, body.path)
+            about = await asyncio.wrap_future(served.engine.add_adapter(adapter))
         except AdapterConflict as err:
             raise ApiError(409, str(err), param="name", code="adapter_exists") from err
         except ServeError as err:
