@@ -147,6 +147,9 @@ def test_models_lists_base_and_each_adapter_and_an_unknown_name_is_404(server):
     assert [m["id"] for m in models] == ["base", "alpha", "beta"]
     assert models[1]["adapter"] == {"rank": 4, "targets": ["down_proj", "q_proj", "v_proj"]}
     assert models[2]["adapter"] == {"rank": 8, "targets": ["q_proj", "v_proj"]}
+    health = httpx.get(url + "/health", headers=AUTH).json()
+    assert health["adapters"] == ["alpha", "beta"] and "2 LoRA adapters (alpha, beta)" in health["backend"]
+    assert "adapters" not in httpx.get(url + "/health").json()  # named to the key's holders only
     missing = complete(url, "delta", 0)
     assert missing.status_code == 404
     error = missing.json()["error"]

@@ -35,7 +35,8 @@ class SystemHandler:
         about = {}
         if self.api_key.caller_has_it(request):
             about = {"backend": served.backend.describe(),
-                     **({} if served.spec.generates else {"labels": served.backend.labels})}
+                     **({} if served.spec.generates else {"labels": served.backend.labels}),
+                     **({"adapters": engine.adapter_names()} if served.multi else {})}
         return {"status": "ok", "model": served.settings.model_name, "task": served.task, **about,
                 "context": served.context, "queued": engine.queued, "running_rows": engine.running_rows,
                 "max_batch": engine.max_batch}
