@@ -43,3 +43,11 @@ class ExportError(LiteSftError, RuntimeError):
 
 class ServeError(LiteSftError, RuntimeError):
     """A model folder, device or server setting that cannot be used as asked; the message says why."""
+
+
+class UnknownAdapter(ServeError):
+    """A request or an unload names an adapter the server does not serve (the server answers 404 with the list)."""
+
+
+class AdapterConflict(ServeError):
+    """Loading a name already served, or unloading one that requests still use (the server answers 409)."""

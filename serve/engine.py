@@ -20,6 +20,11 @@ decode step, which leaves the batch's cache unusable, fails every request in the
 A waiting request that is cancelled (its client left or timed out) leaves the queue at once: `max_queue`
 counts only requests someone still waits for; a running one's rows leave the batch at the next step.
 
+Several LoRA adapters of one base (a backend that is protocol.Adapters): a job names its adapter, its rows keep
+it in the batch beside other adapters' rows, and loading or unloading one (load_adapter, unload_adapter) is done
+by the worker between two steps, never under a running one; an adapter unloaded with `drain` takes no new job
+and goes when its last running or waiting job ends.
+
 One worker, one model: onnxruntime and torch release the GIL while they compute, so the asyncio loop keeps
 answering (health, metrics, new requests and 429s) while a batch runs.
 
@@ -34,14 +39,15 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
-from lite_sft.errors import ServeError
+from lite_sft.errors import AdapterConflict, ServeError, UnknownAdapter
 
-from .backends.protocol import GeneratingBackend, Joining, ScoringBackend
+from .backends.protocol import Adapters, GeneratingBackend, Joining, ScoringBackend
 from .generate import Batch, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,8 @@ class Job:
     started: float | None = None
     withdraw: Callable[[Job], None] | None = field(default=None, repr=False)
     """Takes the job out of its engine's queue (set by Engine.submit)."""
+    adapter: str | None = None
+    """The LoRA adapter its rows run with (None: the base), on a backend that serves several."""
 
     def put(self, item) -> None:
         """From the worker thread: hand an (index, Event) or an exception to the waiting request."""
@@ -110,6 +118,9 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._changes: collections.deque[tuple[Callable, Future]] = collections.deque()  # run between two steps
+        self._draining: set[str] = set()  # adapters being unloaded: no new requests; gone when their last ends
+        self._running: Batch | None = None
         self._last_rows = 0
         self.running_rows = 0
         self.batch_size = Histogram("lite_sft_batch_rows", "Rows in each step the worker ran", registry=registry,
@@ -128,19 +139,92 @@ class Engine:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], loop=None) -> Job:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], loop=None,
+               adapter: str | None = None) -> Job:
+        """Queue a request; `adapter` names the LoRA adapter its rows use (UnknownAdapter when not served)."""
         if len(prompts) > self.max_batch:
             raise ServeError(f"{len(prompts)} choices in one request: at most {self.max_batch} (the batch size)")
-        job = Job(prompts, params, loop or asyncio.get_running_loop(), withdraw=self._withdraw)
+        job = Job(prompts, params, loop or asyncio.get_running_loop(), withdraw=self._withdraw, adapter=adapter)
         with self._cond:
             if self._stopping:
                 raise ServeError("the server is shutting down")
+            if adapter is not None and adapter not in self.adapter_names():
+                raise UnknownAdapter(f"adapter {adapter!r} is not served (or is being unloaded); served: "
+                                     f"{', '.join(self.adapter_names()) or 'none'}")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (queue limit {self.max_queue}); "
                                 "retry shortly")
             self._waiting.append(job)
             self._cond.notify()
         return job
+
+    # -- adapters (a backend serving several, protocol.Adapters) ------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        """The adapters a new request may pick: those loaded, less those being unloaded."""
+        if not isinstance(self.backend, Adapters):
+            return []
+        return [name for name in self.backend.served_adapters() if name not in self._draining]
+
+    def add_adapter(self, adapter) -> Future:
+        """Add an adapter the backend has read (Adapters.read_adapter) between two steps; the future's result is
+        its description (rank, targets)."""
+        return self._change(lambda: self.backend.add_adapter(adapter))
+
+    def unload_adapter(self, name: str, drain: bool = False) -> Future:
+        """Unload between two steps. With requests in flight: AdapterConflict naming the count, or with `drain`
+        the name takes no new request and its columns go once the last ends. Result: (unloaded now, in flight)."""
+        def unload():
+            if name not in self.adapter_names():
+                raise UnknownAdapter(f"adapter {name!r} is not served" + (" (it is being unloaded)" if name in
+                                     self._draining else f"; served: {', '.join(self.adapter_names()) or 'none'}"))
+            users = self._users(name)
+            if not users:
+                self.backend.unload_adapter(name)
+                return True, 0
+            if not drain:
+                raise AdapterConflict(f"adapter {name!r} has {users} request{'s' if users > 1 else ''} in flight: "
+                                      "retry when they end, or DELETE with ?drain=true to unload it after them")
+            with self._cond:
+                self._draining.add(name)
+            return False, users
+        return self._change(unload)
+
+    def _change(self, work: Callable) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise ServeError("the server is shutting down")
+            self._changes.append((work, future))
+            self._cond.notify()
+        return future
+
+    def _users(self, name: str) -> int:
+        """Requests that use adapter `name`: waiting, or with rows in the running batch (worker thread only)."""
+        with self._cond:
+            waiting = sum(1 for job in self._waiting if job.adapter == name and not job.cancelled)
+        running = {id(row.index[0]) for row in (self._running.rows if self._running is not None else [])
+                   if row.index[0].adapter == name}
+        return waiting + len(running)
+
+    def _apply_changes(self) -> None:
+        """Bank changes, between two steps: loads and unloads asked for, then drained adapters whose last
+        request has ended."""
+        while self._changes:
+            with self._cond:
+                work, future = self._changes.popleft()
+            try:
+                future.set_result(work())
+            except Exception as err:  # noqa: BLE001  (the caller hears it; the server goes on)
+                future.set_exception(err)
+        for name in [n for n in self._draining if not self._users(n)]:
+            try:
+                self.backend.unload_adapter(name)
+            except Exception:  # noqa: BLE001
+                log.exception("unloading adapter %r failed", name)
+            with self._cond:
+                self._draining.discard(name)
+            log.info("adapter %r drained and unloaded", name)
 
     def _withdraw(self, job: Job) -> None:
         with self._cond:
@@ -158,12 +242,16 @@ class Engine:
         for job in waiting:
             job.put(ServeError("the server is shutting down"))
         self._thread.join(timeout)
+        while self._changes:
+            _, future = self._changes.popleft()
+            if not future.done():
+                future.set_exception(ServeError("the server is shutting down"))
 
     def _take(self, running: int) -> list[Job]:
         """The waiting jobs to start now, in arrival order, as many as fit beside `running` rows; waits for one
         while nothing runs. Static batching starts jobs only when nothing runs."""
         with self._cond:
-            while not running and not self._waiting and not self._stopping:
+            while not running and not self._waiting and not self._stopping and not self._changes:
                 self._cond.wait()
             if self._stopping or (running and not self.continuous):
                 return []
@@ -185,8 +273,9 @@ class Engine:
         return jobs
 
     def _work(self) -> None:
-        batch = self._batch()
+        batch = self._running = self._batch()
         while not (self._stopping and not batch):
+            self._apply_changes()
             for job in self._take(len(batch)):
                 self._start(batch, job)
             if batch:
@@ -203,7 +292,8 @@ class Engine:
         self.queue_wait.observe(job.started - job.submitted)
         self.running_rows = len(batch) + len(job.prompts)  # its prefill is running
         try:
-            batch.add([(job, i) for i in range(len(job.prompts))], job.prompts, job.params)
+            batch.add([(job, i) for i in range(len(job.prompts))], job.prompts, job.params,
+                      None if job.adapter is None else [job.adapter] * len(job.prompts))
         except Exception as err:  # noqa: BLE001  (the batch goes on without this job)
             if not isinstance(err, ServeError):
                 log.exception("starting a request of %d rows failed", len(job.prompts))
@@ -262,7 +352,7 @@ class _ScoreBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, keys: list, encodings: list, _params) -> None:
+    def add(self, keys: list, encodings: list, _params, _adapters=None) -> None:
         self.rows += [_Scoring(key, encoding) for key, encoding in zip(keys, encodings)]
 
     def step(self, cancelled):

@@ -32,7 +32,7 @@ from lite_sft.errors import ServeError
 from .backends.devices import DEVICES
 from .backends.factory import load_backend
 from .backends.folder import stop_ids
-from .backends.protocol import EncoderDecoder, GeneratingBackend, Joining
+from .backends.protocol import Adapters, EncoderDecoder, GeneratingBackend, Joining
 from .sampling import SamplingParams, processors
 
 
@@ -221,10 +221,15 @@ class Batch:
         """Whether rows can be added to a running batch (the backend can join states; seq2seq cannot)."""
         return isinstance(self.backend, Joining)
 
-    def add(self, keys: list, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        """Prefill `prompts` and add their rows; a ServeError (nothing added) when one is refused."""
+    def add(self, keys: list, prompts: list[list[int]], params: list[SamplingParams],
+            adapters: list[str | None] | None = None) -> None:
+        """Prefill `prompts` and add their rows; a ServeError (nothing added) when one is refused. `adapters`
+        names each row's LoRA adapter (None: the base) on a backend that serves several (protocol.Adapters)."""
         if not prompts:
             return
+        if adapters is not None and any(adapters) and not isinstance(self.backend, Adapters):
+            raise ServeError(f"{type(self.backend).__name__} serves one model, not adapters "
+                             f"{sorted(set(adapters) - {None})}")
         if self.rows and not self.can_join:
             raise ServeError(f"{type(self.backend).__name__} cannot add rows to a running batch")
         check_prompts(self.backend, keys, prompts, params)
@@ -232,7 +237,10 @@ class Batch:
                 for key, p, sp in zip(keys, prompts, params)]
         ids, mask = pad_left(prompts)
         capacity = ids.shape[1] + max(sp.max_new_tokens for sp in params)
-        logits, state = self.backend.prefill(ids, mask, capacity)  # (batch, vocab)
+        if isinstance(self.backend, Adapters):
+            logits, state = self.backend.prefill(ids, mask, capacity, adapters)  # (batch, vocab)
+        else:
+            logits, state = self.backend.prefill(ids, mask, capacity)
         if self.state is None:
             self.state, self.logits = state, logits
         else:

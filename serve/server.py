@@ -13,9 +13,11 @@ key, /v1/* want `Authorization: Bearer KEY` (http/auth.py), and /health names th
 callers that send it. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
 400 for a request that cannot be served as asked (bad JSON, unknown field, value out of range, prompt over
 the context), 401 without the key, 404 for another model's name, 429 when the queue is full, 504 when a
-request outlives its timeout. A client that disconnects, streaming or not, has its rows dropped from the batch,
-or its place in the queue given up if it was still waiting. Prompts are tokenised and chat templates rendered
-on a few threads of their own, so a long prompt never holds up the event loop (health, metrics, streams).
+request outlives its timeout. A multi-adapter export serves each adapter by name beside `base`, and
+POST /v1/adapters and DELETE /v1/adapters/{name} load and unload them while serving (http/adapters.py).
+A client that disconnects, streaming or not, has its rows dropped from the batch, or its place in the queue
+given up if it was still waiting. Prompts are tokenised and chat templates rendered on a few threads of their
+own, so a long prompt never holds up the event loop (health, metrics, streams).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lite_sft.errors import ServeError
 from lite_sft.options import BATCHING, ServerSettings  # noqa: F401  (BATCHING, ServerSettings: imported from here by callers)
 
 from .backends.factory import load_backend
+from .backends.protocol import Adapters
 from .backends.folder import stop_ids
 from .engine import ScoreEngine
 from .http.app import create_app
@@ -80,6 +83,13 @@ def serve(folder: str | Path, say=print, **options) -> None:
     say(f"serving {settings.model_name!r}: {app.state.engine.backend.describe()}")
     if served := variant_line(Path(folder), options.get("variant")):
         say(f"  {served}")
+    backend = app.state.engine.backend
+    if isinstance(backend, Adapters):  # a multi-adapter export: which names a request's `model` may give
+        loaded = backend.served_adapters()
+        say("  adapters: " + (", ".join(f"{name} (rank {a['rank']}: {', '.join(a['targets'])})"
+                                        for name, a in loaded.items()) or "none yet")
+            + "; `base` picks the bare base" + ("; POST /v1/adapters loads more" if settings.api_key else
+                                                "; set an API key to load and unload adapters while serving"))
     if host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
         say(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
     engine = app.state.engine

@@ -40,6 +40,17 @@ class FakeDecoder(FakeBackend):
     def release(self, state): ...
 
 
+class FakeAdapters(FakeDecoder):
+    """A decoder serving several LoRA adapters (protocol.Adapters): its app has the adapter routes too."""
+
+    def prefill(self, ids, mask, capacity, adapters=None): ...
+    def served_adapters(self): return {"alpha": {"rank": 4, "targets": ["q_proj"]}}
+    def read_adapter(self, name, path): ...
+    def add_adapter(self, adapter): ...
+    def load_adapter(self, name, path): ...
+    def unload_adapter(self, name): ...
+
+
 def app_for(task: str, api_key: str | None = None):
     backend = FakeDecoder(task) if task == "causal-lm" else FakeBackend(task)
     return create_app(backend, None, ServerSettings("tiny", api_key=api_key))
@@ -62,6 +73,17 @@ def test_openapi_schema_is_unchanged(task, api_key):
     finally:
         app.state.engine.close()
     compare(f"{task}{'-key' if api_key else ''}.json", schema)
+
+
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_the_multi_adapter_schema_adds_the_adapter_routes(api_key):
+    app = create_app(FakeAdapters("causal-lm"), None, ServerSettings("team", api_key=api_key))
+    try:
+        schema = app.openapi()
+    finally:
+        app.state.engine.close()
+    assert {"/v1/adapters", "/v1/adapters/{name}"} <= set(schema["paths"])
+    compare(f"causal-lm-adapters{'-key' if api_key else ''}.json", json.dumps(schema, sort_keys=True, indent=1) + "\n")
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])

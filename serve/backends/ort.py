@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lite_sft.adapters import MASK_INPUT
 from lite_sft.artifacts import MODEL_CONFIG, ONNX_FILE
 from lite_sft.errors import ServeError
 
@@ -62,6 +63,8 @@ class OrtState:
     capacity: int
     binding: object = field(repr=False, default=None)
     bound: tuple | None = None  # (current, batch) the in-place cache was last bound as; the same needs no binding
+    adapters: list = field(default_factory=list)  # each row's adapter name (None: the base), for a LoRA backend
+    bank: int = -1  # the version of the LoRA banks bound to `binding` (lora.py); -1: none yet
 
     @property
     def batch(self) -> int:
@@ -85,6 +88,9 @@ class OrtBackend:
         if missing or "logits" not in outputs:
             raise ServeError(f"{self.folder / ONNX_FILE} is not a decoder with a KV cache (missing inputs "
                              f"{sorted(missing)}): export it with `lite-sft export`")
+        if MASK_INPUT in inputs and type(self) is OrtBackend:  # lora.py's LoraOrtBackend serves these
+            raise ServeError(f"{self.folder / ONNX_FILE} has LoRA branches (a multi-adapter export's graph): serve the "
+                             "export folder holding adapters.json, which names its adapters")
         self.has_positions = "position_ids" in inputs
         self.pad_right = _uses_gqa(self.folder / ONNX_FILE)  # rows from column 0: see the module docstring
         # past_key_values.N.key -> present.N.key, in layer order
@@ -168,8 +174,13 @@ class OrtBackend:
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int) -> tuple[np.ndarray, OrtState]:
         """Read the (left-padded) prompts; `capacity` is the longest the cache will grow (prompt + new tokens)."""
+        return self._prefill(ids, mask, capacity, [])
+
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
+                 adapters: list) -> tuple[np.ndarray, OrtState]:
         batch, seq = ids.shape
-        state = OrtState(self._take(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding())
+        state = OrtState(self._take(batch, capacity), 0, 0, mask[:, :0], capacity, self.session.io_binding(),
+                         adapters=adapters)
         if self.pad_right:
             ids, mask = align_left(ids, mask, 0)
             logits = self._run(state, ids, mask)  # (batch, seq, vocab): each row's last token is its own
@@ -202,6 +213,7 @@ class OrtBackend:
             self._cache(dst[name], len(rows), length, state.capacity).copy_(torch.index_select(kept, 0, index))
         self._synchronize()
         state.current, state.length, state.mask = 1 - state.current, length, mask[:, start:start + length]
+        state.adapters = [state.adapters[i] for i in rows] if state.adapters else []
         return state
 
     def join(self, state: OrtState, other: OrtState) -> OrtState:
@@ -225,9 +237,10 @@ class OrtBackend:
         self._synchronize()
         mask = np.concatenate([np.pad(s.mask, ((0, 0), (0, length - s.length) if self.pad_right
                                                else (length - s.length, 0))) for s in (state, other)])
+        adapters = state.adapters + other.adapters if state.adapters or other.adapters else []
         self.release(state)
         self.release(other)
-        return OrtState(buffers, 0, length, mask, capacity, self.session.io_binding())
+        return OrtState(buffers, 0, length, mask, capacity, self.session.io_binding(), adapters=adapters)
 
     def _cache(self, flat: torch.Tensor, batch: int, length: int, capacity: int) -> torch.Tensor:
         """The (batch, heads, length, dim) cache held in `flat`: contiguous at `length` columns, or, written in
@@ -246,6 +259,9 @@ class OrtBackend:
             self._logits = torch.empty(need, dtype=self.logits_dtype, device=self.device)
         return self._logits[:need]
 
+    def _bind_more(self, state: OrtState, binding) -> None:
+        """Inputs a subclass adds to every call (lora.py: the LoRA banks and the rows' mask); none here."""
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # onnxruntime runs on its own stream
@@ -263,6 +279,7 @@ class OrtBackend:
             # Left padding: a token's position counts only the real tokens before it.
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -new:]
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        self._bind_more(state, binding)
         src, dst = state.buffers[state.current], state.buffers[1 - state.current]
         if self.pad_right and state.bound != (state.current, batch):
             # In place: one buffer of the whole capacity is both past and present, the same every step until

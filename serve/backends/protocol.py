@@ -22,6 +22,8 @@ An encoder-decoder (EncoderDecoder) reads the prompt with its encoder and starts
 A scoring backend (encoder.py: a seq-cls or token-cls head) answers `logits` for a batch of tokenised rows
 instead, and names the logits' columns in `labels`.
 
+A decoder serving several adapters of one base (Adapters) takes each row's adapter at prefill.
+
 The engine and the generation loop type their backends with these and ask `isinstance(backend, Joining)` where
 a capability differs (runtime_checkable), rather than probing attribute names one by one.
 """
@@ -71,6 +73,27 @@ class Joining(Protocol):
     def join(self, state: Any, other: Any) -> Any: ...
 
     def release(self, state: Any) -> None: ...
+
+
+@runtime_checkable
+class Adapters(Protocol):
+    """A generating backend serving several LoRA adapters of one base (lora.py's LoraOrtBackend): each row of a
+    prefill names its adapter (None: the bare base) and keeps it through keep and join. read_adapter reads and
+    checks a file on any thread; add_adapter (or load_adapter, both at once) and unload_adapter change what is
+    served, and the engine calls them between steps, never under a running one."""
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
+                adapters: list[str | None] | None = None) -> tuple[np.ndarray, Any]: ...
+
+    def served_adapters(self) -> dict[str, dict]: ...
+
+    def read_adapter(self, name: str, path: str | Path) -> Any: ...
+
+    def add_adapter(self, adapter: Any) -> dict: ...
+
+    def load_adapter(self, name: str, path: str | Path) -> dict: ...
+
+    def unload_adapter(self, name: str) -> None: ...
 
 
 @runtime_checkable

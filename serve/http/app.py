@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException
 from lite_sft.taskspec import ROUTES, TASKS
 
 from ..engine import Engine, ScoreEngine
+from ..backends.protocol import Adapters
+from .adapters import AdapterHandler
 from .auth import ApiKey
 from .classify import ScoreHandler
 from .completions import CompletionHandler
@@ -55,7 +57,8 @@ def create_app(backend, tokenizer, settings, stop_ids: list[int] | None = None) 
     app = FastAPI(title="lite-sft", summary="OpenAI-compatible completions over an exported model",
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.settings = engine, settings
-    app.add_middleware(_CountRequests, counter=requests, routes={"/health", "/metrics", "/v1/models", *ROUTES})
+    app.add_middleware(_CountRequests, counter=requests, routes={"/health", "/metrics", "/v1/models", "/v1/adapters",
+                                                                 *ROUTES})
     for error, handler in ((ApiError, api_error), (RequestValidationError, invalid), (HTTPException, http_error),
                            (Exception, crashed)):
         app.add_exception_handler(error, handler)
@@ -63,6 +66,8 @@ def create_app(backend, tokenizer, settings, stop_ids: list[int] | None = None) 
     for handler in (SystemHandler(served, api_key, registry), CompletionHandler(served, stop_ids or []),
                     ScoreHandler(served)):
         app.include_router(handler.router(keyed))
+    if isinstance(backend, Adapters):  # several LoRA adapters of one base: load and unload them while serving
+        app.include_router(AdapterHandler(served, api_key).router(keyed))
     return app
 
 

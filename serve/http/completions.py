@@ -17,7 +17,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from lite_sft.errors import ServeError
+from lite_sft.errors import ServeError, UnknownAdapter
 
 from ..engine import QueueFull
 from ..sampling import SamplingParams
@@ -127,8 +127,11 @@ class CompletionHandler:
                                  [] if body.ignore_eos else self.stop_ids, body.presence_penalty,
                                  body.frequency_penalty)
                   for j in range(len(rows))]
+        adapter = served.pick(body.model) if served.multi else None
         try:
-            job = engine.submit(rows, params)
+            job = engine.submit(rows, params, adapter=adapter)
+        except UnknownAdapter as err:  # unloaded since `begin` looked
+            raise ApiError(404, str(err), param="model", code="model_not_found") from err
         except QueueFull as err:
             raise ApiError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from err
         except ServeError as err:
@@ -136,7 +139,7 @@ class CompletionHandler:
         usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0}
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": served.settings.model_name}
+                "model": (body.model or served.settings.model_name) if served.multi else served.settings.model_name}
         state = {"first": None}
 
         def on_token() -> None:

@@ -151,6 +151,14 @@ class NerRequest(Scoring):
     """Entities are read per whitespace-separated word and returned as character offsets into each input."""
 
 
+class AdapterLoad(Strict):
+    """POST /v1/adapters: an adapter file (onnxruntime's format, as a multi-adapter export writes) to serve."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="What requests give as `model` to pick it.")
+    path: str = Field(..., min_length=1, max_length=4096, description="The .onnx_adapter file, on the server.")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lite_sft.taskspec import TASKS, serving
 
+from ..backends.lora import BASE
+from ..backends.protocol import Adapters
 from .schemas import ApiError, Sampling, Scoring
 
 CHARS_PER_TOKEN_LIMIT = 64  # a prompt this many characters per context token is refused before tokenising
@@ -27,6 +29,7 @@ class ServedModel:
     def __init__(self, backend, tokenizer, engine, settings, latency, first_token):
         self.backend, self.tokenizer, self.engine, self.settings = backend, tokenizer, engine, settings
         self.task = backend.task
+        self.multi = isinstance(backend, Adapters)  # several LoRA adapters: a request's `model` picks one
         self.spec = TASKS[self.task]
         self.context = min(settings.max_context or backend.max_context, backend.max_context)
         self.latency, self.first_token = latency, first_token  # Histograms: request start to last / first token
@@ -58,10 +61,23 @@ class ServedModel:
     def begin(self, body: Sampling | Scoring) -> tuple[float, float]:
         """(start, deadline) of a request: its time runs from here, tokenising included."""
         name = self.settings.model_name
-        if body.model not in (None, name):
+        if self.multi:
+            self.pick(body.model)
+        elif body.model not in (None, name):
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
         return time.perf_counter(), asyncio.get_running_loop().time() + self.settings.timeout_s
+
+    def pick(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names, None for the base (`base`, the server's name or none); a 404
+        listing the names served for any other."""
+        names = self.engine.adapter_names()
+        if model in names:
+            return model
+        if model not in (None, BASE, self.settings.model_name):
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {', '.join([BASE, *names])}",
+                           param="model", code="model_not_found")
+        return None
 
     async def off_loop(self, work, deadline: float):
         """work() on a tokenizing thread; an ApiError it raises reaches the client as it would from here."""

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..backends.lora import BASE
 from .auth import ApiKey
 from .served import ServedModel
 
@@ -34,7 +35,8 @@ class SystemHandler:
         about = {}
         if self.api_key.caller_has_it(request):
             about = {"backend": served.backend.describe(),
-                     **({} if served.spec.generates else {"labels": served.backend.labels})}
+                     **({} if served.spec.generates else {"labels": served.backend.labels}),
+                     **({"adapters": engine.adapter_names()} if served.multi else {})}
         return {"status": "ok", "model": served.settings.model_name, "task": served.task, **about,
                 "context": served.context, "queued": engine.queued, "running_rows": engine.running_rows,
                 "max_batch": engine.max_batch}
@@ -44,6 +46,12 @@ class SystemHandler:
 
     async def models(self):
         served = self.served
+        if served.multi:  # the bare base, then each adapter by its manifest name, with its rank and targets
+            loaded = served.backend.served_adapters()
+            entries = [(BASE, {})] + [(name, {"adapter": loaded[name]}) for name in served.engine.adapter_names()]
+            return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lite-sft",
+                                                "max_model_len": served.context, "task": served.task, **extra}
+                                               for name, extra in entries]}
         return {"object": "list", "data": [{"id": served.settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "lite-sft", "max_model_len": served.context,
                                             "task": served.task}]}
