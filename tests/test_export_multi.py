@@ -245,3 +245,73 @@ def test_cli_exports_several_runs_and_a_failed_gate_keeps_them_aside(runs, tmp_p
     failed = json.loads((tmp_path / "team.parity-failed" / "parity.json").read_text())
     assert failed["passed"] is False and failed["mixed"][0]["passed"] is True
     assert json.loads((tmp_path / "team" / "parity.json").read_text())["passed"] is True  # the earlier export stays
+
+
+def randomized(run, where, seed: int):
+    """A copy of `run` whose LoRA weights are seeded random ones, large enough to move greedy answers away from the
+    base (two steps of training barely move a random tiny model, so runs would answer alike)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, where)
+    path = where / "adapter_model.safetensors"
+    weights, gen = load_file(path), torch.Generator().manual_seed(seed)
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.5 if "lora_" in k else v for k, v in weights.items()}, path)
+    return where
+
+
+def test_runs_exported_together_are_served_each_as_its_own_run_alone_and_mixed(runs, tmp_path):
+    """The whole path: `lite-sft export A B --out OUT`, then `lite-sft serve OUT`'s backend and app. Each adapter
+    answers as its run's own PyTorch model (base + adapter, greedy) does, asked alone and in batches mixed with the
+    other adapter and the base."""
+    import asyncio
+
+    import httpx
+    import torch
+
+    from lite_sft.model import load_tuned
+    from lite_sft.options import ServerSettings
+    from lite_sft.serve.backends.factory import load_backend
+    from lite_sft.serve.backends.folder import stop_ids
+    from lite_sft.serve.backends.lora import LoraOrtBackend
+    from lite_sft.serve.server import create_app
+
+    from conftest import uvicorn_running
+
+    _, _, made = runs
+    copies = {name: randomized(made[name], tmp_path / name, seed) for seed, name in enumerate(("sentiment", "support"))}
+    out = tmp_path / "team"
+    export_runs(list(copies.values()), out, ExportOptions(**FAST), say=lambda _: None)
+    prompts, new = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23]], 6
+    want = {}
+    for name, run in copies.items():
+        model, tokenizer, _ = load_tuned(run, torch.device("cpu"))
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                for _ in range(new):
+                    ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            want[name, i] = tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True)
+    assert any(want["sentiment", i] != want["support", i] for i in range(len(prompts)))  # the check can tell them apart
+
+    backend, tokenizer = load_backend(out, "cpu", threads=1)
+    assert isinstance(backend, LoraOrtBackend)
+    app = create_app(backend, tokenizer, ServerSettings("team", max_batch=8), stop_ids(backend.folder, tokenizer))
+
+    async def ask_all(url, pairs):
+        async with httpx.AsyncClient(timeout=120) as http:
+            async def one(name, i):
+                r = await http.post(url + "/v1/completions", json={"model": name, "prompt": prompts[i],
+                                    "max_tokens": new, "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(name, i) for name, i in pairs))
+
+    with uvicorn_running(app) as url:
+        pairs = [(name, i) for name in copies for i in range(len(prompts))]
+        alone = [asyncio.run(ask_all(url, [pair]))[0] for pair in pairs]
+        assert alone == [want[pair] for pair in pairs]
+        mixed = asyncio.run(ask_all(url, pairs * 2 + [("base", 0)]))
+        assert mixed[:-1] == [want[pair] for pair in pairs * 2]
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["base", "sentiment", "support"]
