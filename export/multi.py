@@ -24,11 +24,9 @@ OUT.parity-failed when one did not, and an existing OUT is replaced only with `o
 from __future__ import annotations
 
 import dataclasses
-import errno
 import gc
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,14 +44,14 @@ from lite_sft.taskspec import TASKS
 from . import ExportError
 from .checks import CausalChecks
 from .exporters import builder
-from .leftovers import TMP_LOCK, hold_tmp, remove_leftovers
+from .leftovers import remove_leftovers
 from .lora_graph import add_lora_branches
 from .merge import load_reference, merge, merged_dtype, plain_base, save_merged, stored_dtype, unquantized_base
 from .multi_gate import adapter_gate, mixed_check, summary
 from .multi_runs import read_runs
 from .ort_decoder import OnnxDecoder
 from .parity import format_report
-from .pipeline import ONNX_PACKAGES, PRECISION, ParityFailed, _check_disk, _check_out, _install, _version, load_merged
+from .pipeline import ONNX_PACKAGES, PRECISION, _check_disk, _check_out, _version, building, conclude, load_merged
 from .quantize import quantize
 
 BASE_DIR = "base"
@@ -84,8 +82,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         timings[name] = round(time.perf_counter() - clock[0], 3)
         clock[0] = time.perf_counter()
 
-    lock = hold_tmp(tmp)
-    try:
+    with building(tmp):
         say(f"writing the shared base of {len(runs)} runs ({first.cfg.model.name_or_path}, quant {quant}) to "
             f"{BASE_DIR}/")
         reference, tokenizer = load_reference(first.run_dir, first.cfg)
@@ -150,28 +147,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         write_manifest(tmp, manifest)
         report = _report(runs, out, opts, base_info, checks, gates, mixed, timings, passed)
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        text = _text(runs, gates, mixed, checks)
-        if passed:
-            _install(tmp, out)
-            (out / TMP_LOCK).unlink(missing_ok=True)
-            say(text)
-            return report
-        failed = out.with_name(f"{out.name}.parity-failed")
-        if failed.exists():
-            shutil.rmtree(failed)
-        tmp.rename(failed)
-        (failed / TMP_LOCK).unlink(missing_ok=True)
-        raise ParityFailed(report, text, failed)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise ExportError(f"ran out of disk space writing {tmp}: {err}; nothing was kept") from err
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        lock.close()
+        return conclude(tmp, out, report, _text(runs, gates, mixed, checks), passed, say)
 
 
 def _text(runs, gates, mixed, checks) -> str:

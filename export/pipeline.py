@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -99,8 +100,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         timings[name] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
 
-    lock = hold_tmp(tmp)  # open until the folder is installed, kept as failed, or removed
-    try:
+    with building(tmp):
         say(f"loading the {task} adapter model from {run_dir} (base {cfg.model.name_or_path}, "
             f"quant {cfg.model.quant})")
         reference, tokenizer = load_reference(run_dir, cfg)
@@ -176,17 +176,16 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         report = _report(run_dir, out, cfg, opts, save_dtype, checks, gates, timings, exporter)
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         text = format_report(gates, checks.source, checks.agreement, checks.perplexity_on)
-        if passed:
-            _install(tmp, out)
-            (out / TMP_LOCK).unlink(missing_ok=True)  # unlinked only now: no export saw tmp unlocked
-            say(text)
-            return report
-        failed = out.with_name(f"{out.name}.parity-failed")
-        if failed.exists():
-            shutil.rmtree(failed)
-        tmp.rename(failed)
-        (failed / TMP_LOCK).unlink(missing_ok=True)
-        raise ParityFailed(report, text, failed)
+        return conclude(tmp, out, report, text, passed, say)
+
+
+@contextmanager
+def building(tmp: Path):
+    """The export is built in `tmp`, beside OUT, under a lock (leftovers.hold_tmp) held until it is installed,
+    kept as failed, or removed: any error removes it (a full disk says so), and nothing half-written stays."""
+    lock = hold_tmp(tmp)
+    try:
+        yield
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno == errno.ENOSPC:
@@ -197,6 +196,22 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions | None 
         raise
     finally:
         lock.close()
+
+
+def conclude(tmp: Path, out: Path, report: dict, text: str, passed: bool, say: Callable[[str], None]) -> dict:
+    """A build whose every gate passed goes to OUT (an older export there only once the new one is in place); one
+    that failed is kept as OUT.parity-failed, and ParityFailed says why."""
+    if passed:
+        _install(tmp, out)
+        (out / TMP_LOCK).unlink(missing_ok=True)  # unlinked only now: no export saw tmp unlocked
+        say(text)
+        return report
+    failed = out.with_name(f"{out.name}.parity-failed")
+    if failed.exists():
+        shutil.rmtree(failed)
+    tmp.rename(failed)
+    (failed / TMP_LOCK).unlink(missing_ok=True)
+    raise ParityFailed(report, text, failed)
 
 
 def check_fp16_int4(opts: ExportOptions, exporter: str) -> None:
