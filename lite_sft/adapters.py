@@ -18,6 +18,11 @@ base-only request have an all-zero mask. R is dynamic: a server loads or drops a
 Why a mask and not a gather of per-row weights: the bank stays one constant tensor per site (bound once), the
 step's only new input is the (batch, R) mask, and x @ A over R columns costs a few per cent of the base matmul.
 
+Classifiers (seq-cls, token-cls) of one base share its trunk the same way (export/encoder_lora.py): OUT/onnx/ is
+the trunk (BertModel, ...) with branches at sites named by module path inside it
+(`encoder.layer.0.attention.self.query`), giving last_hidden_state (and pooler_output); each adapter adds its head
+graph, OUT/heads/NAME.onnx, which reads those and gives the run's logits; its entry names its task and labels.
+
 An adapter file (OUT/adapters/NAME.onnx_adapter) is onnxruntime's adapter format holding, for each site the run
 trains, `lora.{site}.A` (in, r) and `lora.{site}.B` (r, out), already scaled (alpha / r, or alpha / sqrt(r)).
 The manifest (OUT/adapters.json, MANIFEST_FILE) lists the sites with their sizes and every adapter: name, file,
@@ -37,6 +42,7 @@ from .errors import ServeError
 MANIFEST_FILE = "adapters.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
+HEADS_DIR = "heads"  # a multi-adapter encoder export's head graphs, one per adapter
 MASK_INPUT = "lora_mask"
 FORMAT_VERSION = 1
 # peft's key of one LoRA matrix: ...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
@@ -80,6 +86,10 @@ class AdapterEntry:
     """The run's stop ids where they differ from the base's (base["stop_ids"]); None: the base's."""
     rslora: bool = False
     """Its scale is alpha / sqrt(rank) (rsLoRA)."""
+    labels: list[str] | None = None
+    """A classifier's (seq-cls, token-cls) labels in id order, its run's id2label; None for a causal-lm adapter."""
+    head: str | None = None
+    """A classifier's head graph, relative to OUT: heads/NAME.onnx (export/encoder_lora.py); None for causal-lm."""
 
 
 @dataclass
@@ -131,6 +141,31 @@ def peft_sites(state: dict, scale: float) -> dict[str, dict]:
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{site}: the adapter has lora_{''.join(sorted(pair))} without its pair")
     return pairs
+
+
+# peft's key of a LoRA matrix of any module: base_model.model.{module path}.lora_{A|B}[.default].weight
+PEFT_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def peft_trunk_sites(state: dict, scale: float, prefix: str) -> tuple[dict[str, dict], list[str]]:
+    """A classifier's LoRA matrices inside its trunk (the module `prefix`, transformers' base_model_prefix: bert,
+    roberta, ...) as {site: {"A": (in, r), "B": (r, out) scaled}}, sites named by module path inside the trunk
+    (encoder.layer.0.attention.self.query); and the keys of everything else in `state` (LoRA outside the trunk, a
+    head saved whole), which the export folds into the run's head graph."""
+    pairs: dict[str, dict] = {}
+    outside = []
+    for key, tensor in state.items():
+        match = PEFT_MODULE_KEY.match(key)
+        if match is None or not match.group(1).startswith(prefix + "."):
+            outside.append(key)
+            continue
+        site, which = match.group(1)[len(prefix) + 1:], match.group(2)
+        value = tensor.detach().float().cpu().numpy()
+        pairs.setdefault(site, {})[which] = value.T.copy() if which == "A" else (value.T * scale)
+    for site, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{site}: the adapter has lora_{''.join(sorted(pair))} without its pair")
+    return pairs, outside
 
 
 def write_adapter_file(path: Path, sites: dict[str, dict]) -> Path:
