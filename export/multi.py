@@ -14,6 +14,7 @@ OUT holds:
     parity.json                 the task, every gate, per adapter and stage, and the mixed checks
 
 The runs are checked against each other before anything is built (multi_runs.py says what is refused and why).
+Classifier runs (seq-cls, token-cls) share a trunk graph and keep a head graph each instead: multi_encoder.py.
 Every adapter is gated: merge (its run's merged model on base/ against the run's adapter model, as the single-run
 export's merge gate), then each graph fed with its bank alone against that merged model, alone and as a padded
 batch (multi_gate.py), and a mixed batch whose rows use different adapters. As in the single-run export
@@ -31,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import onnx
 import torch
 
-from lite_sft.adapters import ADAPTER_SUFFIX, ADAPTERS_DIR, AdapterEntry, Manifest, write_adapter_file, write_manifest
+from lite_sft.adapters import AdapterEntry, Manifest, write_adapter_file, write_manifest
 from lite_sft.artifacts import ONNX_FILE, PARITY_FILE, variant_folder
 from lite_sft.options import ExportOptions
 from lite_sft.report import peak_memory, versions
@@ -47,14 +47,14 @@ from .exporters import builder
 from .leftovers import remove_leftovers
 from .lora_graph import add_lora_branches
 from .merge import load_reference, merge, merged_dtype, plain_base, save_merged, stored_dtype, unquantized_base
-from .multi_gate import adapter_gate, mixed_check, summary
+from .multi_encoder import export_classifiers
+from .multi_gate import BASE_DIR, adapter_file, adapter_gate, check_branches_float, mixed_check, summary
 from .multi_runs import read_runs
 from .ort_decoder import OnnxDecoder
 from .parity import format_report
 from .pipeline import ONNX_PACKAGES, PRECISION, _check_disk, _check_out, _version, building, conclude, load_merged
 from .quantize import quantize
 
-BASE_DIR = "base"
 MERGED = "merged PyTorch model (base/ + the run's adapter, merged in memory), fp32"
 
 
@@ -64,10 +64,12 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
     opts = opts or ExportOptions()
     out = Path(out)
     opts.validate()
-    _check_options(opts)
     for run_dir in run_dirs:
         _check_out(Path(run_dir), out, opts.overwrite)
     runs = read_runs(run_dirs, opts.names or [], opts.dtype)
+    if runs[0].classifier:  # seq-cls and token-cls: one trunk graph and a head per run
+        return export_classifiers(runs, out, opts, say)
+    _check_options(opts)
     first, quant = runs[0], runs[0].cfg.model.quant
     save_dtype = merged_dtype(opts.merged_dtype, quant, stored_dtype(first.base, first.cfg.model.trust_remote_code))
     base_info = {"name_or_path": first.cfg.model.name_or_path, "folder": BASE_DIR, "source": first.base,
@@ -104,7 +106,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
             adapter_ref = check.reference(model)
             del model
             merged = merge(load_merged(tmp / BASE_DIR, "causal-lm"), run.cfg, run.run_dir)
-            gate = check.torch_gate(merged, adapter_ref, stage="merge", artefact=_file(run.name),
+            gate = check.torch_gate(merged, adapter_ref, stage="merge", artefact=adapter_file(run.name),
                                     precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
                                     tolerance="int8" if quant == "8bit" else None,
                                     reference=f"adapter model of {run.run_dir}, fp32 on CPU")
@@ -118,7 +120,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
         sites = []
         if all(g.passed for g in gates):
             for run in runs:
-                write_adapter_file(tmp / _file(run.name), run.sites)
+                write_adapter_file(tmp / adapter_file(run.name), run.sites)
             precision, provider = builder.PRECISIONS[opts.dtype]
             variants = [("onnx", variant_folder("fp"), PRECISION[opts.dtype])]
             if opts.quantize != "none":
@@ -170,24 +172,13 @@ def _check_options(opts: ExportOptions) -> None:
                           "projections the LoRA branches sit beside; drop --exporter")
 
 
-def check_branches_float(model_file: Path) -> None:
-    """A quantised graph's LoRA branches are still float MatMuls on the bank inputs: quantize_dynamic quantises a
-    MatMul only when its weight is an initializer, and the banks are graph inputs; checked, not assumed."""
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    banks = {i.name for i in graph.input if i.name.startswith("lora.")}
-    used = {name for node in graph.node if node.op_type == "MatMul" for name in node.input if name in banks}
-    if used != banks:
-        raise ExportError(f"{model_file}: the quantiser rewrote the LoRA branches of "
-                          f"{', '.join(sorted(banks - used)[:3])}"
-                          " (they must stay float MatMuls on the bank inputs)")
-
-
 def _gate_graph(folder: Path, sites, runs, refs, checks, stage: str, precision: str, mixed: list) -> list:
     decoder = OnnxDecoder(folder)
     gates, alones = [], []
     for run in runs:
         gate, alone = adapter_gate(decoder, sites, run, refs[run.name], checks[run.name], stage=stage,
-                                   artefact=f"{folder.name} + {_file(run.name)}", precision=precision, reference=MERGED)
+                                   artefact=f"{folder.name} + {adapter_file(run.name)}", precision=precision,
+                                   reference=MERGED)
         gates.append(gate)
         alones.append(alone)
     mixed.append(mixed_check(decoder, sites, runs, [refs[run.name] for run in runs], alones, stage=stage,
@@ -197,12 +188,8 @@ def _gate_graph(folder: Path, sites, runs, refs, checks, stage: str, precision: 
     return gates
 
 
-def _file(name: str) -> str:
-    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
-
-
 def _entry(run, gates, stops: list[int], base: dict) -> AdapterEntry:
-    return AdapterEntry(name=run.name, file=_file(run.name), rank=run.rank, alpha=run.alpha, scale=run.scale,
+    return AdapterEntry(name=run.name, file=adapter_file(run.name), rank=run.rank, alpha=run.alpha, scale=run.scale,
                         targets=run.targets, run_dir=str(run.run_dir), task=run.cfg.task.name,
                         gate={g.stage: summary(g) for g in gates if g.extra.get("adapter") == run.name},
                         stop_ids=list(stops) if list(stops) != list(base.get("stop_ids") or []) else None,

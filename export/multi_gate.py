@@ -10,17 +10,31 @@ longest as one padded batch, the thresholds of the graph's precision). mixed_che
 columns in one bank and runs one prompt of each adapter as one padded batch, each row's mask on its own adapter's
 columns: every row must give what its adapter gave alone (the same greedy tokens, logits within the precision's
 bound) and still pass against its merged model. The decoder loop is parity.py's, on ort_decoder.OnnxDecoder.
+bank, check_branches_float and the OUT names (BASE_DIR, adapter_file) serve the classifiers' export too
+(multi_encoder.py, encoder_gate.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import torch
 
-from lite_sft.adapters import Site, input_names
+from lite_sft.adapters import ADAPTER_SUFFIX, ADAPTERS_DIR, Site, input_names
+
+from . import ExportError
 
 from .parity import THRESHOLDS, Gate, Reference, batch_check, compare, ort_batch_logits, ort_logits
 from .perplexity import perplexity
+
+BASE_DIR = "base"  # OUT/base/: the shared base (a classifier export's: the trunk) as a Hugging Face folder
+
+
+def adapter_file(name: str) -> str:
+    """An adapter's file, relative to OUT."""
+    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
 
 
 def bank(sites: list[Site], adapters: list[dict], ranks: list[int]) -> tuple[dict[str, np.ndarray], list[slice]]:
@@ -88,3 +102,15 @@ def summary(gate: Gate) -> dict:
     return {"passed": gate.passed, "precision": gate.precision, "greedy_agreement": gate.greedy_agreement,
             "max_abs_diff": gate.max_abs_diff, "mean_abs_diff": gate.mean_abs_diff,
             **({"batch_passed": batch["passed"]} if batch else {})}
+
+
+def check_branches_float(model_file: Path) -> None:
+    """A quantised graph's LoRA branches are still float MatMuls on the bank inputs: quantize_dynamic quantises a
+    MatMul only when its weight is an initializer, and the banks are graph inputs; checked, not assumed."""
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    banks = {i.name for i in graph.input if i.name.startswith("lora.")}
+    used = {name for node in graph.node if node.op_type == "MatMul" for name in node.input if name in banks}
+    if used != banks:
+        raise ExportError(f"{model_file}: the quantiser rewrote the LoRA branches of "
+                          f"{', '.join(sorted(banks - used)[:3])}"
+                          " (they must stay float MatMuls on the bank inputs)")

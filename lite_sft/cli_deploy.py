@@ -42,12 +42,13 @@ def export(run_dir: RunDirs, given: Given):
     """Merge the adapter into its base, export ONNX (optionally int8/int4) and gate each step on parity."""
     out = ExportTarget(**given.of(ExportTarget)).out
     opts = ExportOptions(**given.of(ExportOptions))
+    report: dict = {}
     try:
         from lite_sft.export.multi import export_runs
         from lite_sft.export.pipeline import ParityFailed, export_run
 
         if len(run_dir) > 1:
-            export_runs(run_dir, out, opts, say=typer.echo)
+            report = export_runs(run_dir, out, opts, say=typer.echo)
         elif opts.names:
             raise ExportError(f"--name {opts.names[0]}: names the adapters of several runs exported together; "
                               f"{run_dir[0]} alone exports merged")
@@ -60,7 +61,7 @@ def export(run_dir: RunDirs, given: Given):
         fail(err, code=1)
     if len(run_dir) > 1:
         typer.echo(f"\nexported to {out}: base/ onnx/" + (f" onnx-{opts.quantize}/" if opts.quantize != "none" else "")
-                   + " adapters/ adapters.json parity.json")
+                   + (" heads/" if "tasks" in report else "") + " adapters/ adapters.json parity.json")
         return
     typer.echo(f"\nexported to {out}: merged/" + (" onnx/" if opts.onnx else "")
                + (f" onnx-{opts.quantize}/" if opts.quantize != "none" else "") + " parity.json")

@@ -110,7 +110,7 @@ def test_refusals_name_the_runs_and_write_nothing(runs, tmp_path):
          r"\(none\) and .*q4 \(4bit\) cannot share one base graph.*export them separately"),
         ([a, edited(b, tmp_path / "dora", **{"lora.use_dora": True})], [], r"dora is a DoRA run"),
         ([a, edited(b, tmp_path / "cls", **{"task.name": "seq-cls"})], [],
-         r"cls is a seq-cls run.*encoder tasks are not served this way yet"),
+         r"sentiment is a causal-lm run and .*cls a seq-cls run: .*export them separately"),
         ([a, edited(b, tmp_path / "moved", **{"model.name_or_path": str(other)})], [],
          r"sentiment and .*moved were tuned on different bases .*the config or weight files differ"),
         ([a, b], [f"{tmp_path / 'elsewhere'}=x"], r"elsewhere is not one of the runs given"),
