@@ -20,8 +20,8 @@ decode step, which leaves the batch's cache unusable, fails every request in the
 A waiting request that is cancelled (its client left or timed out) leaves the queue at once: `max_queue`
 counts only requests someone still waits for; a running one's rows leave the batch at the next step.
 
-Several LoRA adapters of one base (a backend that is protocol.Adapters): a job names its adapter, its rows keep
-it in the batch beside other adapters' rows, and loading or unloading one (load_adapter, unload_adapter) is done
+Several LoRA adapters of one base (a backend that is protocol.ServesAdapters): a job names its adapter, its rows
+keep it in the batch beside other adapters' rows, and loading or unloading one (load_adapter, unload_adapter) is done
 by the worker between two steps, never under a running one; an adapter unloaded with `drain` takes no new job
 and goes when its last running or waiting job ends.
 
@@ -30,6 +30,7 @@ answering (health, metrics, new requests and 429s) while a batch runs.
 
 ScoreEngine is the same queue and worker for an encoder classifier: a request's rows are its tokenised texts,
 and a batch (the waiting requests' rows, up to `max_batch`) is one forward pass whose logits go back per row.
+Classifier adapters of one base (protocol.ScoringAdapters) share that pass: each row goes with its job's adapter.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import numpy as np
 
 from lite_sft.errors import AdapterConflict, ServeError, UnknownAdapter
 
-from .backends.protocol import Adapters, GeneratingBackend, Joining, ScoringBackend
+from .backends.protocol import GeneratingBackend, Joining, ScoringAdapters, ScoringBackend, ServesAdapters
 from .generate import Batch, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -158,16 +159,16 @@ class Engine:
             self._cond.notify()
         return job
 
-    # -- adapters (a backend serving several, protocol.Adapters) ------------------------------------------------
+    # -- adapters (a backend serving several, protocol.ServesAdapters) ------------------------------------------
 
     def adapter_names(self) -> list[str]:
         """The adapters a new request may pick: those loaded, less those being unloaded."""
-        if not isinstance(self.backend, Adapters):
+        if not isinstance(self.backend, ServesAdapters):
             return []
         return [name for name in self.backend.served_adapters() if name not in self._draining]
 
     def add_adapter(self, adapter) -> Future:
-        """Add an adapter the backend has read (Adapters.read_adapter) between two steps; the future's result is
+        """Add an adapter the backend has read (ServesAdapters.read_adapter) between two steps; the future's result is
         its description (rank, targets)."""
         return self._change(lambda: self.backend.add_adapter(adapter))
 
@@ -352,15 +353,23 @@ class _ScoreBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, keys: list, encodings: list, _params, _adapters=None) -> None:
-        self.rows += [_Scoring(key, encoding) for key, encoding in zip(keys, encodings)]
+    def add(self, keys: list, encodings: list, _params, adapters: list[str] | None = None) -> None:
+        """`adapters` names each row's adapter on a backend of classifier adapters (protocol.ScoringAdapters)."""
+        if adapters is not None and not isinstance(self.backend, ScoringAdapters):
+            raise ServeError(f"{type(self.backend).__name__} serves one model, not adapters {sorted(set(adapters))}")
+        names = adapters if adapters is not None else [None] * len(keys)
+        self.rows += [_Scoring(key, encoding, name) for key, encoding, name in zip(keys, encodings, names)]
 
     def step(self, cancelled):
         rows, self.rows = self.rows, []
         wanted = [row for row in rows if not cancelled(row.index)]
-        if wanted:
-            for row, logits in zip(wanted, self.backend.logits([row.encoding for row in wanted])):
-                yield Scored(row.index, logits)
+        if not wanted:
+            return
+        encodings = [row.encoding for row in wanted]
+        scored = (self.backend.logits(encodings, [row.adapter for row in wanted])
+                  if isinstance(self.backend, ScoringAdapters) else self.backend.logits(encodings))
+        for row, logits in zip(wanted, scored):
+            yield Scored(row.index, logits)
 
     def close(self) -> None:
         self.rows = []
@@ -370,3 +379,4 @@ class _ScoreBatch:
 class _Scoring:
     index: object
     encoding: dict
+    adapter: str | None = None

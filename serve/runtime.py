@@ -15,6 +15,7 @@ from lite_sft.taskspec import TASKS
 
 from .backends.devices import DEVICES
 from .backends.factory import load_backend
+from .backends.protocol import ScoringAdapters
 
 
 def main() -> None:
@@ -25,6 +26,12 @@ def main() -> None:
     args = parser.parse_args()
     backend, _ = load_backend(args.folder, args.device)
     ids = np.array([[int(i) for i in args.prompt_ids.split(",")]])
+    if isinstance(backend, ScoringAdapters):  # classifier adapters: each answers with its own head
+        for name in backend.served_adapters():
+            logits = backend.logits([{"input_ids": ids[0].tolist()}], [name])[0]
+            labels = backend.adapter_labels(name)
+            print(f"{name}: {[labels[i] for i in np.atleast_1d(logits.argmax(-1))]}")
+        return
     if not TASKS[backend.task].generates:
         logits = backend.logits([{"input_ids": ids[0].tolist()}])[0]
         print(f"{backend.describe()}: {[backend.labels[i] for i in np.atleast_1d(logits.argmax(-1))]}")

@@ -30,7 +30,7 @@ from lite_sft.errors import ServeError
 from lite_sft.options import BATCHING, ServerSettings  # noqa: F401  (BATCHING, ServerSettings: imported from here by callers)
 
 from .backends.factory import load_backend
-from .backends.protocol import Adapters
+from .backends.protocol import ScoringAdapters, ServesAdapters
 from .backends.folder import stop_ids
 from .engine import ScoreEngine
 from .http.app import create_app
@@ -84,11 +84,12 @@ def serve(folder: str | Path, say=print, **options) -> None:
     if served := variant_line(Path(folder), options.get("variant")):
         say(f"  {served}")
     backend = app.state.engine.backend
-    if isinstance(backend, Adapters):  # a multi-adapter export: which names a request's `model` may give
+    if isinstance(backend, ServesAdapters):  # a multi-adapter export: which names a request's `model` may give
         loaded = backend.served_adapters()
-        say("  adapters: " + (", ".join(f"{name} (rank {a['rank']}: {', '.join(a['targets'])})"
-                                        for name, a in loaded.items()) or "none yet")
-            + "; `base` picks the bare base" + ("; POST /v1/adapters loads more" if settings.api_key else
+        say("  adapters: " + (", ".join(f"{name} ({a['task'] + ', ' if 'task' in a else ''}rank {a['rank']}: "
+                                        f"{', '.join(a['targets'])})" for name, a in loaded.items()) or "none yet")
+            + ("; `model` picks one (none: the only one of the route's task)" if isinstance(backend, ScoringAdapters)
+               else "; `base` picks the bare base") + ("; POST /v1/adapters loads more" if settings.api_key else
                                                 "; set an API key to load and unload adapters while serving"))
     if host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
         say(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")

@@ -51,6 +51,20 @@ class FakeAdapters(FakeDecoder):
     def unload_adapter(self, name): ...
 
 
+class FakeScoringAdapters(FakeBackend):
+    """Classifier adapters of one base (protocol.ScoringAdapters): both classifier routes and the adapter routes."""
+
+    def logits(self, rows, adapters=None): ...
+    def adapter_task(self, name): return "seq-cls"
+    def adapter_labels(self, name): return ["neg", "pos"]
+    def served_adapters(self): return {"sentiment": {"rank": 4, "targets": ["query"], "task": "seq-cls",
+                                                     "num_labels": 2}}
+    def read_adapter(self, name, path): ...
+    def add_adapter(self, adapter): ...
+    def load_adapter(self, name, path): ...
+    def unload_adapter(self, name): ...
+
+
 def app_for(task: str, api_key: str | None = None):
     backend = FakeDecoder(task) if task == "causal-lm" else FakeBackend(task)
     return create_app(backend, None, ServerSettings("tiny", api_key=api_key))
@@ -84,6 +98,18 @@ def test_the_multi_adapter_schema_adds_the_adapter_routes(api_key):
         app.state.engine.close()
     assert {"/v1/adapters", "/v1/adapters/{name}"} <= set(schema["paths"])
     compare(f"causal-lm-adapters{'-key' if api_key else ''}.json", json.dumps(schema, sort_keys=True, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_the_classifier_adapters_schema_has_both_classifier_routes_and_the_adapter_routes(api_key):
+    app = create_app(FakeScoringAdapters("seq-cls"), None, ServerSettings("team", api_key=api_key))
+    try:
+        schema = app.openapi()
+    finally:
+        app.state.engine.close()
+    assert {"/v1/classify", "/v1/ner", "/v1/adapters", "/v1/adapters/{name}"} <= set(schema["paths"])
+    assert "/v1/completions" not in schema["paths"]
+    compare(f"classifier-adapters{'-key' if api_key else ''}.json", json.dumps(schema, sort_keys=True, indent=1) + "\n")
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])

@@ -44,14 +44,19 @@ def read_labels(folder: Path, task: str) -> list[str]:
         by_id = {}
     if sorted(by_id) != list(range(len(raw))):
         raise ServeError(f"{folder / 'config.json'}: id2label keys must be the ids 0..{len(raw) - 1}, got {sorted(raw)}")
-    labels = [by_id[i] for i in range(len(by_id))]
+    return check_labels([by_id[i] for i in range(len(by_id))], task, f"{folder / 'config.json'}: id2label")
+
+
+def check_labels(labels: list[str], task: str, where: str) -> list[str]:
+    """`labels`, when `task` can serve them: for token-cls every name an IOB2 tag; else a ServeError that starts
+    with `where` (the file and field they came from)."""
     if TASKS[task].per_token:
         for name in labels:
             try:
                 split_tag(name)
             except ValueError as err:
-                raise ServeError(f"{folder / 'config.json'}: id2label {name!r}: {err}; /v1/ner reads entities "
-                                 "from IOB2 tags (O, B-TYPE, I-TYPE)") from None
+                raise ServeError(f"{where} {name!r}: {err}; /v1/ner reads entities from IOB2 tags (O, B-TYPE, "
+                                 "I-TYPE)") from None
     return labels
 
 
@@ -106,7 +111,8 @@ class EncoderBackend:
         raise NotImplementedError
 
 
-def _pad_id(folder: Path) -> int:
+def config_pad_id(folder: Path) -> int:
+    """config.json's pad_token_id, 0 when it names none."""
     pad = json.loads((folder / MODEL_CONFIG).read_text()).get("pad_token_id")
     return pad if isinstance(pad, int) else 0
 
@@ -125,7 +131,7 @@ class OrtEncoderBackend(EncoderBackend):
             raise ServeError(f"{folder / ONNX_FILE} is not a {task} classifier (inputs {sorted(self.inputs)}, outputs "
                              f"{sorted(outputs)}): export it with `lite-sft export` from a {task} run")
         fp16 = outputs["logits"].type == "tensor(float16)"
-        super().__init__(task, folder, read_labels(folder, task), _pad_id(folder), max_context(folder),
+        super().__init__(task, folder, read_labels(folder, task), config_pad_id(folder), max_context(folder),
                          f"onnx-{folder.name}", onnx_precision(folder, fp16), self.session.get_providers()[0])
         width = outputs["logits"].shape[-1]
         if isinstance(width, int) and width != len(self.labels):
@@ -148,7 +154,7 @@ class TorchEncoderBackend(EncoderBackend):
     def __init__(self, model, folder: Path, task: str, precision: str):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        super().__init__(task, folder, read_labels(folder, task), _pad_id(folder), max_context(folder),
+        super().__init__(task, folder, read_labels(folder, task), config_pad_id(folder), max_context(folder),
                          "torch-merged", precision, f"torch {self.device.type}")
 
     @classmethod

@@ -6,7 +6,8 @@
 A folder is one of (resolve_model):
     an export OUT (parity.json beside onnx/, merged/)   -> OUT/onnx, onnx-int8 or onnx-int4 (lite_sft.artifacts
         says which: the quantised variant the export gated, unless told)
-    a multi-adapter export OUT (adapters.json beside onnx/) -> lora.py's LoraOrtBackend, every adapter loaded
+    a multi-adapter export OUT (adapters.json beside onnx/) -> lora.py's LoraOrtBackend, every adapter loaded;
+        lora_encoder.py's LoraEncoderBackend where the adapters are classifiers (a trunk graph and a head each)
     an ONNX folder (model.onnx, or encoder_model.onnx + decoder files, + config.json + tokenizer, as
         `lite-sft export` writes it)
     a Hugging Face folder (config.json + weights)       -> PyTorch
@@ -22,13 +23,14 @@ from pathlib import Path
 
 from lite_sft.artifacts import (ADAPTER_CONFIG, GENAI_CONFIG, MODEL_CONFIG, PARITY_FILE, VARIANTS, has_onnx,
                                 model_task, served_variant, variant_folder)
-from lite_sft.adapters import MANIFEST_FILE
+from lite_sft.adapters import MANIFEST_FILE, read_manifest
 from lite_sft.errors import ServeError
 from lite_sft.taskspec import TASKS
 
 from .encoder import OrtEncoderBackend, TorchEncoderBackend
 from .folder import check_tokenizer, load_tokenizer
 from .lora import LoraOrtBackend
+from .lora_encoder import LoraEncoderBackend, serves_classifiers
 from .ort import OrtBackend
 from .pytorch import TorchBackend
 from .seq2seq import Seq2SeqBackend
@@ -99,6 +101,11 @@ def load_backend(folder: str | Path, device: str = "auto", threads: int | None =
     tokenizer = load_tokenizer(path)
     # A multi-adapter export: OUT/adapters.json beside OUT/onnx/ (lite_sft/adapters.py); its graph serves them all.
     manifest_dir = next((d for d in (Path(folder), path.parent) if (d / MANIFEST_FILE).is_file()), None)
-    if manifest_dir is not None and kind == "onnx" and task == "causal-lm":
-        return LoraOrtBackend(path, device, threads, manifest_dir=manifest_dir), tokenizer
+    if manifest_dir is not None and kind == "onnx":
+        if serves_classifiers(read_manifest(manifest_dir)):  # its adapters' tasks, not parity.json's, say so
+            backend = LoraEncoderBackend(path, device, threads, manifest_dir=manifest_dir)
+            backend.check_tokenizer(tokenizer)
+            return backend, tokenizer
+        if task == "causal-lm":
+            return LoraOrtBackend(path, device, threads, manifest_dir=manifest_dir), tokenizer
     return open_backend(kind, path, task, device, threads, tokenizer), tokenizer

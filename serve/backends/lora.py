@@ -71,8 +71,19 @@ def check_adapter(name: str, sites: dict[str, dict], graph: dict[str, Site], pat
         if have != want:
             raise ServeError(f"adapter {name!r} ({path}): site {site} is {have[0]} -> {have[1]}, the base graph's is "
                              f"{want[0]} -> {want[1]}: it was trained on another base")
-    targets = sorted({site.split(".", 2)[2] for site in sites})
+    targets = sorted({site.rsplit(".", 1)[-1] for site in sites})  # q_proj of layers.0.q_proj, query of a BERT site
     return Adapter(name, ranks.pop(), sites, str(path), targets)
+
+
+def graph_sites(inputs: dict) -> dict[str, Site]:
+    """{site: Site} of a graph with LoRA branches, from its session's inputs by name (lora.SITE.A, lora.SITE.B)."""
+    sites = {}
+    for name, value in inputs.items():
+        match = re.fullmatch(r"lora\.(.+)\.A", name)
+        if match:
+            b = inputs[input_names(match.group(1))[1]]
+            sites[match.group(1)] = Site(match.group(1), value.shape[0], b.shape[1])
+    return sites
 
 
 class Bank:
@@ -150,50 +161,21 @@ class Bank:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-class LoraOrtBackend(OrtBackend):
-    """An OrtBackend over a graph with LoRA branches: each row runs the base plus its own adapter (or none)."""
+class BankedAdapters:
+    """Serving adapters from banks (Bank), what LoraOrtBackend and lora_encoder.py's LoraEncoderBackend share: the
+    adapters by name, and adding or dropping one's columns. A class using it sets `adapters` ({}) and `bank`, and
+    reads a file in its own read_adapter."""
 
-    def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None, *,
-                 manifest_dir: str | Path):
-        super().__init__(folder, device, threads)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if MASK_INPUT not in inputs:
-            raise ServeError(f"{self.folder} has {Path(manifest_dir) / 'adapters.json'} but its graph has no "
-                             f"{MASK_INPUT} input: export the runs again (`lite-sft export RUN_A RUN_B --out OUT`)")
-        self.lora_dtype = ORT_TYPES[inputs[MASK_INPUT].type]
-        self.graph_sites: dict[str, Site] = {}
-        for name, value in inputs.items():
-            match = re.fullmatch(r"lora\.(.+)\.A", name)
-            if match:
-                b = inputs[input_names(match.group(1))[1]]
-                self.graph_sites[match.group(1)] = Site(match.group(1), value.shape[0], b.shape[1])
-        manifest_dir = Path(manifest_dir)
-        self.manifest = read_manifest(manifest_dir)
-        self.adapters: dict[str, Adapter] = {}
-        self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
-        first = []
-        for entry in self.manifest.adapters:
-            adapter = self._read(entry.name, manifest_dir / entry.file)
-            if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
-                raise ServeError(f"adapter {entry.name!r}: {entry.file} holds rank {adapter.rank} on "
-                                 f"{', '.join(adapter.targets)}, adapters.json says rank {entry.rank} on "
-                                 f"{', '.join(entry.targets)}: export the runs again")
-            if entry.name in {a.name for a in first}:
-                raise ServeError(f"adapters.json names adapter {entry.name!r} twice: rename one at export (--name)")
-            first.append(adapter)
-        self._add(first)
-
-    # -- the adapters served ----------------------------------------------------------------------------------
+    adapters: dict[str, Adapter]
+    bank: Bank
 
     def served_adapters(self) -> dict[str, dict]:
-        """{name: {"rank", "targets"}} of the adapters loaded, in bank order."""
+        """{name: its description (rank, targets, ...)} of the adapters loaded, in bank order."""
         return {name: adapter.describe() for name, adapter in self.adapters.items()}
 
     def read_adapter(self, name: str, path: str | Path) -> Adapter:
-        """Read and check an adapter file, changing nothing: any thread may call it (the server reads on one of
-        its own, so a large file never holds up the decode steps)."""
-        self._free(name)
-        return self._read(name, Path(path))
+        """Read and check an adapter file, changing nothing (any thread may call it): the class's own."""
+        raise NotImplementedError
 
     def add_adapter(self, adapter: Adapter) -> dict:
         """Put a read adapter's columns in the banks; call between steps (the engine does). Its description."""
@@ -223,11 +205,15 @@ class LoraOrtBackend(OrtBackend):
         """The banks' bytes on the device (what the adapters add to the base)."""
         return self.bank.nbytes()
 
-    def describe(self) -> str:
-        return (super().describe() + f", {len(self.adapters)} LoRA adapter" + ("s" if len(self.adapters) != 1 else "")
-                + (f" ({', '.join(self.adapters)})" if self.adapters else ""))
+    def _add(self, adapters: list[Adapter]) -> None:
+        self.bank = self.bank.with_adapters(adapters)
+        for adapter in adapters:
+            adapter.sites = {}  # its weights live in the banks now; a host copy would double the adapters' memory
+        self.adapters = {**self.adapters, **{a.name: a for a in adapters}}  # a new dict: see unload_adapter
+        _trim()
 
-    def _read(self, name: str, path: Path) -> Adapter:
+    def _check_file(self, name: str, path: Path) -> Adapter:
+        """An Adapter from the file at `path`, checked against this graph's sites (check_adapter)."""
         if path.suffix != ADAPTER_SUFFIX and path.is_file():
             raise ServeError(f"adapter {name!r}: {path} is not an {ADAPTER_SUFFIX} file (onnxruntime's adapter format, "
                              "as `lite-sft export RUN_A RUN_B --out OUT` writes under OUT/adapters/)")
@@ -237,12 +223,46 @@ class LoraOrtBackend(OrtBackend):
             raise ServeError(f"adapter {name!r}: {err}") from err
         return check_adapter(name, sites, self.graph_sites, path)
 
-    def _add(self, adapters: list[Adapter]) -> None:
-        self.bank = self.bank.with_adapters(adapters)
-        for adapter in adapters:
-            adapter.sites = {}  # its weights live in the banks now; a host copy would double the adapters' memory
-        self.adapters = {**self.adapters, **{a.name: a for a in adapters}}  # a new dict: see unload_adapter
-        _trim()
+
+class LoraOrtBackend(BankedAdapters, OrtBackend):
+    """An OrtBackend over a graph with LoRA branches: each row runs the base plus its own adapter (or none)."""
+
+    def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None, *,
+                 manifest_dir: str | Path):
+        super().__init__(folder, device, threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if MASK_INPUT not in inputs:
+            raise ServeError(f"{self.folder} has {Path(manifest_dir) / 'adapters.json'} but its graph has no "
+                             f"{MASK_INPUT} input: export the runs again (`lite-sft export RUN_A RUN_B --out OUT`)")
+        self.lora_dtype = ORT_TYPES[inputs[MASK_INPUT].type]
+        self.graph_sites = graph_sites(inputs)
+        manifest_dir = Path(manifest_dir)
+        self.manifest = read_manifest(manifest_dir)
+        self.adapters: dict[str, Adapter] = {}
+        self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
+        first = []
+        for entry in self.manifest.adapters:
+            adapter = self._check_file(entry.name, manifest_dir / entry.file)
+            if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
+                raise ServeError(f"adapter {entry.name!r}: {entry.file} holds rank {adapter.rank} on "
+                                 f"{', '.join(adapter.targets)}, adapters.json says rank {entry.rank} on "
+                                 f"{', '.join(entry.targets)}: export the runs again")
+            if entry.name in {a.name for a in first}:
+                raise ServeError(f"adapters.json names adapter {entry.name!r} twice: rename one at export (--name)")
+            first.append(adapter)
+        self._add(first)
+
+    # -- the adapters served ----------------------------------------------------------------------------------
+
+    def read_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Read and check an adapter file, changing nothing: any thread may call it (the server reads on one of
+        its own, so a large file never holds up the decode steps)."""
+        self._free(name)
+        return self._check_file(name, Path(path))
+
+    def describe(self) -> str:
+        return (super().describe() + f", {len(self.adapters)} LoRA adapter" + ("s" if len(self.adapters) != 1 else "")
+                + (f" ({', '.join(self.adapters)})" if self.adapters else ""))
 
     # -- the calls --------------------------------------------------------------------------------------------
 

@@ -22,7 +22,9 @@ An encoder-decoder (EncoderDecoder) reads the prompt with its encoder and starts
 A scoring backend (encoder.py: a seq-cls or token-cls head) answers `logits` for a batch of tokenised rows
 instead, and names the logits' columns in `labels`.
 
-A decoder serving several adapters of one base (Adapters) takes each row's adapter at prefill.
+A decoder serving several adapters of one base (Adapters) takes each row's adapter at prefill; classifiers of
+one base (ScoringAdapters) take each row's adapter at `logits`, and its head gives that row's task and labels.
+Both load and unload adapters the same way (ServesAdapters).
 
 The engine and the generation loop type their backends with these and ask `isinstance(backend, Joining)` where
 a capability differs (runtime_checkable), rather than probing attribute names one by one.
@@ -76,14 +78,10 @@ class Joining(Protocol):
 
 
 @runtime_checkable
-class Adapters(Protocol):
-    """A generating backend serving several LoRA adapters of one base (lora.py's LoraOrtBackend): each row of a
-    prefill names its adapter (None: the bare base) and keeps it through keep and join. read_adapter reads and
-    checks a file on any thread; add_adapter (or load_adapter, both at once) and unload_adapter change what is
-    served, and the engine calls them between steps, never under a running one."""
-
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
-                adapters: list[str | None] | None = None) -> tuple[np.ndarray, Any]: ...
+class ServesAdapters(Protocol):
+    """A backend serving several LoRA adapters of one base, decoder (Adapters) or classifiers (ScoringAdapters):
+    read_adapter reads and checks a file on any thread; add_adapter (or load_adapter, both at once) and
+    unload_adapter change what is served, and the engine calls them between steps, never under a running one."""
 
     def served_adapters(self) -> dict[str, dict]: ...
 
@@ -94,6 +92,27 @@ class Adapters(Protocol):
     def load_adapter(self, name: str, path: str | Path) -> dict: ...
 
     def unload_adapter(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class Adapters(ServesAdapters, Protocol):
+    """A generating backend serving several LoRA adapters of one base (lora.py's LoraOrtBackend): each row of a
+    prefill names its adapter (None: the bare base) and keeps it through keep and join."""
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, capacity: int,
+                adapters: list[str | None] | None = None) -> tuple[np.ndarray, Any]: ...
+
+
+@runtime_checkable
+class ScoringAdapters(ServesAdapters, Protocol):
+    """Classifiers of one base sharing its trunk (lora_encoder.py's LoraEncoderBackend): each row of a `logits`
+    call names its adapter, whose head (and so task and labels) answers it; there is no bare base to score with."""
+
+    def logits(self, rows: list[dict], adapters: list[str] | None = None) -> list[np.ndarray]: ...
+
+    def adapter_task(self, name: str) -> str: ...
+
+    def adapter_labels(self, name: str) -> list[str]: ...
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from lite_sft.taskspec import ROUTES, TASKS
 
 from ..engine import Engine, ScoreEngine
-from ..backends.protocol import Adapters
+from ..backends.protocol import ServesAdapters
 from .adapters import AdapterHandler
 from .auth import ApiKey
 from .classify import ScoreHandler
@@ -66,7 +66,7 @@ def create_app(backend, tokenizer, settings, stop_ids: list[int] | None = None) 
     for handler in (SystemHandler(served, api_key, registry), CompletionHandler(served, stop_ids or []),
                     ScoreHandler(served)):
         app.include_router(handler.router(keyed))
-    if isinstance(backend, Adapters):  # several LoRA adapters of one base: load and unload them while serving
+    if isinstance(backend, ServesAdapters):  # several LoRA adapters of one base: load and unload them while serving
         app.include_router(AdapterHandler(served, api_key).router(keyed))
     return app
 

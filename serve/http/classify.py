@@ -8,10 +8,13 @@
     # {"object": "list", "data": [{"index": 0, "entities": [{"entity": "PER", "start": 0, "end": 5,
     #  "text": "Peter", "score": 0.91}, {"entity": "LOC", "start": 14, "end": 19, ...}]}], ...}
 
-Scores are the softmax over config.json's id2label. NER reads the text as whitespace-separated words, as the
-model was trained on words (CoNLL tokens), tags each word by its first sub-word (the one trained) and reads
-entities from the tags with conlleval's rules; each entity is a span of the text as sent (start, end in
-characters, end exclusive) with the mean score of its words. lite_sft.tasks.ner does those steps for
+On a server of classifier adapters (one encoder, several tuned heads), `"model": "sentiment"` picks the adapter
+and so its labels; /v1/classify takes the seq-cls adapters and /v1/ner the token-cls ones (served.py's scorer).
+
+Scores are the softmax over config.json's id2label (an adapter's labels in adapters.json). NER reads the text
+as whitespace-separated words, as the model was trained on words (CoNLL tokens), tags each word by its first
+sub-word (the one trained) and reads entities from the tags with conlleval's rules; each entity is a span of
+the text as sent (start, end in characters, end exclusive) with the mean score of its words. lite_sft.tasks.ner does those steps for
 training and evaluation, so serving uses the very same functions.
 """
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import APIRouter, Request
 
-from lite_sft.errors import ServeError
+from lite_sft.errors import ServeError, UnknownAdapter
 from lite_sft.tasks.ner import entity_spans, split_words, word_predictions
 
 from ..engine import QueueFull
@@ -107,6 +110,7 @@ class ScoreHandler:
     async def classify(self, body: ClassifyRequest, request: Request):
         served = self.served
         served.refuse("/v1/classify")
+        adapter, labels = served.scorer("/v1/classify", body.model)
         start, deadline = served.begin(body)
         texts = self.texts_of(body)
         pairs = None if body.text_pair is None else [body.text_pair] if isinstance(body.text_pair, str) \
@@ -115,25 +119,29 @@ class ScoreHandler:
             served.check_chars(len(text), "text_pair")
         encoded = await served.off_loop(lambda: encode(served.tokenizer, texts, pairs, served.context, body.truncate,
                                                        False), deadline)
-        logits = await self.score(request, [e.row for e in encoded], deadline)
-        data = [{"index": i, **ranked(row, served.backend.labels, body.top_k)} for i, row in enumerate(logits)]
-        return self.answer("classify", data, encoded, start)
+        logits = await self.score(request, [e.row for e in encoded], deadline, adapter)
+        data = [{"index": i, **ranked(row, labels, body.top_k)} for i, row in enumerate(logits)]
+        return self.answer("classify", data, encoded, start, adapter)
 
     async def ner(self, body: NerRequest, request: Request):
         served = self.served
         served.refuse("/v1/ner")
+        adapter, labels = served.scorer("/v1/ner", body.model)
         start, deadline = served.begin(body)
         texts = self.texts_of(body)
         encoded = await served.off_loop(lambda: encode(served.tokenizer, texts, None, served.context, body.truncate,
                                                        True), deadline)
-        logits = await self.score(request, [e.row for e in encoded], deadline)
-        data = [{"index": i, "entities": entities(text, e.offsets, e.word_ids, row, served.backend.labels)}
+        logits = await self.score(request, [e.row for e in encoded], deadline, adapter)
+        data = [{"index": i, "entities": entities(text, e.offsets, e.word_ids, row, labels)}
                 for i, (text, e, row) in enumerate(zip(texts, encoded, logits))]
-        return self.answer("ner", data, encoded, start)
+        return self.answer("ner", data, encoded, start, adapter)
 
-    async def score(self, request: Request, rows: list[dict], deadline: float) -> list[np.ndarray]:
+    async def score(self, request: Request, rows: list[dict], deadline: float,
+                    adapter: str | None = None) -> list[np.ndarray]:
         try:
-            job = self.served.engine.submit(rows, [None] * len(rows))
+            job = self.served.engine.submit(rows, [None] * len(rows), adapter=adapter)
+        except UnknownAdapter as err:  # unloaded since scorer looked
+            raise ApiError(404, str(err), param="model", code="model_not_found") from err
         except QueueFull as err:
             raise ApiError(429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from err
         except ServeError as err:
@@ -157,9 +165,10 @@ class ScoreHandler:
             self.served.check_chars(len(text), "input")
         return texts
 
-    def answer(self, kind: str, data: list[dict], encoded: list[Encoded], start: float) -> dict:
+    def answer(self, kind: str, data: list[dict], encoded: list[Encoded], start: float,
+               adapter: str | None = None) -> dict:
         self.served.latency.observe(time.perf_counter() - start)
         tokens = sum(len(e.row["input_ids"]) for e in encoded)
         return {"id": f"{kind}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": self.served.settings.model_name, "data": data,
+                "model": adapter or self.served.settings.model_name, "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

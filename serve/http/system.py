@@ -35,7 +35,7 @@ class SystemHandler:
         about = {}
         if self.api_key.caller_has_it(request):
             about = {"backend": served.backend.describe(),
-                     **({} if served.spec.generates else {"labels": served.backend.labels}),
+                     **({} if served.spec.generates or served.scoring else {"labels": served.backend.labels}),
                      **({"adapters": engine.adapter_names()} if served.multi else {})}
         return {"status": "ok", "model": served.settings.model_name, "task": served.task, **about,
                 "context": served.context, "queued": engine.queued, "running_rows": engine.running_rows,
@@ -48,7 +48,11 @@ class SystemHandler:
         served = self.served
         if served.multi:  # the bare base, then each adapter by its manifest name, with its rank and targets
             loaded = served.backend.served_adapters()
-            entries = [(BASE, {})] + [(name, {"adapter": loaded[name]}) for name in served.engine.adapter_names()]
+            # A classifier adapter has its own task (and labels); their shared encoder alone has none.
+            base = {"task": None} if served.scoring else {}
+            entries = [(BASE, base)] + [(name, {"adapter": loaded[name], **({"task": loaded[name]["task"]}
+                                                                           if served.scoring else {})})
+                                        for name in served.engine.adapter_names() if name in loaded]
             return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lite-sft",
                                                 "max_model_len": served.context, "task": served.task, **extra}
                                                for name, extra in entries]}
