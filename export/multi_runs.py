@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lite_sft.adapters import peft_sites, peft_trunk_sites
+from lite_sft.adapters import peft_sites, peft_trunk_sites, site_targets
 from lite_sft.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, TRAINABLE_FILE
 from lite_sft.tasks.base import get_task
 from lite_sft.taskspec import TASKS
@@ -71,9 +71,7 @@ class Run:
     def targets(self) -> list[str]:
         """The modules it trains: a decoder's projection names (q_proj), a trunk's module paths without the layer
         (attention.self.query, pooler.dense)."""
-        if self.classifier:
-            return sorted({re.sub(r"^.*?\.\d+\.", "", site) for site in self.sites})
-        return sorted({site.split(".", 2)[2] for site in self.sites})
+        return site_targets(self.sites)
 
 
 def read_runs(run_dirs: list[Path], names: list[str], dtype: str) -> list[Run]:

@@ -53,6 +53,12 @@ def site_name(layer: int, module: str) -> str:
     return f"layers.{layer}.{module}"
 
 
+def site_targets(sites) -> list[str]:
+    """The modules some sites train, as /v1/models and the manifest list them: a site's path without the layer
+    (q_proj of layers.0.q_proj; attention.self.query of encoder.layer.0.attention.self.query; pooler.dense)."""
+    return sorted({re.sub(r"^.*?\.\d+\.", "", site) for site in sites})
+
+
 def input_names(site: str) -> tuple[str, str]:
     """The graph inputs of a site's A and B banks."""
     return f"lora.{site}.A", f"lora.{site}.B"

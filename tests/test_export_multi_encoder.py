@@ -218,3 +218,52 @@ def test_a_classifiers_head_and_lora_outside_the_trunk_go_to_its_head_and_anythi
                                           r".* inside the shared trunk \(distilbert\)"):
         _read_classifier_adapter(run, state(*lora, "base_model.model.distilbert.embeddings.word_embeddings."
                                                    "token_adapter.trainable_tokens_delta"))
+
+
+def test_runs_exported_together_are_served_each_as_its_own_merged_classifier_alone_and_mixed(runs, tmp_path):
+    """tune -> `lite-sft export A B` -> the server's backend and HTTP app: each adapter answers as its own run's
+    merged PyTorch classifier, alone and with rows of the other adapter in the same trunk pass."""
+    from fastapi.testclient import TestClient
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from lite_sft.options import ServerSettings
+    from lite_sft.serve.backends.factory import load_backend
+    from lite_sft.serve.backends.lora_encoder import LoraEncoderBackend
+    from lite_sft.serve.server import create_app
+
+    sentiment, ner = runs
+    out = tmp_path / "team"
+    assert export_runs([sentiment, ner], out, ExportOptions(**FAST), say=lambda _: None)["passed"]
+    backend, tokenizer = load_backend(out, "cpu", threads=1)
+    assert isinstance(backend, LoraEncoderBackend) and set(backend.served_adapters()) == {"sentiment", "ner"}
+    merged = {name: PeftModel.from_pretrained(auto.from_pretrained(out / "base", num_labels=len(labels)),
+                                              str(run)).merge_and_unload().eval()
+              for name, auto, labels, run in (("sentiment", AutoModelForSequenceClassification, ["neg", "pos"],
+                                               sentiment),
+                                              ("ner", AutoModelForTokenClassification, NER_TAGS, ner))}
+    texts = ["a very good film", "Peter flew to Paris with the ORG team", "awful", "the plot was slow"]
+    rows = [{k: list(v) for k, v in tokenizer(text).items() if k in ("input_ids", "token_type_ids")}
+            for text in texts]
+
+    def expected(name: str, row: dict) -> np.ndarray:
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            return merged[name](input_ids=ids, attention_mask=torch.ones_like(ids),
+                                token_type_ids=torch.tensor([row["token_type_ids"]])).logits[0].numpy()
+
+    names = ["sentiment", "ner", "ner", "sentiment"]
+    mixed = backend.logits(rows, names)
+    for row, name, got in zip(rows, names, mixed):
+        np.testing.assert_allclose(got, expected(name, row), atol=1e-4, rtol=1e-4)
+        alone = backend.logits([row], [name])[0]
+        assert np.array_equal(alone.argmax(-1), got.argmax(-1))
+    with TestClient(create_app(backend, tokenizer, ServerSettings("team"))) as http:
+        models = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert models == ["base", "sentiment", "ner"]
+        answer = http.post("/v1/classify", json={"model": "sentiment", "input": texts[0]}).json()
+        want = ["neg", "pos"][int(expected("sentiment", rows[0]).argmax())]
+        assert answer["data"][0]["label"] == want and answer["model"] == "sentiment"
+        assert http.post("/v1/ner", json={"model": "ner", "input": texts[1]}).status_code == 200
+        refused = http.post("/v1/ner", json={"model": "sentiment", "input": texts[1]})
+        assert refused.status_code == 400 and "sentiment" in refused.json()["error"]["message"]

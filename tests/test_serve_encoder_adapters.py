@@ -22,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from lite_sft.adapters import AdapterEntry, Manifest, write_adapter_file, write_manifest
+from lite_sft.adapters import AdapterEntry, Manifest, site_targets, write_adapter_file, write_manifest
 from lite_sft.artifacts import copy_model_files
 from lite_sft.errors import ServeError, UnknownAdapter
 from lite_sft.export.encoder_lora import export_head, export_trunk, trunk_sites
@@ -77,7 +77,7 @@ def merged(model, weights: dict[str, dict]):
 
 def entry(name: str, rank: int, sites: list[str], task: str, labels: list[str]) -> AdapterEntry:
     return AdapterEntry(name, f"adapters/{name}.onnx_adapter", rank, float(rank), 1.0,
-                        sorted({s.rsplit(".", 1)[-1] for s in sites}), run_dir=f"runs/{name}", task=task,
+                        site_targets(sites), run_dir=f"runs/{name}", task=task,
                         gate={"passed": True}, labels=labels, head=f"heads/{name}.onnx")
 
 
@@ -256,8 +256,8 @@ def test_routes_are_refused_per_task_and_model_picks_the_adapter(client):
     assert classify(http, "a great film", "team").json()["model"] == "sentiment"  # the server's name: as no model
     models = http.get("/v1/models", headers=AUTH).json()["data"]
     assert [(m["id"], m["task"]) for m in models] == [("base", None), ("sentiment", "seq-cls"), ("ner", "token-cls")]
-    assert models[1]["adapter"] == {"rank": 4, "targets": ["dense", "query", "value"], "task": "seq-cls",
-                                    "num_labels": 2}
+    assert models[1]["adapter"] == {"rank": 4, "targets": ["attention.self.query", "attention.self.value",
+                                                           "pooler.dense"], "task": "seq-cls", "num_labels": 2}
     assert models[2]["adapter"]["num_labels"] == len(NER_LABELS)
     health = http.get("/health", headers=AUTH).json()
     assert health["adapters"] == ["sentiment", "ner"] and "2 classifier adapters" in health["backend"]
@@ -272,7 +272,8 @@ def test_hot_load_from_another_export_then_unload(export, client):
     path = str(out2 / "adapters" / "topic.onnx_adapter")
     loaded = http.post("/v1/adapters", headers=AUTH, json={"name": "topic", "path": path})
     assert loaded.status_code == 201, loaded.text
-    assert loaded.json()["adapter"] == {"rank": 3, "targets": ["dense", "value"], "task": "seq-cls", "num_labels": 3}
+    assert loaded.json()["adapter"] == {"rank": 3, "targets": ["attention.self.value", "pooler.dense"],
+                                         "task": "seq-cls", "num_labels": 3}
     check_classify(classify(http, TEXTS[2], "topic"), refs, "topic", tokenizer, TEXTS[2])
     several = classify(http, TEXTS[0])  # two seq-cls adapters now: `model` must say which
     assert several.status_code == 400 and "2 adapters here serve /v1/classify: name one in `model` (sentiment, " \
@@ -384,6 +385,7 @@ def test_the_start_up_lines_name_the_adapters_and_their_tasks(export, monkeypatc
     lines: list[str] = []
     serve(out, say=lines.append, port=0, device="cpu", threads=1)
     said = "\n".join(lines)
-    assert "adapters: sentiment (seq-cls, rank 4: dense, query, value), ner (token-cls, rank 2: dense, query)" in said
+    assert ("adapters: sentiment (seq-cls, rank 4: attention.self.query, attention.self.value, pooler.dense), "
+            "ner (token-cls, rank 2: attention.self.query, output.dense)") in said
     assert "one-pass batching" in said
 

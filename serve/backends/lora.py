@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lite_sft.adapters import ADAPTER_SUFFIX, MASK_INPUT, Site, input_names, read_adapter_file, read_manifest
+from lite_sft.adapters import (ADAPTER_SUFFIX, MASK_INPUT, Site, input_names, read_adapter_file, read_manifest,
+                              site_targets)
 from lite_sft.errors import AdapterConflict, ServeError, UnknownAdapter
 
 from .devices import NP_TYPES, ORT_TYPES
@@ -71,7 +72,7 @@ def check_adapter(name: str, sites: dict[str, dict], graph: dict[str, Site], pat
         if have != want:
             raise ServeError(f"adapter {name!r} ({path}): site {site} is {have[0]} -> {have[1]}, the base graph's is "
                              f"{want[0]} -> {want[1]}: it was trained on another base")
-    targets = sorted({site.rsplit(".", 1)[-1] for site in sites})  # q_proj of layers.0.q_proj, query of a BERT site
+    targets = site_targets(sites)
     return Adapter(name, ranks.pop(), sites, str(path), targets)
 
 

@@ -162,9 +162,10 @@ class LoraEncoderBackend(BankedAdapters):
         """A checked adapter file (of the export `out`, whose `entry` it is) with its head: the task and labels,
         the head's inputs and logits, checked against this trunk."""
         name, where = adapter.name, out / MANIFEST_FILE
-        if adapter.rank != entry.rank:
-            raise ServeError(f"adapter {name!r}: {adapter.path} holds rank {adapter.rank}, {where} says "
-                             f"{entry.rank}: export the runs again")
+        if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
+            raise ServeError(f"adapter {name!r}: {adapter.path} holds rank {adapter.rank} on "
+                             f"{', '.join(adapter.targets)}, {where} says rank {entry.rank} on "
+                             f"{', '.join(entry.targets)}: export the runs again")
         if entry.task not in CLASSIFIERS:
             raise ServeError(f"adapter {name!r}: {where} says its task is {entry.task!r}; this server serves "
                              f"classifiers ({', '.join(CLASSIFIERS)})")
