@@ -1,5 +1,5 @@
-"""benchmarks/sst2.py and conll.py end to end on a tiny random BERT and slices of the shared data: tune,
-export with int8, the backends compared, a results file with the figures the README quotes."""
+"""benchmarks/sst2.py, conll.py and classifiers_multi.py end to end on a tiny random BERT and slices of the shared
+data: tune, export with int8, the backends compared, a results file with the figures the README quotes."""
 
 from __future__ import annotations
 
@@ -45,3 +45,19 @@ def test_conll_quick_tunes_exports_and_compares(bench, tiny_bert_dir, tmp_path):
     merged, fp32 = result["backends"][1], result["backends"][2]
     assert fp32["test_f1"] == pytest.approx(merged["test_f1"], abs=0.01)
     assert next((tmp_path / "results").glob("conll-*.json"))
+
+
+def test_classifiers_multi_quick_exports_together_and_compares(bench, tiny_bert_dir, tmp_path):
+    result = bench("classifiers_multi").main(["--quick", "--model", str(tiny_bert_dir), "--work",
+                                              str(tmp_path / "w"), "--threads", "1"])
+    assert result["export"]["passed"] and result["runs"]["sentiment"]["train_examples"] == 2000
+    for variant in ("fp32", "int8"):
+        multi, singles = result["quality"][variant]["multi"], result["quality"][variant]["singles"]
+        assert 0 <= multi["sst2_accuracy"] <= 1 and 0 <= multi["conll_f1"] <= 1 and "/" in singles["differing"]
+        assert set(result["speed"][variant]) == {"multi", "multi, halves apart", "singles", "singles, 2 threads"}
+        assert all(s["median"] > 0 for s in result["speed"][variant].values())
+        memory = result["memory"][variant]
+        assert memory["multi"]["peak_rss_mb"] > memory["imports"]["imports_rss_mb"] > 0
+    fp32 = result["quality"]["fp32"]
+    assert fp32["multi"]["sst2_accuracy"] == pytest.approx(fp32["singles"]["sst2_accuracy"], abs=2 / 200)
+    assert next((tmp_path / "results").glob("classifiers_multi-*.json"))
