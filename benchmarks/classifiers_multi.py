@@ -14,7 +14,8 @@ The two runs are tuned as sst2.py and conll.py tune theirs, on fewer rows. Then:
     int8, on the same batches, and how many predictions (SST-2 sentences, CoNLL words) differ between the two
     (none expected in fp32);
   * speed: sentences/s over batches of --batch rows, half SST-2 and half CoNLL: the multi backend scoring each batch
-    in one trunk pass (and, to tell padding from the LoRA branches, each half in a pass of its own); the two single
+    (its length groups put rows of very different lengths in passes of their own), the same in one trunk pass, and
+    (to tell padding from the LoRA branches) each half in a pass of its own; the two single
     backends each scoring its half, one after the other; and the two side by side in two Python threads (each
     session with --threads, sharing the cores as two servers would). The setups take turns --rounds times and each
     figure is the median (timings on shared cores move 10-40%);
@@ -213,7 +214,8 @@ def split(scorers: dict, pool: ThreadPoolExecutor | None = None):
 def measure(work: Path, variant: str, sets: dict, batches: list, args) -> tuple[dict, dict]:
     """Quality of the multi backend and the single ones (with the predictions that differ), and every setup's speed.
     "multi, halves apart" is the multi backend given each task's half alone: what the padding of short SST-2 rows
-    to long CoNLL ones costs a mixed batch, apart from the LoRA branches."""
+    to long CoNLL ones costs a mixed batch, apart from the LoRA branches. "multi, one pass" runs every batch as one
+    trunk pass, without the backend's length groups (serve/backends/encoder.py length_groups)."""
     from lite_sft.serve.backends.factory import load_backend
 
     multi = load_backend(work / "multi", "cpu", args.threads, variant)[0]
@@ -226,10 +228,23 @@ def measure(work: Path, variant: str, sets: dict, batches: list, args) -> tuple[
     if args.quick:
         speed_batches = speed_batches[:8]
     with ThreadPoolExecutor(len(ADAPTERS)) as pool:
-        setups = {"multi": multi.logits, "multi, halves apart": split(halves), "singles": split(alone),
+        setups = {"multi": multi.logits, "multi, one pass": one_pass(multi), "multi, halves apart": split(halves),
+                  "singles": split(alone),
                   "singles, 2 threads": split(alone, pool)}
         speed = rates(setups, speed_batches, args.rounds)
     return quality, speed
+
+
+def one_pass(backend):
+    """backend.logits with every batch in one pass, whatever its rows' lengths."""
+    def score(rows: list[dict], names: list[str]) -> list:
+        price, backend.pass_tokens = backend.pass_tokens, 10**9
+        try:
+            return backend.logits(rows, names)
+        finally:
+            backend.pass_tokens = price
+
+    return score
 
 
 def predictions(score, batches: list) -> dict[str, list]:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from lite_sft.cli import app as cli
 from lite_sft.serve import ServeError
-from lite_sft.serve.backends.encoder import OrtEncoderBackend, TorchEncoderBackend
+from lite_sft.serve.backends.encoder import OrtEncoderBackend, TorchEncoderBackend, length_groups
 from lite_sft.serve.generate import SamplingParams, generate_ids
 from lite_sft.artifacts import model_task
 from lite_sft.serve.backends.factory import load_backend
@@ -628,3 +628,12 @@ def test_a_lite_sft_export_of_each_task_is_served_as_it_generates_and_tags(tmp_p
         assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
         for text, d in zip(["Peter  visited Paris", "mary works for acme"], r.json()["data"]):
             assert all(text[e["start"]:e["end"]] == e["text"] for e in d["entities"])
+
+
+def test_length_groups_cut_a_batch_where_padding_costs_more_than_a_pass():
+    assert length_groups([5, 60, 6, 58]) == [[0, 2], [3, 1]]  # two short rows, two long ones: two passes
+    assert length_groups([5, 6, 7]) == [[0, 1, 2]]  # alike: one pass
+    assert length_groups([9]) == [[0]] and length_groups([]) == []
+    groups = length_groups([3, 120, 40, 41, 2, 119, 39], pass_tokens=16)
+    assert sorted(i for g in groups for i in g) == list(range(7)) and len(groups) == 3
+    assert length_groups([3, 120], pass_tokens=10_000) == [[0, 1]]  # a pass dearer than any padding: one pass

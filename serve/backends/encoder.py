@@ -60,6 +60,36 @@ def check_labels(labels: list[str], task: str, where: str) -> list[str]:
     return labels
 
 
+PASS_TOKENS = 16
+"""What one more forward pass costs, in padded tokens, for length_groups: onnxruntime's fixed cost per run is a
+fraction of a millisecond, a token of MiniLM about a quarter (benchmarks/classifiers_multi.py measures the split)."""
+
+
+def length_groups(lengths: list[int], pass_tokens: int = PASS_TOKENS) -> list[list[int]]:
+    """The rows of a batch (their indices) as passes of similar length: sorted by length and cut where the padding a
+    cut saves is worth more than a pass, which matters when one batch holds short and long inputs (a sentence to
+    classify beside a paragraph to tag). Exact: the least sum over passes of rows x longest + pass_tokens.
+
+    >>> length_groups([5, 60, 6, 58])
+    [[0, 2], [3, 1]]
+    >>> length_groups([5, 6, 7])
+    [[0, 1, 2]]
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)  # best[j]: the cheapest passes of rows 0..j-1
+    for j in range(1, len(order) + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):  # sorted rows i..j-1 as one pass
+            cost = best[i] + (j - i) * longest + pass_tokens
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 def pad_right(rows: list[dict], pad_id: int) -> dict[str, np.ndarray]:
     """The rows' input_ids (and token_type_ids, when the tokenizer gives them) as (batch, longest) int64 arrays,
     with the attention mask.
@@ -89,6 +119,7 @@ class EncoderBackend:
         self.per_token = TASKS[task].per_token  # token-cls: logits per token, else one row per input
         self.max_context, self.name, self.precision, self.provider = max_context, name, precision, provider
         self.vocab_size = json.loads((folder / MODEL_CONFIG).read_text()).get("vocab_size")
+        self.pass_tokens = PASS_TOKENS  # length_groups' price of a pass (a benchmark sets it huge: one pass a batch)
 
     def describe(self) -> str:
         return f"{self.folder} on {self.provider} ({self.precision}), {self.task} with {len(self.labels)} labels"
@@ -101,11 +132,15 @@ class EncoderBackend:
         self.max_context = max_context(self.folder, tokenizer)
 
     def logits(self, rows: list[dict]) -> list[np.ndarray]:
-        """float32 logits per row: (labels,) for seq-cls, (the row's tokens, labels) for token-cls."""
-        out = self._forward(pad_right(rows, self.pad_id))  # (batch, labels) or (batch, longest, labels)
-        if not self.per_token:
-            return list(out)
-        return [out[i, :len(r["input_ids"])] for i, r in enumerate(rows)]
+        """float32 logits per row: (labels,) for seq-cls, (the row's tokens, labels) for token-cls; rows of very
+        different lengths in passes of their own (length_groups)."""
+        out: list = [None] * len(rows)
+        for group in length_groups([len(r["input_ids"]) for r in rows], self.pass_tokens):
+            # (n, labels), or (n, longest, labels) for token-cls
+            scored = self._forward(pad_right([rows[i] for i in group], self.pad_id))
+            for k, i in enumerate(group):
+                out[i] = scored[k, :len(rows[i]["input_ids"])] if self.per_token else scored[k]
+        return out
 
     def _forward(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError

@@ -33,7 +33,7 @@ from lite_sft.errors import ServeError, UnknownAdapter
 from lite_sft.taskspec import TASKS
 
 from .devices import NP_TYPES, ORT_TYPES, onnx_precision, open_session
-from .encoder import check_labels, config_pad_id, pad_right
+from .encoder import PASS_TOKENS, check_labels, config_pad_id, length_groups, pad_right
 from .folder import max_context
 from .lora import Adapter, Bank, BankedAdapters, graph_sites
 
@@ -87,6 +87,7 @@ class LoraEncoderBackend(BankedAdapters):
         self.name, self.precision = f"onnx-{self.folder.name}", onnx_precision(self.folder, False)
         # The first adapter's task, as parity.json's `task` is the first run's: what /health calls the server.
         self.task = next((entry.task for entry in self.manifest.adapters), CLASSIFIERS[0])
+        self.pass_tokens = PASS_TOKENS  # length_groups' price of a pass (encoder.py)
         self.fast = True  # the tokenizer's, once check_tokenizer has seen it: /v1/ner needs a fast one
         self.adapters: dict[str, Classifier] = {}
         self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
@@ -211,6 +212,15 @@ class LoraEncoderBackend(BankedAdapters):
             if name not in served:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded" if name is not None else
                                      "a row names no adapter: the trunk has no head of its own, name an adapter")
+        out: list = [None] * len(rows)
+        for group in length_groups([len(r["input_ids"]) for r in rows], self.pass_tokens):  # short beside long
+            part = [rows[i] for i in group]
+            for i, logits in zip(group, self._pass(part, [names[i] for i in group], served)):
+                out[i] = logits
+        return out
+
+    def _pass(self, rows: list[dict], names: list[str], served: dict) -> list[np.ndarray]:
+        """One trunk run over `rows`, then each adapter's head on its rows."""
         batch = pad_right(rows, self.pad_id)  # (batch, longest)
         if "token_type_ids" in self.token_inputs and "token_type_ids" not in batch:  # a tokenizer that gives none
             batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
