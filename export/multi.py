@@ -24,20 +24,14 @@ OUT.parity-failed when one did not, and an existing OUT is replaced only with `o
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from lite_sft.adapters import AdapterEntry, Manifest, write_adapter_file, write_manifest
-from lite_sft.artifacts import ONNX_FILE, PARITY_FILE, variant_folder
+from lite_sft.adapters import AdapterEntry, write_adapter_file
+from lite_sft.artifacts import ONNX_FILE, variant_folder
 from lite_sft.options import ExportOptions
-from lite_sft.report import peak_memory, versions
 from lite_sft.stops import read_stop_tokens
 from lite_sft.taskspec import TASKS
 
@@ -46,13 +40,14 @@ from .checks import CausalChecks
 from .exporters import builder
 from .leftovers import remove_leftovers
 from .lora_graph import add_lora_branches
-from .merge import load_reference, merge, merged_dtype, plain_base, save_merged, stored_dtype, unquantized_base
+from .merge import load_reference, merge
+from .multi_common import Laps, base_record, finish, merge_gate, mixed_lines, report, write_base
 from .multi_encoder import export_classifiers
 from .multi_gate import BASE_DIR, adapter_file, adapter_gate, check_branches_float, mixed_check, summary
 from .multi_runs import read_runs
 from .ort_decoder import OnnxDecoder
 from .parity import format_report
-from .pipeline import ONNX_PACKAGES, PRECISION, _check_disk, _check_out, _version, building, conclude, load_merged
+from .pipeline import PRECISION, _check_out, building, load_merged
 from .quantize import quantize
 
 MERGED = "merged PyTorch model (base/ + the run's adapter, merged in memory), fp32"
@@ -70,32 +65,17 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
     if runs[0].classifier:  # seq-cls and token-cls: one trunk graph and a head per run
         return export_classifiers(runs, out, opts, say)
     _check_options(opts)
-    first, quant = runs[0], runs[0].cfg.model.quant
-    save_dtype = merged_dtype(opts.merged_dtype, quant, stored_dtype(first.base, first.cfg.model.trust_remote_code))
-    base_info = {"name_or_path": first.cfg.model.name_or_path, "folder": BASE_DIR, "source": first.base,
-                 "digest": first.digest, "quant": quant,
-                 "merge_onto": opts.merge_onto if quant != "none" else None, "dtype": PRECISION[save_dtype]}
+    first = runs[0]
+    base_info, save_dtype = base_record(first, opts)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     remove_leftovers(out, say)
-    gates, mixed, timings, refs, checks = [], [], {}, {}, {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - clock[0], 3)
-        clock[0] = time.perf_counter()
+    gates, mixed, refs, checks, lap = [], [], {}, {}, Laps()
 
     with building(tmp):
-        say(f"writing the shared base of {len(runs)} runs ({first.cfg.model.name_or_path}, quant {quant}) to "
-            f"{BASE_DIR}/")
-        reference, tokenizer = load_reference(first.run_dir, first.cfg)
-        base = (unquantized_base(reference, tokenizer, first.cfg, first.run_dir, opts.merge_onto) if quant != "none"
-                else plain_base(first.cfg, first.run_dir, tokenizer))
-        del reference
-        _check_disk(tmp, base.num_parameters(), save_dtype, opts)  # the adapter files are a few MB
-        save_merged(base, tokenizer, tmp / BASE_DIR, save_dtype, opts.max_shard_size)
+        say(f"writing the shared base of {len(runs)} runs ({first.cfg.model.name_or_path}, quant "
+            f"{first.cfg.model.quant}) to {BASE_DIR}/")
+        write_base(first, opts, tmp, save_dtype)
         base_info["stop_ids"] = read_stop_tokens(tmp / BASE_DIR)
-        del base
-        gc.collect()
         lap("base_s")
 
         for run in runs:
@@ -106,11 +86,7 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
             adapter_ref = check.reference(model)
             del model
             merged = merge(load_merged(tmp / BASE_DIR, "causal-lm"), run.cfg, run.run_dir)
-            gate = check.torch_gate(merged, adapter_ref, stage="merge", artefact=adapter_file(run.name),
-                                    precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
-                                    tolerance="int8" if quant == "8bit" else None,
-                                    reference=f"adapter model of {run.run_dir}, fp32 on CPU")
-            gate.extra["adapter"] = run.name
+            gate = merge_gate(check, run, merged, adapter_ref, opts, save_dtype)
             gates.append(gate)
             refs[run.name] = check.reference(merged, gate.extra.get("perplexity"))
             del merged
@@ -145,11 +121,15 @@ def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | Non
                     break
 
         passed = all(g.passed for g in gates) and all(m["passed"] for m in mixed) and bool(sites)
-        manifest = Manifest(base_info, sites, [_entry(run, gates, checks[run.name].stops, base_info) for run in runs])
-        write_manifest(tmp, manifest)
-        report = _report(runs, out, opts, base_info, checks, gates, mixed, timings, passed)
-        (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        return conclude(tmp, out, report, _text(runs, gates, mixed, checks), passed, say)
+        entries = [_entry(run, gates, checks[run.name].stops, base_info) for run in runs]
+        head = {"task": "causal-lm", "optimum_task": TASKS["causal-lm"].hf_task,
+                "exporter": {"name": builder.NAME, "module": "lite_sft.export.exporters.builder", "chosen": "auto",
+                             "fallback_from": None}}
+        adapters = {run.name: {"run_dir": str(run.run_dir), "r": run.rank, "alpha": run.alpha, "dora": False,
+                               "rslora": run.rslora, "targets": run.targets, **checks[run.name].report()}
+                    for run in runs}
+        parity = report(runs, out, opts, base_info, gates, mixed, lap.timings, passed, head, adapters)
+        return finish(tmp, out, base_info, sites, entries, parity, _text(runs, gates, mixed, checks), passed, say)
 
 
 def _text(runs, gates, mixed, checks) -> str:
@@ -157,10 +137,7 @@ def _text(runs, gates, mixed, checks) -> str:
     tables = [f"{run.name}: " + format_report([g for g in gates if g.extra["adapter"] == run.name],
                                               checks[run.name].source, perplexity_on=checks[run.name].perplexity_on)
               for run in runs]
-    lines = [f"  mixed batch ({m['artefact']}): {', '.join(m['adapters'])}: greedy as alone "
-             f"{m['vs_alone']['greedy_agreement']:.1%}, max |dlogit| vs alone {m['vs_alone']['max_abs_diff']:.2e}  "
-             + ("pass" if m["passed"] else "FAIL") for m in mixed]
-    return "\n".join(tables + lines)
+    return "\n".join(tables + mixed_lines(mixed, "greedy"))
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -194,34 +171,3 @@ def _entry(run, gates, stops: list[int], base: dict) -> AdapterEntry:
                         gate={g.stage: summary(g) for g in gates if g.extra.get("adapter") == run.name},
                         stop_ids=list(stops) if list(stops) != list(base.get("stop_ids") or []) else None,
                         rslora=run.rslora)
-
-
-def _report(runs, out, opts, base, checks, gates, mixed, timings, passed) -> dict:
-    import onnxruntime
-
-    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
-    planned = ["merge", "onnx"] + ([opts.quantize] if opts.quantize != "none" else [])
-    done = {g.stage for g in gates}
-    return {
-        "task": "causal-lm",
-        "optimum_task": TASKS["causal-lm"].hf_task,
-        "exporter": {"name": builder.NAME, "module": "lite_sft.export.exporters.builder", "chosen": "auto",
-                     "fallback_from": None},
-        "passed": passed,
-        "not_run": [stage for stage in planned if stage not in done],
-        "run_dirs": [str(run.run_dir) for run in runs],
-        "out": str(out),
-        "base_model": base["name_or_path"],
-        "base": base,
-        "run_quant": base["quant"],
-        "adapters": {run.name: {"run_dir": str(run.run_dir), "r": run.rank, "alpha": run.alpha, "dora": False,
-                                "rslora": run.rslora, "targets": run.targets, **checks[run.name].report()}
-                     for run in runs},
-        "settings": settings,
-        "gates": [g.to_dict() for g in gates],
-        "mixed": mixed,
-        "timings_s": timings,
-        **peak_memory(torch.device("cpu")),
-        "versions": {**versions(), "onnxruntime": onnxruntime.__version__,
-                     **{name: _version(name) for name in ONNX_PACKAGES}},
-    }

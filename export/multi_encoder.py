@@ -27,18 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from lite_sft.adapters import HEADS_DIR, AdapterEntry, Manifest, write_adapter_file, write_manifest
-from lite_sft.artifacts import ONNX_FILE, PARITY_FILE, copy_model_files, variant_folder
+from lite_sft.adapters import HEADS_DIR, AdapterEntry, write_adapter_file
+from lite_sft.artifacts import ONNX_FILE, copy_model_files, variant_folder
 from lite_sft.options import ExportOptions
-from lite_sft.report import peak_memory, versions
 from lite_sft.taskspec import TASKS
 
 from . import ExportError
@@ -47,10 +42,11 @@ from .encoder_gate import Graphs, adapter_gate, mixed_check
 from .encoder_lora import TRUNK_OUTPUTS, export_head, export_trunk, trunk_of, trunk_sites
 from .exporters.torch_encoder import input_names
 from .leftovers import remove_leftovers
-from .merge import load_reference, merge, merged_dtype, plain_base, save_merged, stored_dtype, unquantized_base
+from .merge import load_reference, merge, plain_base
+from .multi_common import Laps, base_record, finish, merge_gate, mixed_lines, report, write_base
 from .multi_gate import BASE_DIR, adapter_file, check_branches_float, summary
 from .parity import format_report
-from .pipeline import ONNX_PACKAGES, PRECISION, _check_disk, _version, building, conclude
+from .pipeline import building
 from .quantize import quantize
 
 
@@ -62,33 +58,17 @@ def head_file(name: str) -> str:
 def export_classifiers(runs: list, out: Path, opts: ExportOptions, say: Callable[[str], None] = print) -> dict:
     """Build and gate the multi-adapter export of classifier `runs` (read_runs checked them) into `out`."""
     _check_options(opts)
-    first, quant = runs[0], runs[0].cfg.model.quant
+    first = runs[0]
     source = next((run for run in runs if run.task == "seq-cls"), first)  # its trunk keeps the pooler
-    save_dtype = merged_dtype(opts.merged_dtype, quant, stored_dtype(first.base, first.cfg.model.trust_remote_code))
-    base_info = {"name_or_path": first.cfg.model.name_or_path, "folder": BASE_DIR, "source": first.base,
-                 "digest": first.digest, "quant": quant,
-                 "merge_onto": opts.merge_onto if quant != "none" else None, "dtype": PRECISION[save_dtype],
-                 "kind": "encoder"}
+    base_info, save_dtype = base_record(first, opts, kind="encoder")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     remove_leftovers(out, say)
-    gates, mixed, timings, refs, checks = [], [], {}, {}, {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - clock[0], 3)
-        clock[0] = time.perf_counter()
+    gates, mixed, refs, checks, lap = [], [], {}, {}, Laps()
 
     with building(tmp):
-        say(f"writing the shared trunk of {len(runs)} classifiers ({first.cfg.model.name_or_path}, quant {quant}) "
-            f"to {BASE_DIR}/")
-        reference, tokenizer = load_reference(source.run_dir, source.cfg)
-        base = (unquantized_base(reference, tokenizer, source.cfg, source.run_dir, opts.merge_onto)
-                if quant != "none" else plain_base(source.cfg, source.run_dir, tokenizer))
-        del reference
-        _check_disk(tmp, base.num_parameters(), save_dtype, opts, source.task)
-        save_merged(trunk_of(base), tokenizer, tmp / BASE_DIR, save_dtype, opts.max_shard_size)
-        del base
-        gc.collect()
+        say(f"writing the shared trunk of {len(runs)} classifiers ({first.cfg.model.name_or_path}, quant "
+            f"{first.cfg.model.quant}) to {BASE_DIR}/")
+        tokenizer = write_base(source, opts, tmp, save_dtype, part=trunk_of, task=source.task)
         lap("base_s")
 
         heads = {}
@@ -99,11 +79,8 @@ def export_classifiers(runs: list, out: Path, opts: ExportOptions, say: Callable
             adapter_ref = check.reference(model)
             del model
             merged = merge(_on_base(tmp / BASE_DIR, run, tok), run.cfg, run.run_dir)
-            gate = check.torch_gate(merged, adapter_ref, stage="merge", artefact=adapter_file(run.name),
-                                    precision=PRECISION[save_dtype], min_agreement=opts.min_agreement,
-                                    tolerance="int8" if quant == "8bit" else None,
-                                    reference=f"adapter model of {run.run_dir}, fp32 on CPU")
-            gate.extra.update(adapter=run.name, task=run.task)
+            gate = merge_gate(check, run, merged, adapter_ref, opts, save_dtype)
+            gate.extra["task"] = run.task
             gates.append(gate)
             refs[run.name] = check.reference(merged)
             if gate.passed:  # the head graph is the merged model with its trunk stubbed out (in place: last use)
@@ -143,11 +120,18 @@ def export_classifiers(runs: list, out: Path, opts: ExportOptions, say: Callable
                     break
 
         passed = all(g.passed for g in gates) and all(m["passed"] for m in mixed) and bool(sites)
-        manifest = Manifest(base_info, sites, [_entry(run, gates, checks[run.name]) for run in runs])
-        write_manifest(tmp, manifest)
-        report = _report(runs, out, opts, base_info, checks, gates, mixed, timings, passed)
-        (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        return conclude(tmp, out, report, _text(runs, gates, mixed, checks), passed, say)
+        entries = [_entry(run, gates, checks[run.name]) for run in runs]
+        task = first.task
+        head = {"task": task,  # lite_sft.artifacts.model_task reads it; "tasks" has every adapter's
+                "tasks": {run.name: run.task for run in runs}, "optimum_task": TASKS[task].hf_task,
+                "exporter": {"name": "torch", "module": "lite_sft.export.encoder_lora", "chosen": "auto",
+                             "fallback_from": None}}
+        adapters = {run.name: {"run_dir": str(run.run_dir), "task": run.task, "r": run.rank, "alpha": run.alpha,
+                               "dora": False, "rslora": run.rslora, "targets": run.targets,
+                               "head": head_file(run.name), **checks[run.name].report()}
+                    for run in runs}
+        parity = report(runs, out, opts, base_info, gates, mixed, lap.timings, passed, head, adapters)
+        return finish(tmp, out, base_info, sites, entries, parity, _text(runs, gates, mixed, checks), passed, say)
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -217,42 +201,4 @@ def _text(runs, gates, mixed, checks) -> str:
     tables = [f"{run.name} ({run.task}): " + format_report([g for g in gates if g.extra["adapter"] == run.name],
                                                            checks[run.name].source, checks[run.name].agreement)
               for run in runs]
-    lines = [f"  mixed batch ({m['artefact']}): {', '.join(m['adapters'])}: labels as alone "
-             f"{m['vs_alone']['greedy_agreement']:.1%}, max |dlogit| vs alone {m['vs_alone']['max_abs_diff']:.2e}  "
-             + ("pass" if m["passed"] else "FAIL") for m in mixed]
-    return "\n".join(tables + lines)
-
-
-def _report(runs, out, opts, base, checks, gates, mixed, timings, passed) -> dict:
-    import onnxruntime
-
-    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "overwrite"}
-    planned = ["merge", "onnx"] + ([opts.quantize] if opts.quantize != "none" else [])
-    done = {g.stage for g in gates}
-    task = runs[0].task
-    return {
-        "task": task,  # lite_sft.artifacts.model_task reads it; "tasks" has every adapter's
-        "tasks": {run.name: run.task for run in runs},
-        "optimum_task": TASKS[task].hf_task,
-        "exporter": {"name": "torch", "module": "lite_sft.export.encoder_lora", "chosen": "auto",
-                     "fallback_from": None},
-        "passed": passed,
-        "not_run": [stage for stage in planned if stage not in done],
-        "run_dirs": [str(run.run_dir) for run in runs],
-        "out": str(out),
-        "base_model": base["name_or_path"],
-        "base": base,
-        "run_quant": base["quant"],
-        "adapters": {run.name: {"run_dir": str(run.run_dir), "task": run.task, "r": run.rank, "alpha": run.alpha,
-                                "dora": False, "rslora": run.rslora, "targets": run.targets,
-                                "head": head_file(run.name),
-                                **checks[run.name].report()}
-                     for run in runs},
-        "settings": settings,
-        "gates": [g.to_dict() for g in gates],
-        "mixed": mixed,
-        "timings_s": timings,
-        **peak_memory(torch.device("cpu")),
-        "versions": {**versions(), "onnxruntime": onnxruntime.__version__,
-                     **{name: _version(name) for name in ONNX_PACKAGES}},
-    }
+    return "\n".join(tables + mixed_lines(mixed, "labels"))

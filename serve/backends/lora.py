@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lite_sft.adapters import (ADAPTER_SUFFIX, MASK_INPUT, Site, input_names, read_adapter_file, read_manifest,
-                              site_targets)
+from lite_sft.adapters import (ADAPTER_SUFFIX, MANIFEST_FILE, MASK_INPUT, Site, input_names, read_adapter_file,
+                              read_manifest, site_targets)
 from lite_sft.errors import AdapterConflict, ServeError, UnknownAdapter
 
 from .devices import NP_TYPES, ORT_TYPES
@@ -170,6 +170,34 @@ class BankedAdapters:
     adapters: dict[str, Adapter]
     bank: Bank
 
+    def _open_banks(self, session, manifest_dir: Path) -> dict:
+        """Check the graph takes LoRA banks, read the manifest, start with empty banks (on self.device); the
+        graph's inputs by name."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        if MASK_INPUT not in inputs:
+            raise ServeError(f"{self.folder} has {manifest_dir / MANIFEST_FILE} but its graph has no {MASK_INPUT} "
+                             "input: export the runs again (`lite-sft export RUN_A RUN_B --out OUT`)")
+        self.lora_dtype = ORT_TYPES[inputs[MASK_INPUT].type]
+        self.graph_sites = graph_sites(inputs)
+        self.manifest = read_manifest(manifest_dir)
+        self.adapters, self.bank = {}, Bank(self.graph_sites, self.lora_dtype, self.device)
+        return inputs
+
+    def _manifest_files(self, manifest_dir: Path) -> list[tuple]:
+        """(entry, its checked file) for every adapter the manifest names: the file's rank and targets must be the
+        manifest's, and a name may appear once."""
+        read: list[tuple] = []
+        for entry in self.manifest.adapters:
+            if entry.name in {e.name for e, _ in read}:
+                raise ServeError(f"{MANIFEST_FILE} names adapter {entry.name!r} twice: rename one at export (--name)")
+            adapter = self._check_file(entry.name, manifest_dir / entry.file)
+            if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
+                raise ServeError(f"adapter {entry.name!r}: {entry.file} holds rank {adapter.rank} on "
+                                 f"{', '.join(adapter.targets)}, {MANIFEST_FILE} says rank {entry.rank} on "
+                                 f"{', '.join(entry.targets)}: export the runs again")
+            read.append((entry, adapter))
+        return read
+
     def served_adapters(self) -> dict[str, dict]:
         """{name: its description (rank, targets, ...)} of the adapters loaded, in bank order."""
         return {name: adapter.describe() for name, adapter in self.adapters.items()}
@@ -231,27 +259,8 @@ class LoraOrtBackend(BankedAdapters, OrtBackend):
     def __init__(self, folder: str | Path, device: str = "auto", threads: int | None = None, *,
                  manifest_dir: str | Path):
         super().__init__(folder, device, threads)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if MASK_INPUT not in inputs:
-            raise ServeError(f"{self.folder} has {Path(manifest_dir) / 'adapters.json'} but its graph has no "
-                             f"{MASK_INPUT} input: export the runs again (`lite-sft export RUN_A RUN_B --out OUT`)")
-        self.lora_dtype = ORT_TYPES[inputs[MASK_INPUT].type]
-        self.graph_sites = graph_sites(inputs)
-        manifest_dir = Path(manifest_dir)
-        self.manifest = read_manifest(manifest_dir)
-        self.adapters: dict[str, Adapter] = {}
-        self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
-        first = []
-        for entry in self.manifest.adapters:
-            adapter = self._check_file(entry.name, manifest_dir / entry.file)
-            if adapter.rank != entry.rank or set(adapter.targets) != set(entry.targets):
-                raise ServeError(f"adapter {entry.name!r}: {entry.file} holds rank {adapter.rank} on "
-                                 f"{', '.join(adapter.targets)}, adapters.json says rank {entry.rank} on "
-                                 f"{', '.join(entry.targets)}: export the runs again")
-            if entry.name in {a.name for a in first}:
-                raise ServeError(f"adapters.json names adapter {entry.name!r} twice: rename one at export (--name)")
-            first.append(adapter)
-        self._add(first)
+        self._open_banks(self.session, Path(manifest_dir))
+        self._add([adapter for _, adapter in self._manifest_files(Path(manifest_dir))])
 
     # -- the adapters served ----------------------------------------------------------------------------------
 

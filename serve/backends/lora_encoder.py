@@ -32,10 +32,10 @@ from lite_sft.artifacts import MODEL_CONFIG, ONNX_FILE
 from lite_sft.errors import ServeError, UnknownAdapter
 from lite_sft.taskspec import TASKS
 
-from .devices import NP_TYPES, ORT_TYPES, onnx_precision, open_session
+from .devices import NP_TYPES, onnx_precision, open_session
 from .encoder import PASS_TOKENS, check_labels, config_pad_id, length_groups, pad_right
 from .folder import max_context
-from .lora import Adapter, Bank, BankedAdapters, graph_sites
+from .lora import Adapter, BankedAdapters
 
 CLASSIFIERS = tuple(name for name, spec in TASKS.items() if not spec.generates)  # seq-cls, token-cls
 HEAD_TOKENS = ("input_ids", "attention_mask")  # what a head graph may read besides the trunk's outputs
@@ -72,15 +72,9 @@ class LoraEncoderBackend(BankedAdapters):
         self.session = open_session(self.folder / ONNX_FILE, device, threads)
         self.provider = self.session.get_providers()[0]
         self.device = torch.device("cuda" if self.provider == "CUDAExecutionProvider" else "cpu")
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if MASK_INPUT not in inputs:
-            raise ServeError(f"{self.folder / ONNX_FILE} has no {MASK_INPUT} input, but {self.manifest_dir} has "
-                             f"{MANIFEST_FILE}: export the runs again (`lite-sft export RUN_A RUN_B --out OUT`)")
-        self.lora_dtype = ORT_TYPES[inputs[MASK_INPUT].type]
-        self.graph_sites = graph_sites(inputs)
+        inputs = self._open_banks(self.session, self.manifest_dir)
         self.token_inputs = [name for name in inputs if name != MASK_INPUT and not name.startswith("lora.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.manifest = read_manifest(self.manifest_dir)
         config = json.loads((self.folder / MODEL_CONFIG).read_text())
         self.vocab_size, self.pad_id = config.get("vocab_size"), config_pad_id(self.folder)
         self.max_context = max_context(self.folder)
@@ -89,16 +83,9 @@ class LoraEncoderBackend(BankedAdapters):
         self.task = next((entry.task for entry in self.manifest.adapters), CLASSIFIERS[0])
         self.pass_tokens = PASS_TOKENS  # length_groups' price of a pass (encoder.py)
         self.fast = True  # the tokenizer's, once check_tokenizer has seen it: /v1/ner needs a fast one
-        self.adapters: dict[str, Classifier] = {}
-        self.bank = Bank(self.graph_sites, self.lora_dtype, self.device)
         self._binding, self._bound = self.session.io_binding(), -1  # the bank version bound to _binding
-        first = []
-        for entry in self.manifest.adapters:
-            if entry.name in {a.name for a in first}:
-                raise ServeError(f"{MANIFEST_FILE} names adapter {entry.name!r} twice: rename one at export (--name)")
-            adapter = self._check_file(entry.name, self.manifest_dir / entry.file)
-            first.append(self._classifier(adapter, self.manifest_dir, entry))
-        self._add(first)
+        self._add([self._classifier(adapter, self.manifest_dir, entry)
+                   for entry, adapter in self._manifest_files(self.manifest_dir)])
 
     # -- what it serves -----------------------------------------------------------------------------------------
 
