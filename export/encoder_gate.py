@@ -25,13 +25,11 @@ import torch
 
 from lite_sft.adapters import MASK_INPUT, Site
 
-from . import ExportError, parity_tasks
-from .exporters.torch_encoder import Output
-from .multi_gate import bank
-from .onnx import one_line
+from . import parity_tasks
+from .exporters.torch_encoder import Output, gate_session
+from .multi_gate import MERGED, bank
 from .parity import Gate, Reference, batch_check, compare
 
-MERGED = "merged PyTorch model (base/ + the run's adapter, merged in memory), fp32"
 MIXED_EXAMPLES = 2  # each adapter's rows in the mixed batch: its first held-out examples
 
 
@@ -39,8 +37,8 @@ class Graphs:
     """The trunk graph and the head graphs on onnxruntime's CPU provider, as a server runs them."""
 
     def __init__(self, trunk: Path, heads: dict[str, Path]):
-        self.trunk = _session(trunk)
-        self.heads = {name: _session(path) for name, path in heads.items()}
+        self.trunk = gate_session(trunk)
+        self.heads = {name: gate_session(path) for name, path in heads.items()}
         self.tokens = [i.name for i in self.trunk.get_inputs()
                        if i.name != MASK_INPUT and not i.name.startswith("lora.")]
         self.outputs = [o.name for o in self.trunk.get_outputs()]
@@ -138,15 +136,3 @@ def _pad(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             if name in example:
                 batch[name][row, :example[name].shape[1]] = example[name][0]
     return batch
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as torch_encoder.OrtClassifier: beside PyTorch
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / InvalidProtobuf / ... types)
-        raise ExportError(f"onnxruntime could not load {path}: {one_line(err)}") from err

@@ -43,14 +43,12 @@ from .lora_graph import add_lora_branches
 from .merge import load_reference, merge
 from .multi_common import Laps, base_record, finish, merge_gate, mixed_lines, report, write_base
 from .multi_encoder import export_classifiers
-from .multi_gate import BASE_DIR, adapter_file, adapter_gate, check_branches_float, mixed_check, summary
+from .multi_gate import BASE_DIR, MERGED, adapter_file, adapter_gate, check_branches_float, mixed_check, summary
 from .multi_runs import read_runs
 from .ort_decoder import OnnxDecoder
 from .parity import format_report
 from .pipeline import PRECISION, _check_out, building, load_merged
 from .quantize import quantize
-
-MERGED = "merged PyTorch model (base/ + the run's adapter, merged in memory), fp32"
 
 
 def export_runs(run_dirs: list[Path], out: str | Path, opts: ExportOptions | None = None,

@@ -30,6 +30,8 @@ from .parity import THRESHOLDS, Gate, Reference, batch_check, compare, ort_batch
 from .perplexity import perplexity
 
 BASE_DIR = "base"  # OUT/base/: the shared base (a classifier export's: the trunk) as a Hugging Face folder
+# What each graph of a multi-adapter export is judged against (parity.json's "reference").
+MERGED = "merged PyTorch model (base/ + the run's adapter, merged in memory), fp32"
 
 
 def adapter_file(name: str) -> str:

@@ -146,23 +146,28 @@ class Output(NamedTuple):
     """seq-cls (batch, labels), token-cls (batch, sequence, labels), float32."""
 
 
+def gate_session(model_file: Path):
+    """An onnxruntime CPU session for a classifier graph the gate runs (this folder's, or a multi-adapter export's
+    trunk and heads), fused at ORT_ENABLE_ALL as the server loads it; a graph that does not load is an ExportError."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # The gate runs this beside the PyTorch model in one process; onnxruntime's default pool takes every core
+    # and spins between runs, which slows torch's own threads, so both get the same count.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # the fusions (docstring)
+    try:
+        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / InvalidProtobuf / ... types)
+        raise ExportError(f"onnxruntime could not load {model_file}: {one_line(err)}") from err
+
+
 class OrtClassifier:
     """An exported folder on onnxruntime's CPU provider, called as the PyTorch classifier is:
     `runner(input_ids=..., attention_mask=...).logits`, a torch.Tensor (what parity_tasks.py does with it)."""
 
     def __init__(self, folder: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # The gate runs this beside the PyTorch model in one process; onnxruntime's default pool takes every core
-        # and spins between runs, which slows torch's own threads, so both get the same count.
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # the fusions (docstring)
-        try:
-            self.session = ort.InferenceSession(str(Path(folder) / ONNX_FILE), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001  (onnxruntime raises its own Fail / InvalidProtobuf / ... types)
-            raise ExportError(f"onnxruntime could not load {Path(folder) / ONNX_FILE}: {one_line(err)}") from err
+        self.session = gate_session(Path(folder) / ONNX_FILE)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **inputs: torch.Tensor) -> Output:
